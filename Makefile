@@ -1,0 +1,71 @@
+# Every target installs what it needs first (.venv from pyproject.toml). `make help` lists them.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml 2>/dev/null | md5sum | cut -c1-8)
+
+SRC ?= data/flowers
+NAME ?= flowers
+SIZE ?= 128
+RECIPE ?= recipes/flowers.yaml
+NPROC ?= 1
+ARGS ?=
+
+# On a machine without GPUs, the pinned (CUDA) torch only forms one gloo process group across
+# `--multi_gpu` processes when ACCELERATE_USE_CPU=1 is set; without it each process runs alone.
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+LAUNCH_ENV := $(if $(HAS_GPU),,ACCELERATE_USE_CPU=1)
+LAUNCH_MULTI := $(if $(filter-out 1,$(NPROC)),--multi_gpu,)
+
+.PHONY: help install demo demo-data shards verify train test test-fast test-slurm bench-data bench-train sync clean
+
+help:  ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+install: $(STAMP)  ## Create .venv and install the pinned dependencies (about 90 s the first time)
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	rm -f $(VENV)/.installed-*; touch $@
+
+demo: install  ## Build demo shards (offline), train briefly on CPU, write a W&B offline run with media
+	@test -f shards/demo/manifest.json || $(MAKE) --no-print-directory demo-data
+	WANDB_MODE=offline $(BIN)/python pipeline/train.py recipes/demo.yaml $(ARGS)
+
+demo-data: install  ## Generate the offline demo image folder (data/demo) and shard it into shards/demo
+	$(BIN)/python -m pipeline.demo_data data/demo
+	$(BIN)/python -m pipeline.shards data/demo --name demo --size 64
+
+shards: install  ## Shard an image folder: make shards SRC=data/flowers NAME=flowers SIZE=128
+	$(BIN)/python -m pipeline.shards $(SRC) --name $(NAME) --size $(SIZE) $(ARGS)
+
+verify: install  ## Re-hash shards/NAME against its manifest: make verify NAME=flowers
+	$(BIN)/python -m pipeline.shards verify shards/$(NAME)
+
+train: install  ## Train: make train RECIPE=recipes/flowers.yaml NPROC=8 ARGS="train.max_steps=100"
+	$(LAUNCH_ENV) $(BIN)/accelerate launch $(LAUNCH_MULTI) --num_processes $(NPROC) --num_machines 1 \
+		--mixed_precision no --dynamo_backend no pipeline/train.py $(RECIPE) $(ARGS)
+
+test: install  ## Run the whole test suite (includes the local two-node Slurm cluster tests)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-fast: install  ## Unit tests only (skips multi-process, end-to-end and Slurm tests)
+	$(BIN)/python -m pytest -q -m "not slow and not slurm" $(ARGS)
+
+test-slurm: install  ## Bring up a local two-node Slurm cluster and run the real sbatch scripts on it
+	$(BIN)/python -m pytest -q -m slurm $(ARGS)
+
+bench-data: install  ## Benchmark shard writing and reading vs ImageFolder and raw decode (prints ratios)
+	$(BIN)/python benchmarks/bench_data.py $(ARGS)
+
+bench-train: install  ## Benchmark the training step vs a bare PyTorch loop (prints the overhead)
+	$(BIN)/python benchmarks/bench_train.py $(ARGS)
+
+sync: install  ## Upload offline W&B runs (run from a login node with internet): make sync [RUNS=runs]
+	$(BIN)/wandb sync --sync-all $(or $(RUNS),runs)/*/wandb || true
+	@for d in $(or $(RUNS),runs)/*/wandb/offline-run-*; do [ -d "$$d" ] && $(BIN)/wandb sync "$$d"; done; true
+
+clean:  ## Remove runs/, demo data and shards (keeps .venv)
+	rm -rf runs data/demo shards/demo

@@ -1,0 +1,441 @@
+"""The typed recipe: nested dataclasses loaded from YAML, then `key=value` overrides, then validated.
+
+    cfg = load_config("recipes/flowers.yaml", ["train.max_steps=50", "model.latent_dim=64"])
+
+Precedence: dataclass defaults < recipe file < command-line overrides. Every mistake a user can
+make here (unknown key, wrong type, bad choice, missing shards) raises `ConfigError` with one
+sentence naming the file and the dotted key; `main()`s turn it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user mistake in a recipe or an override. The message is one sentence meant for the user."""
+
+
+# --------------------------------------------------------------------------------------------
+# The tree. Every field: what it is, its unit, and its allowed values where they are a choice.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    shards: str = "shards/demo"
+    """Folder written by `make shards` (holds manifest.json and the train-/val- tar files)."""
+    batch_size_per_device: int = 32
+    """Training images per optimizer micro-step on each device (global batch = this x devices x grad_accum_steps)."""
+    val_batch_size_per_device: int = 64
+    """Images per validation batch on each device."""
+    num_workers: int = 2
+    """DataLoader worker processes per device for decoding; 0 decodes in the training process."""
+    shuffle_buffer_samples: int = 1000
+    """Samples held in each worker's shuffle buffer (more = better mixing, more memory)."""
+    hflip: bool = True
+    """Random horizontal flip on the device (kornia.augmentation)."""
+    rotation_degrees: float = 0.0
+    """Random rotation in [-d, d] degrees on the device; 0 disables it."""
+
+
+@dataclass
+class BlockSpec:
+    """One entry of an explicit `resnet` encoder/decoder list (seed 004's structure file, typed)."""
+
+    block: str = ""
+    """resnet | attention | downsample | upsample | conv | norm_act"""
+    out: int = 0
+    """Output channels (resnet, conv); 0 keeps the input channel count."""
+    repeat: int = 1
+    """How many times to stack this block."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "conv"
+    """conv (seed 000) | dcgan (seed 001) | vanilla (seed 002) | resnet (seed 004 / LDM-style)."""
+    in_channels: int = 3
+    """Image channels."""
+    latent: str = "vector"
+    """vector (a flat z through Linear heads) | spatial (z is latent_channels x H/f x W/f)."""
+    latent_dim: int = 128
+    """Size of a vector latent."""
+    latent_channels: int = 4
+    """Channels of a spatial latent."""
+    channels: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
+    """Width of each resolution level of the encoder (the decoder mirrors it); each level halves H and W."""
+    blocks_per_level: int = 1
+    """resnet: ResNet blocks per level."""
+    attention_levels: list[int] = field(default_factory=list)
+    """resnet: indices into `channels` of the levels that get a self-attention block."""
+    encoder: list[BlockSpec] = field(default_factory=list)
+    """resnet: an explicit encoder block list; when given it replaces channels/blocks_per_level."""
+    decoder: list[BlockSpec] = field(default_factory=list)
+    """resnet: an explicit decoder block list; when given it replaces channels/blocks_per_level."""
+    output: str = "tanh"
+    """Output activation, which also sets the data range: tanh -> [-1, 1], sigmoid -> [0, 1]."""
+    samples_per_input: int = 1
+    """Monte-Carlo samples of z per input; the reconstruction term is averaged over them (seed 001)."""
+    logvar_min: float = -30.0
+    """Lower clamp of the encoder's log-variance (nats); keeps exp() finite in bf16/fp16."""
+    logvar_max: float = 20.0
+    """Upper clamp of the encoder's log-variance (nats)."""
+
+
+@dataclass
+class KLConfig:
+    weight: float = 1.0
+    """beta: the KL weight reached after the schedule's warm-up (or the cycle's peak)."""
+    schedule: str = "constant"
+    """constant | linear (0 -> weight over warmup_steps) | cyclical (Fu et al. 2019)."""
+    warmup_steps: int = 0
+    """linear: steps to ramp beta from 0 to weight."""
+    cycle_steps: int = 10000
+    """cyclical: length of one cycle in optimizer steps."""
+    cycle_ramp_fraction: float = 0.5
+    """cyclical: fraction of each cycle spent ramping beta up (the rest holds it at weight)."""
+    free_bits_nats: float = 0.0
+    """Free bits (Kingma et al. 2016): KL per latent dimension below this many nats is not penalised."""
+
+
+@dataclass
+class PerceptualConfig:
+    weight: float = 0.0
+    """Weight of the perceptual term; 0 disables it (and loads no backbone)."""
+    backbone: str = "resnet18"
+    """Any timm model name that supports features_only=True."""
+    weights: str = "none"
+    """hub (timm pretrained download) | none (random init: tests only) | a path to a .pth/.safetensors file."""
+    layers: list[int] = field(default_factory=lambda: [1, 2, 3])
+    """timm out_indices of the feature maps compared."""
+    layer_weights: list[float] = field(default_factory=list)
+    """Weight per entry of `layers`; empty means 1.0 each."""
+    distance: str = "l1"
+    """l1 | l2 between channel-normalised features."""
+
+
+@dataclass
+class LossConfig:
+    recon: str = "l1"
+    """l1 | mse | bce (needs model.output=sigmoid) | gaussian (learned log-variance)."""
+    recon_weight: float = 1.0
+    """Weight of the per-pixel-mean reconstruction term (seed 000 uses 5, seed 004 calls it alpha)."""
+    gaussian_logvar: str = "scalar"
+    """gaussian: one learned log-variance (scalar) or one per channel (channel)."""
+    kl: KLConfig = field(default_factory=KLConfig)
+    perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
+    ssim_weight: float = 0.0
+    """Weight of (1 - SSIM) (kornia); 0 disables it."""
+    ssim_window: int = 11
+    """SSIM Gaussian window size in pixels (odd)."""
+    tv_weight: float = 0.0
+    """Weight of total variation, normalised per pixel (kornia); 0 disables it."""
+    sparsity_weight: float = 0.0
+    """Weight of the L1 penalty on mu (seed 004's sparse term); 0 disables it."""
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    """adam | adamw"""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (adamw) or L2 (adam)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam betas."""
+    schedule: str = "constant"
+    """constant | cosine (linear warm-up then cosine decay) | exponential (seed 002's ExponentialLR)."""
+    warmup_steps: int = 0
+    """Linear warm-up steps (all schedules)."""
+    min_lr_ratio: float = 0.0
+    """cosine: final lr as a fraction of the peak."""
+    gamma: float = 0.95
+    """exponential: lr multiplier applied every gamma_every_steps."""
+    gamma_every_steps: int = 1000
+    """exponential: steps between multiplications (seed 002 multiplied once per epoch)."""
+    grad_clip_norm: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping (the norm is still logged)."""
+    ema_decay: float = 0.999
+    """Decay of the EMA copy of the weights used for media and evaluation; 0 disables EMA."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    """Optimizer steps to train for."""
+    seed: int = 0
+    """Seeds the model init, the data order and augmentation."""
+    mixed_precision: str = "no"
+    """no | bf16 | fp16 (fp16 uses a gradient scaler)."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    compile: bool = False
+    """torch.compile the model."""
+    channels_last: bool = False
+    """Use channels_last memory format (faster convolutions on tensor cores)."""
+    checkpoint_every_steps: int = 500
+    """Save a resumable checkpoint every this many steps (and always at the end)."""
+    keep_checkpoints: int = 3
+    """How many complete checkpoints to keep."""
+    resume: str = "auto"
+    """auto (continue from the run folder's latest checkpoint if any) | never | a checkpoint folder path."""
+    max_nonfinite_steps: int = 20
+    """Stop after this many consecutive steps with a non-finite loss or gradient."""
+
+
+@dataclass
+class RunConfig:
+    name: str = ""
+    """Run folder name under `dir`; empty means the recipe's file name without .yaml."""
+    dir: str = "runs"
+    """Parent folder of run folders."""
+
+
+@dataclass
+class TrackingConfig:
+    mode: str = "offline"
+    """offline (works on compute nodes without internet; `wandb sync` later) | online | disabled."""
+    project: str = "vae-pipeline"
+    """W&B project."""
+    entity: str = ""
+    """W&B entity (team or user); empty uses your default."""
+    log_every_steps: int = 10
+    """Scalars (loss terms, lr, beta, grad norm, images/s, ...) every this many steps."""
+    media_every_steps: int = 200
+    """Reconstructions, prior samples, interpolations and traversals every this many steps."""
+    eval_every_steps: int = 500
+    """Full validation pass every this many steps (and at the end)."""
+    media_images: int = 8
+    """Images per media panel (validation images, prior samples)."""
+    interpolation_steps: int = 10
+    """Points per latent interpolation strip (spherical interpolation)."""
+    traverse_dims: int = 4
+    """Latent dimensions (highest KL first) shown in traversal grids."""
+
+
+@dataclass
+class Config:
+    name: str = ""
+    """The recipe's name (file name without .yaml); set by load_config."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# Fields whose value must be one of a fixed set: dotted key -> allowed values.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.arch": ("conv", "dcgan", "vanilla", "resnet"),
+    "model.latent": ("vector", "spatial"),
+    "model.output": ("tanh", "sigmoid"),
+    "loss.recon": ("l1", "mse", "bce", "gaussian"),
+    "loss.gaussian_logvar": ("scalar", "channel"),
+    "loss.kl.schedule": ("constant", "linear", "cyclical"),
+    "loss.perceptual.distance": ("l1", "l2"),
+    "optim.name": ("adam", "adamw"),
+    "optim.schedule": ("constant", "cosine", "exponential"),
+    "train.mixed_precision": ("no", "bf16", "fp16"),
+    "tracking.mode": ("offline", "online", "disabled"),
+}
+BLOCK_NAMES = ("resnet", "attention", "downsample", "upsample", "conv", "norm_act")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading: YAML -> dict -> dataclasses, with the dotted key in every error.
+# --------------------------------------------------------------------------------------------
+
+
+def _suggest(name: str, options: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, options, n=1)
+    dotted = [f"{prefix}.{o}" if prefix else o for o in (close or sorted(options))]
+    return f" (did you mean {dotted[0]}?)" if close else f" (allowed: {', '.join(dotted)})"
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp` and convert it (dicts to dataclasses)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key} must be a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key, source)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key} must be a list of {_type_name(item_tp)}, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _coerce(value, args[0], key, source)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # `run.name=123` on the command line is still a name
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{source}: {key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _build(cls: type, values: dict, prefix: str, source: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in names:
+            raise ConfigError(f"{source}: unknown key {key}{_suggest(str(name), names, prefix)}")
+        kwargs[name] = _coerce(value, hints[name], key, source)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", value), the value read as YAML (so 3 is int, [1, 2] a list, true a bool)."""
+    if "=" not in text:
+        raise ConfigError(f"command line: override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: Any = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def load_config(recipe: str | Path | None, overrides: list[str] = (), check_paths: bool = True) -> Config:
+    """Load a recipe, apply `key=value` overrides, validate. Raises ConfigError with one sentence."""
+    values: dict = {}
+    source = "defaults"
+    if recipe is not None:
+        path = Path(recipe)
+        source = f"recipe {path}"
+        if not path.is_file():
+            raise ConfigError(f"recipe {path} does not exist; pass a YAML file such as recipes/demo.yaml")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"recipe {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"recipe {path} must be a mapping of sections (data:, model:, ...)")
+        values = loaded or {}
+        values.setdefault("name", path.stem)
+    cfg = _build(Config, values, "", source)
+    for text in overrides:
+        key, value = parse_override(text)
+        merged = _merge(values, _nest(key, value))
+        cfg = _build(Config, merged, "", "command line")
+        values = merged
+    validate(cfg, source, check_paths=check_paths)
+    return cfg
+
+
+def _walk(obj: Any, prefix: str = ""):
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(value):
+            yield from _walk(value, key)
+        else:
+            yield key, value
+
+
+def validate(cfg: Config, source: str = "recipe", check_paths: bool = True) -> None:
+    """Checks that need more than a type: choices, ranges, cross-field rules, the shards folder."""
+    flat = dict(_walk(cfg))
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            raise ConfigError(f"{source}: {key} is {flat[key]!r} but must be one of {', '.join(allowed)}")
+    for key in ("data.batch_size_per_device", "data.val_batch_size_per_device", "train.max_steps",
+                "train.grad_accum_steps", "train.checkpoint_every_steps", "train.keep_checkpoints",
+                "tracking.log_every_steps", "tracking.media_every_steps", "tracking.eval_every_steps",
+                "model.samples_per_input", "train.max_nonfinite_steps"):
+        if flat[key] < 1:
+            raise ConfigError(f"{source}: {key} must be at least 1, got {flat[key]}")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"{source}: data.num_workers must be 0 or more, got {cfg.data.num_workers}")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"{source}: optim.lr must be positive, got {cfg.optim.lr}")
+    if not 0 <= cfg.optim.ema_decay < 1:
+        raise ConfigError(f"{source}: optim.ema_decay must be in [0, 1), got {cfg.optim.ema_decay}")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"{source}: optim.betas must have two values, got {cfg.optim.betas}")
+    if cfg.loss.recon == "bce" and cfg.model.output != "sigmoid":
+        raise ConfigError(
+            f"{source}: loss.recon is bce, which needs outputs in [0, 1), but model.output is "
+            f"{cfg.model.output}; set model.output=sigmoid or use l1/mse/gaussian")
+    if cfg.model.logvar_min >= cfg.model.logvar_max:
+        raise ConfigError(f"{source}: model.logvar_min must be below model.logvar_max")
+    if cfg.loss.ssim_window < 3 or cfg.loss.ssim_window % 2 == 0:
+        raise ConfigError(f"{source}: loss.ssim_window must be an odd number of at least 3, got {cfg.loss.ssim_window}")
+    p = cfg.loss.perceptual
+    if p.layer_weights and len(p.layer_weights) != len(p.layers):
+        raise ConfigError(f"{source}: loss.perceptual.layer_weights needs one weight per entry of loss.perceptual.layers")
+    for side in ("encoder", "decoder"):
+        for i, spec in enumerate(getattr(cfg.model, side)):
+            if spec.block not in BLOCK_NAMES:
+                raise ConfigError(f"{source}: model.{side}[{i}].block is {spec.block!r}"
+                                  f"{_suggest(spec.block, list(BLOCK_NAMES))}")
+    if check_paths:
+        shards = Path(cfg.data.shards)
+        if not (shards / "manifest.json").is_file():
+            raise ConfigError(
+                f"{source}: data.shards folder {shards} has no manifest.json; build it with "
+                f"`make shards SRC=<image folder> NAME={shards.name}` (or `make demo-data`)")
+
+
+def to_dict(cfg: Config) -> dict:
+    """The resolved config as plain data (for config.yaml in the run folder and for W&B)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def exit_on_config_error(fn):
+    """Decorator for CLI mains: ConfigError -> one line on stderr and exit code 2."""
+
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return wrapper
+
+
+def cli_config(argv: list[str]) -> Config:
+    """`RECIPE [key=value ...]` -> Config (used by train, evaluate, batchsize)."""
+    if not argv or "=" in argv[0]:
+        raise ConfigError("command line: give a recipe first, e.g. recipes/demo.yaml [train.max_steps=50 ...]")
+    return load_config(argv[0], argv[1:])
