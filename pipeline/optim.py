@@ -1,0 +1,57 @@
+"""Optimizer, learning-rate schedule and the EMA copy of the weights."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+from pipeline.config import OptimConfig
+
+
+def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """Adam/AdamW, fused: the fused kernels honour `optimizer.found_inf`, which lets the trainer skip a
+    non-finite step on the device without a host sync (the same path the fp16 GradScaler uses)."""
+    cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, fused=True)
+
+
+def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """The learning rate for optimizer step `step` (0-based). A pure function of the step, so there is
+    no scheduler state to checkpoint and a resumed run continues the exact same curve."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "cosine":
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
+        return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    if cfg.schedule == "exponential":
+        return cfg.lr * cfg.gamma ** ((step - cfg.warmup_steps) // cfg.gamma_every_steps)
+    return cfg.lr
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+class EMA(torch.nn.Module):
+    """An exponential moving average of the weights and floating-point buffers (BatchNorm statistics),
+    updated after every optimizer step; `.module` is what media and evaluation use. The update is one
+    fused foreach-lerp with no host sync (torch's AveragedModel checks a device counter every update)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        super().__init__()
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        ema, current = [], []
+        for (name, e), c in zip(self.module.state_dict().items(), model.state_dict().values()):
+            if e.is_floating_point():
+                ema.append(e)
+                current.append(c.detach())
+            else:
+                e.copy_(c)  # integer buffers such as BatchNorm's num_batches_tracked
+        torch._foreach_lerp_(ema, current, 1.0 - self.decay)

@@ -1,0 +1,42 @@
+"""Shared fixtures: a tiny real shard set built through the same CLI users run (`make demo-data` path)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Environment for every subprocess a test starts: offline W&B and hub, one gloo group on CPU.
+TEST_ENV = {
+    **os.environ,
+    "WANDB_MODE": "offline",
+    "WANDB_SILENT": "true",
+    "HF_HUB_OFFLINE": "1",
+    "ACCELERATE_USE_CPU": "1",
+    "OMP_NUM_THREADS": "1",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """96 generated flower images of 5 classes, sharded at 32 px (about 10 val images)."""
+    root = tmp_path_factory.mktemp("tiny")
+    subprocess.run([sys.executable, "-m", "pipeline.demo_data", str(root / "images"), "--count", "96"],
+                   check=True, cwd=ROOT, env=TEST_ENV, capture_output=True)
+    subprocess.run([sys.executable, "-m", "pipeline.shards", str(root / "images"), "--name", "tiny", "--size", "32",
+                    "--out", str(root / "shards"), "--workers", "1", "--max-samples-per-shard", "32"],
+                   check=True, cwd=ROOT, env=TEST_ENV, capture_output=True)
+    return root / "shards" / "tiny"
