@@ -192,6 +192,8 @@ class TrainConfig:
     """auto (continue from the run folder's latest checkpoint if any) | never | a checkpoint folder path."""
     max_nonfinite_steps: int = 20
     """Stop after this many consecutive steps with a non-finite loss or gradient."""
+    inject_nan_at_steps: list[int] = field(default_factory=list)
+    """Fault injection (tests of the non-finite guard): feed NaN images at these 1-based steps."""
 
 
 @dataclass
@@ -380,6 +382,8 @@ def validate(cfg: Config, source: str = "recipe", check_paths: bool = True) -> N
                 "model.samples_per_input", "train.max_nonfinite_steps"):
         if flat[key] < 1:
             raise ConfigError(f"{source}: {key} must be at least 1, got {flat[key]}")
+    if cfg.tracking.interpolation_steps < 2:
+        raise ConfigError(f"{source}: tracking.interpolation_steps must be at least 2, got {cfg.tracking.interpolation_steps}")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"{source}: data.num_workers must be 0 or more, got {cfg.data.num_workers}")
     if cfg.optim.lr <= 0:
