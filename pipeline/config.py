@@ -66,8 +66,9 @@ class ModelConfig:
     """conv (seed 000) | dcgan (seed 001) | vanilla (seed 002) | resnet (seed 004 / LDM-style)."""
     in_channels: int = 3
     """Image channels."""
-    latent: str = "vector"
-    """vector (a flat z through Linear heads) | spatial (z is latent_channels x H/f x W/f)."""
+    latent: str = "auto"
+    """vector (a flat z through Linear heads) | spatial (z is latent_channels x H/f x W/f) | auto: the
+    architecture's own (conv, vanilla: vector; dcgan (seed 001), resnet: spatial)."""
     latent_dim: int = 128
     """Size of a vector latent."""
     latent_channels: int = 4
@@ -242,7 +243,7 @@ class Config:
 # Fields whose value must be one of a fixed set: dotted key -> allowed values.
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": ("conv", "dcgan", "vanilla", "resnet"),
-    "model.latent": ("vector", "spatial"),
+    "model.latent": ("auto", "vector", "spatial"),
     "model.output": ("tanh", "sigmoid"),
     "loss.recon": ("l1", "mse", "bce", "gaussian"),
     "loss.gaussian_logvar": ("scalar", "channel"),

@@ -1,0 +1,162 @@
+"""What every architecture shares: the typed output, the VAE interface, and the small helpers.
+
+An architecture subclasses `VAE` and implements two methods:
+
+    encode_raw(x) -> (mu, logvar)   # the encoder's heads, before clamping
+    decode_raw(z) -> Tensor         # the decoder, before the output activation
+
+and `VAE` supplies everything else: the logvar clamp, the reparameterization with
+`samples_per_input` Monte-Carlo samples, the output activation, prior sampling and counting.
+
+Conventions (pinned in tests/test_models.py):
+- logvar is clamped to [cfg.logvar_min, cfg.logvar_max] nats (defaults -30, 20) with a hard clamp,
+  so exp(logvar) stays finite in bf16/fp16; the clamp passes no gradient outside that range.
+- Under autocast, mu and logvar are returned in float32 (the heads are tiny; exp(logvar) of a fp16
+  logvar above 11 nats would overflow), so the loss can use them without casting.
+- L = samples_per_input samples are sample-major: z[l*B + i] is sample l of input i, and
+  recon[l*B + i] its decoding; mu and logvar stay [B, *latent_shape].
+- forward() always samples z (also in eval mode); to reconstruct from the posterior mean, call
+  decode(mu). BatchNorm models follow the module's train/eval mode as usual, so call model.eval()
+  before sample() or decode() for media: in train mode BatchNorm uses and updates batch statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.config import ConfigError, ModelConfig
+
+OUTPUT_RANGES: dict[str, tuple[float, float]] = {"tanh": (-1.0, 1.0), "sigmoid": (0.0, 1.0)}
+
+
+@dataclass
+class VAEOutput:
+    recon: Tensor
+    """[L*B, C, H, W] in the model's output_range, sample-major (recon[l*B+i] = sample l of input i)."""
+    mu: Tensor
+    """[B, *latent_shape] posterior mean."""
+    logvar: Tensor
+    """[B, *latent_shape] posterior log-variance in nats, clamped to [logvar_min, logvar_max]."""
+    z: Tensor
+    """[L*B, *latent_shape] the samples that were decoded, sample-major like recon."""
+
+
+class VAE(nn.Module):
+    """A diagonal-Gaussian VAE with a standard-normal prior. Subclasses build the networks."""
+
+    def __init__(self, cfg: ModelConfig, image_size: int, latent_shape: tuple[int, ...]):
+        super().__init__()
+        if cfg.output not in OUTPUT_RANGES:
+            raise ConfigError(f"model.output is {cfg.output!r} but must be one of {', '.join(OUTPUT_RANGES)}")
+        self.arch = cfg.arch
+        self.image_size = image_size
+        self.in_channels = cfg.in_channels
+        self.latent_shape: tuple[int, ...] = tuple(int(s) for s in latent_shape)
+        self.output = cfg.output
+        self.output_range: tuple[float, float] = OUTPUT_RANGES[cfg.output]
+        self.samples_per_input = cfg.samples_per_input
+        self.logvar_min = float(cfg.logvar_min)
+        self.logvar_max = float(cfg.logvar_max)
+
+    # -- to implement ---------------------------------------------------------------------------
+
+    def encode_raw(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Images [B, C, H, W] -> (mu, logvar), each [B, *latent_shape], logvar not yet clamped."""
+        raise NotImplementedError
+
+    def decode_raw(self, z: Tensor) -> Tensor:
+        """Latents [N, *latent_shape] -> [N, C, H, W] before the output activation."""
+        raise NotImplementedError
+
+    # -- the interface --------------------------------------------------------------------------
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Images in output_range [B, C, H, W] -> (mu, logvar clamped), each [B, *latent_shape]."""
+        mu, logvar = self.encode_raw(x)
+        device = x.device.type
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+            mu, logvar = mu.float(), logvar.float()
+        return mu, logvar.clamp(self.logvar_min, self.logvar_max)
+
+    def reparameterize(self, mu: Tensor, logvar: Tensor, n_samples: int = 1,
+                       generator: torch.Generator | None = None) -> Tensor:
+        """z = mu + exp(logvar/2) * eps, eps ~ N(0, I): [n_samples*B, *latent_shape], sample-major."""
+        std = torch.exp(0.5 * logvar)
+        # torch.randn with an explicit shape (not randn_like) so the noise does not depend on the
+        # memory format of mu (channels_last would otherwise reorder the same random stream).
+        eps = torch.randn((n_samples, *mu.shape), dtype=mu.dtype, device=mu.device, generator=generator)
+        z = mu.unsqueeze(0) + eps * std.unsqueeze(0)
+        return z.reshape(n_samples * mu.shape[0], *mu.shape[1:])
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Latents [N, *latent_shape] -> images [N, C, H, W] in output_range."""
+        out = self.decode_raw(z)
+        return torch.tanh(out) if self.output == "tanh" else torch.sigmoid(out)
+
+    def forward(self, x: Tensor, n_samples: int | None = None) -> VAEOutput:
+        """Encode, draw L = n_samples (default samples_per_input) samples of z per input, decode all."""
+        mu, logvar = self.encode(x)
+        z = self.reparameterize(mu, logvar, n_samples or self.samples_per_input)
+        return VAEOutput(recon=self.decode(z), mu=mu, logvar=logvar, z=z)
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+        """n images decoded from z ~ N(0, temperature^2 I) (no gradients; see the module docstring on eval())."""
+        param = next(self.parameters())
+        device = generator.device if generator is not None else param.device
+        z = torch.randn((n, *self.latent_shape), generator=generator, device=device) * temperature
+        return self.decode(z.to(param.device, param.dtype))
+
+    def num_parameters(self) -> int:
+        """All parameters (trainable or not)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def extra_repr(self) -> str:
+        return (f"arch={self.arch}, image_size={self.image_size}, latent_shape={self.latent_shape}, "
+                f"output={self.output}, samples_per_input={self.samples_per_input}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers shared by the architectures.
+# ----------------------------------------------------------------------------------------------
+
+
+def check_levels(key: str, n_downsamples: int, image_size: int, what: str) -> int:
+    """Raise unless image_size halves cleanly n_downsamples times; return the final side in px.
+
+    `what` describes the config, e.g. "model.channels has 6 levels".
+    """
+    factor = 2 ** n_downsamples
+    if image_size < factor or image_size % factor:
+        raise ConfigError(
+            f"{what}, which needs the image size to be divisible by {factor}, but the shards are "
+            f"{image_size} px; use an image size that is a multiple of {factor} or fewer entries in {key}")
+    return image_size // factor
+
+
+def check_common(cfg: ModelConfig, image_size: int, latents: tuple[str, ...]) -> None:
+    """The checks every architecture needs before building anything."""
+    if cfg.latent not in latents:
+        raise ConfigError(
+            f"model.arch {cfg.arch} supports model.latent {' or '.join(latents)}, not {cfg.latent}; "
+            f"set model.latent={latents[0]}")
+    if image_size < 1:
+        raise ConfigError(f"the image size must be positive, got {image_size}")
+    for key in ("in_channels", "latent_dim", "latent_channels", "samples_per_input"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"model.{key} must be at least 1, got {getattr(cfg, key)}")
+    if cfg.arch != "resnet" or not (cfg.encoder and cfg.decoder):
+        if not cfg.channels:
+            raise ConfigError(f"model.channels must list at least one level width for model.arch {cfg.arch}")
+        for i, c in enumerate(cfg.channels):
+            if c < 1:
+                raise ConfigError(f"model.channels[{i}] must be at least 1, got {c}")
+
+
+def group_count(channels: int, max_groups: int = 32) -> int:
+    """GroupNorm groups: 32 when it divides the channels (LDM), else the largest common divisor."""
+    return math.gcd(max_groups, channels)

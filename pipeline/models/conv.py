@@ -1,0 +1,66 @@
+"""`conv` — seed 000's flower VAE: double-conv Down/Up blocks and a flat vector latent.
+
+Encoder: for each width c in cfg.channels, Down(c_prev, c, c) then GELU, where
+    Down = conv3x3 -> BN -> GELU -> conv3x3 -> BN -> 2x2 max-pool.
+The final feature map (channels[-1] x H/2^n x W/2^n) is flattened and one Linear gives mu and logvar
+(the seed's head predicted exp(std); a log-variance head is the textbook, numerically safe form).
+Decoder: Linear(latent_dim -> flat) -> GELU -> reshape, then Up blocks mirroring the widths,
+    Up = BN -> GELU -> bilinear x2 -> conv3x3 -> BN -> GELU -> conv3x3,
+the last Up ending in in_channels, then tanh or sigmoid (cfg.output). The seed's 6 levels
+[8, 16, 32, 64, 128, 256] at 256 px gave 256x4x4 = 4096 features; at 128 px they give 256x2x2.
+Init: PyTorch defaults (BatchNorm after every conv keeps the activations scaled).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from pipeline.config import ModelConfig
+from pipeline.models.base import VAE, check_common, check_levels
+
+
+class Down(nn.Sequential):
+    def __init__(self, c_in: int, c_mid: int, c_out: int):
+        super().__init__(
+            nn.Conv2d(c_in, c_mid, 3, padding=1), nn.BatchNorm2d(c_mid), nn.GELU(),
+            nn.Conv2d(c_mid, c_out, 3, padding=1), nn.BatchNorm2d(c_out),
+            nn.MaxPool2d(2),
+        )
+
+
+class Up(nn.Sequential):
+    def __init__(self, c_in: int, c_mid: int, c_out: int):
+        super().__init__(
+            nn.BatchNorm2d(c_in), nn.GELU(),
+            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
+            nn.Conv2d(c_in, c_mid, 3, padding=1), nn.BatchNorm2d(c_mid), nn.GELU(),
+            nn.Conv2d(c_mid, c_out, 3, padding=1),
+        )
+
+
+class ConvVAE(VAE):
+    def __init__(self, cfg: ModelConfig, image_size: int):
+        check_common(cfg, image_size, ("vector",))
+        widths = list(cfg.channels)
+        side = check_levels("model.channels", len(widths), image_size, f"model.channels has {len(widths)} levels")
+        super().__init__(cfg, image_size, (cfg.latent_dim,))
+        self.feature_shape = (widths[-1], side, side)
+        flat = widths[-1] * side * side
+
+        layers: list[nn.Module] = []
+        for c_in, c in zip([cfg.in_channels, *widths[:-1]], widths):
+            layers += [Down(c_in, c, c), nn.GELU()]
+        self.encoder = nn.Sequential(*layers, nn.Flatten())
+        self.heads = nn.Linear(flat, 2 * cfg.latent_dim)  # mu and logvar side by side
+
+        self.decoder_input = nn.Sequential(nn.Linear(cfg.latent_dim, flat), nn.GELU())
+        rev = widths[::-1]
+        outs = [*rev[1:], cfg.in_channels]
+        self.decoder = nn.Sequential(*[Up(c, c, c_out) for c, c_out in zip(rev, outs)])
+
+    def encode_raw(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.heads(self.encoder(x)).chunk(2, dim=1)
+
+    def decode_raw(self, z: Tensor) -> Tensor:
+        h = self.decoder_input(z).view(z.shape[0], *self.feature_shape)
+        return self.decoder(h)

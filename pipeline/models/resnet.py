@@ -1,0 +1,228 @@
+"""`resnet` — seed 004 / latent-diffusion (LDM) style: GroupNorm+SiLU ResNet blocks, self-attention,
+a spatial latent latent_channels x H/f x W/f.
+
+Two ways to configure it, both compiled to one list of typed blocks and checked by shape inference:
+
+1. Levels (LDM's AutoencoderKL): cfg.channels = width per level, cfg.blocks_per_level,
+   cfg.attention_levels; f = 2^(levels-1).
+   encoder: conv3x3 -> channels[0]; per level i: blocks_per_level ResNet blocks (each followed by
+            attention when i is in attention_levels), a stride-2 downsample except after the last;
+            middle: ResNet, attention (when the last level is in attention_levels: LDM's only
+            attention in its f8 VAE sits here), ResNet; GroupNorm+SiLU; conv3x3 -> 2 x latent_channels.
+   decoder: conv3x3 latent_channels -> channels[-1]; middle as above; per level, deepest first:
+            blocks_per_level + 1 ResNet blocks (+attention), nearest x2 + conv3x3 upsample except
+            after level 0; GroupNorm+SiLU.
+   channels [128, 256, 512, 512], blocks_per_level 2, attention_levels [3], latent_channels 4 is
+   LDM's kl-f8 (Stable Diffusion's VAE) and has its 83,653,863 parameters (a test pins this).
+
+2. Explicit lists (seed 004's "structure file" as YAML), cfg.encoder / cfg.decoder of
+   BlockSpec(block, out, repeat), block one of:
+     resnet (out channels, 1x1 skip when they change), attention (single head, keeps channels),
+     downsample (conv3x3 stride 2, keeps channels), upsample (nearest x2 + conv3x3, keeps channels),
+     conv (conv3x3 to out channels), norm_act (GroupNorm + SiLU, keeps channels);
+   out = 0 keeps the incoming channel count; repeat stacks the block.
+   How the lists meet the latent: the encoder list starts from the image (in_channels channels);
+   whatever it ends with goes through the head. The decoder list starts from z (latent_channels
+   channels), so its first entry is usually `conv` or `resnet` with the working width; the output
+   conv follows it. Either list may be given alone; the other side then comes from the levels.
+
+Around both: the head is a 1x1 conv to 2 x latent_channels split into mu and logvar (LDM's
+quant_conv); the decoder starts with a 1x1 conv latent_channels -> latent_channels (post_quant_conv)
+and ends with conv3x3 -> in_channels and the output activation. GroupNorm uses 32 groups when 32
+divides the channels, otherwise gcd(32, channels) groups (so tiny test widths work). Errors name the
+list index: "model.decoder[3] (upsample) ...". Init: PyTorch defaults, as in LDM.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.config import BLOCK_NAMES, BlockSpec, ConfigError, ModelConfig
+from pipeline.models.base import VAE, check_common, check_levels, group_count
+
+KEEPS_CHANNELS = ("attention", "downsample", "upsample", "norm_act")
+
+
+def _norm(c: int) -> nn.GroupNorm:
+    return nn.GroupNorm(group_count(c), c, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.norm1, self.conv1 = _norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = _norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the H*W positions (LDM's AttnBlock), via SDPA."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.norm = _norm(c)
+        self.qkv = nn.Conv2d(c, 3 * c, 1)  # LDM's q, k, v 1x1 convs, fused (same parameters)
+        self.proj = nn.Conv2d(c, c, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, 1, c, h * w).transpose(-1, -2)  # [B, 3, heads=1, HW, C]
+        out = F.scaled_dot_product_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2])
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class Downsample(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _make(block: str, c_in: int, c_out: int) -> nn.Module:
+    if block == "resnet":
+        return ResnetBlock(c_in, c_out)
+    if block == "attention":
+        return AttentionBlock(c_in)
+    if block == "downsample":
+        return Downsample(c_in)
+    if block == "upsample":
+        return Upsample(c_in)
+    if block == "conv":
+        return nn.Conv2d(c_in, c_out, 3, padding=1)
+    return nn.Sequential(_norm(c_in), nn.SiLU())  # norm_act
+
+
+# ----------------------------------------------------------------------------------------------
+# Levels -> block lists (LDM's layout)
+# ----------------------------------------------------------------------------------------------
+
+
+def _level_specs(cfg: ModelConfig, side: str) -> list[BlockSpec]:
+    ch, attn, last = list(cfg.channels), set(cfg.attention_levels), len(cfg.channels) - 1
+
+    def level(i: int, n: int) -> list[BlockSpec]:
+        if i in attn and i != last:
+            return [BlockSpec("resnet", ch[i]), BlockSpec("attention")] * n
+        return [BlockSpec("resnet", ch[i], n)]
+
+    middle = [BlockSpec("resnet", ch[-1]), *([BlockSpec("attention")] if last in attn else []),
+              BlockSpec("resnet", ch[-1])]
+    specs: list[BlockSpec] = []
+    if side == "encoder":
+        specs.append(BlockSpec("conv", ch[0]))
+        for i in range(len(ch)):
+            specs += level(i, cfg.blocks_per_level)
+            if i != last:
+                specs.append(BlockSpec("downsample"))
+        return specs + middle + [BlockSpec("norm_act"), BlockSpec("conv", 2 * cfg.latent_channels)]
+    specs += [BlockSpec("conv", ch[-1]), *middle]
+    for i in reversed(range(len(ch))):
+        specs += level(i, cfg.blocks_per_level + 1)
+        if i != 0:
+            specs.append(BlockSpec("upsample"))
+    return specs + [BlockSpec("norm_act")]
+
+
+def _check_levels_cfg(cfg: ModelConfig, image_size: int) -> None:
+    n = len(cfg.channels)
+    if cfg.blocks_per_level < 1:
+        raise ConfigError(f"model.blocks_per_level must be at least 1, got {cfg.blocks_per_level}")
+    for i, level in enumerate(cfg.attention_levels):
+        if not 0 <= level < n:
+            raise ConfigError(f"model.attention_levels[{i}] is {level}, but model.channels has {n} levels "
+                              f"(0..{n - 1})")
+    check_levels("model.channels", n - 1, image_size,
+                 f"model.channels has {n} levels ({n - 1} downsamples)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Block list -> modules, with shape inference and errors naming the index
+# ----------------------------------------------------------------------------------------------
+
+
+def _build_stack(specs: list[BlockSpec], side: str, c: int, size: int, image_size: int,
+                 explicit: bool) -> tuple[nn.Sequential, int, int]:
+    """Build `specs` from c channels at size px; return (modules, channels out, size out)."""
+    n_down = sum(s.repeat for s in specs if s.block == "downsample")
+    modules: list[nn.Module] = []
+    for i, spec in enumerate(specs):
+        where = f"model.{side}[{i}] ({spec.block})" if explicit else f"the {side} built from model.channels"
+        if spec.block not in BLOCK_NAMES:
+            close = difflib.get_close_matches(spec.block, BLOCK_NAMES, n=1)
+            hint = f"did you mean {close[0]}?" if close else f"use one of {', '.join(BLOCK_NAMES)}"
+            raise ConfigError(f"model.{side}[{i}] has unknown block {spec.block!r}; {hint}")
+        if spec.repeat < 1:
+            raise ConfigError(f"{where} has repeat {spec.repeat}; it must be at least 1")
+        if spec.out < 0:
+            raise ConfigError(f"{where} has out {spec.out}; give a channel count, or 0 to keep {c}")
+        if spec.block in KEEPS_CHANNELS and spec.out not in (0, c):
+            raise ConfigError(f"{where} keeps its {c} input channels, so out must be 0 or {c}, not {spec.out}; "
+                              f"change channels with a resnet or conv block before it")
+        for _ in range(spec.repeat):
+            c_out = spec.out or c
+            if spec.block == "downsample":
+                if size % 2:
+                    raise ConfigError(
+                        f"{where} gets a {size} px feature map, which a stride-2 downsample cannot halve; "
+                        f"with {n_down} downsample blocks the image size must be divisible by {2 ** n_down}, "
+                        f"but the shards are {image_size} px")
+                size //= 2
+            elif spec.block == "upsample":
+                size *= 2
+            modules.append(_make(spec.block, c, c_out))
+            c = c_out
+    return nn.Sequential(*modules), c, size
+
+
+class ResNetVAE(VAE):
+    def __init__(self, cfg: ModelConfig, image_size: int):
+        check_common(cfg, image_size, ("spatial",))
+        if not (cfg.encoder and cfg.decoder):
+            _check_levels_cfg(cfg, image_size)
+        lc = cfg.latent_channels
+        enc_specs = cfg.encoder or _level_specs(cfg, "encoder")
+        encoder, c_enc, side = _build_stack(enc_specs, "encoder", cfg.in_channels, image_size, image_size,
+                                            explicit=bool(cfg.encoder))
+        super().__init__(cfg, image_size, (lc, side, side))
+        self.encoder = encoder
+        self.heads = nn.Conv2d(c_enc, 2 * lc, 1)
+
+        dec_specs = cfg.decoder or _level_specs(cfg, "decoder")
+        self.decoder_input = nn.Conv2d(lc, lc, 1)
+        self.decoder, c_dec, out_size = _build_stack(dec_specs, "decoder", lc, side, image_size,
+                                                     explicit=bool(cfg.decoder))
+        if out_size != image_size:
+            ups = [i for i, s in enumerate(dec_specs) if s.block == "upsample"]
+            n_up = sum(dec_specs[i].repeat for i in ups)
+            n_down = sum(s.repeat for s in enc_specs if s.block == "downsample")
+            enc = "model.encoder" if cfg.encoder else "model.channels"
+            dec = f"model.decoder (upsample at {ups})" if cfg.decoder else "model.channels"
+            raise ConfigError(
+                f"{dec} has {n_up} upsample blocks but {enc} has {n_down} downsample blocks, so the decoder "
+                f"would output {out_size} px for {image_size} px images; give both sides the same count")
+        self.final_layer = nn.Conv2d(c_dec, cfg.in_channels, 3, padding=1)
+
+    def encode_raw(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.heads(self.encoder(x)).chunk(2, dim=1)
+
+    def decode_raw(self, z: Tensor) -> Tensor:
+        return self.final_layer(self.decoder(self.decoder_input(z)))

@@ -1,0 +1,54 @@
+"""`vanilla` — seed 002, after AntixK/PyTorch-VAE's VanillaVAE; cfg.channels is its `hidden_dims`.
+
+Encoder: for each width c, conv3x3 stride 2 padding 1 -> BN -> LeakyReLU (slope 0.01); flatten;
+one Linear -> mu and logvar (latent_dim each).
+Decoder: Linear(latent_dim -> flat) -> reshape (no activation, as in AntixK), then for the reversed
+widths ConvTranspose3x3 stride 2 padding 1 output_padding 1 (exactly doubles H and W) -> BN ->
+LeakyReLU into the next width, and a final ConvTranspose back to the first width followed by
+conv3x3 -> in_channels and the output activation (AntixK: tanh; cfg.output). AntixK hard-codes
+the 2x2 map of 64 px with 5 levels (`hidden_dims[-1] * 4`); here the map is image_size / 2^levels.
+Init: PyTorch defaults (BatchNorm after every conv).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from pipeline.config import ModelConfig
+from pipeline.models.base import VAE, check_common, check_levels
+
+
+def _up(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1, output_padding=1),
+        nn.BatchNorm2d(c_out), nn.LeakyReLU())
+
+
+class VanillaVAE(VAE):
+    def __init__(self, cfg: ModelConfig, image_size: int):
+        check_common(cfg, image_size, ("vector",))
+        widths = list(cfg.channels)
+        side = check_levels("model.channels", len(widths), image_size, f"model.channels has {len(widths)} levels")
+        super().__init__(cfg, image_size, (cfg.latent_dim,))
+        self.feature_shape = (widths[-1], side, side)
+        flat = widths[-1] * side * side
+
+        self.encoder = nn.Sequential(*[
+            nn.Sequential(nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.BatchNorm2d(c), nn.LeakyReLU())
+            for c_in, c in zip([cfg.in_channels, *widths[:-1]], widths)
+        ], nn.Flatten())
+        self.heads = nn.Linear(flat, 2 * cfg.latent_dim)
+
+        self.decoder_input = nn.Linear(cfg.latent_dim, flat)
+        rev = widths[::-1]
+        self.decoder = nn.Sequential(*[_up(c_in, c) for c_in, c in zip(rev[:-1], rev[1:])])
+        self.final_layer = nn.Sequential(
+            _up(rev[-1], rev[-1]),
+            nn.Conv2d(rev[-1], cfg.in_channels, 3, padding=1))
+
+    def encode_raw(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.heads(self.encoder(x)).chunk(2, dim=1)
+
+    def decode_raw(self, z: Tensor) -> Tensor:
+        h = self.decoder_input(z).view(z.shape[0], *self.feature_shape)
+        return self.final_layer(self.decoder(h))
