@@ -1,0 +1,215 @@
+"""Data-path throughput, all measured in one run on the same generated images (`make bench-data`).
+
+    python benchmarks/bench_data.py [--count 2000] [--size 128] [--format jpg] [--workers N] [--rounds 5]
+
+1. Source: >= 2,000 photo-sized JPEGs (320x240 .. 500x375) from pipeline.demo_data (cached in --work).
+2. Shard writing (pipeline.shards.write_shards): images/s with 1 worker and with all cores.
+3. Reading with the same number of worker processes N (default: all cores):
+   (a) torchvision ImageFolder + DataLoader doing resize + centre crop + ToTensor at load time;
+   (b) the raw decode rate of the stored shard images in a tight loop (pipeline.images.decode_image
+       in N processes, bytes already in memory): the practical limit for any reader;
+   (c) our TrainStream: tar reading, shuffle buffer, decode, batching, transfer to the main process.
+The readers run in alternating rounds (b c b a, b c b a, ...); each ratio is taken within a round
+and the median over rounds is reported, so drifts of the machine's speed (other programs) cancel. Rates are steady state (worker start-up
+and the first batches are excluded). Each reader's CPU time per image over the same steady state
+(all its processes, main and workers; for (b) inside the decode loop) is printed too: unlike
+images/s it hardly moves when other programs share the machine. The ratios are printed against the
+goals (reader >= 5x ImageFolder, >= 90 % of raw decode, writing >= 1,000 images/s per core),
+whatever they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import platform
+import resource
+import shutil
+import statistics
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torchvision
+from torch.utils.data import DataLoader
+from torchvision import transforms
+
+from pipeline.config import Config, DataConfig, TrainConfig
+from pipeline.data import TrainStream
+from pipeline.demo_data import generate
+from pipeline.images import decode_image
+from pipeline.shards import default_workers, write_shards
+
+BATCH = 64
+
+
+def quiet(*_args) -> None:
+    pass
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and all its children, live (read from /proc) or finished."""
+    me, done = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = me.ru_utime + me.ru_stime + done.ru_utime + done.ru_stime
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path("/proc/self/task").glob("*/children"):
+        for pid in task.read_text().split():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+            except (OSError, IndexError, ValueError):
+                pass  # exited in between: counted by RUSAGE_CHILDREN once reaped
+    return total
+
+
+def time_writing(src: Path, out: Path, size: int, fmt: str, workers: int) -> tuple[float, Path]:
+    name = f"bench-w{workers}"
+    shutil.rmtree(out / name, ignore_errors=True)
+    t0 = time.perf_counter()
+    manifest = write_shards(src, out, name, size, image_format=fmt, workers=workers, progress=False, log=quiet)
+    files = sum(manifest["splits"][s]["count"] for s in ("train", "val"))
+    files += len(manifest["skipped"]) + len(manifest["duplicates"])
+    return files / (time.perf_counter() - t0), out / name
+
+
+def measure(batches, warmup: int, images: int) -> tuple[float, float]:
+    """(images/s, CPU us per image) in the steady state, after `warmup` batches; the CPU time is
+    that of every process involved (main and workers). `batches` yields image tensors [B, ...]."""
+    for _ in range(warmup):
+        next(batches)
+    seen, t0, cpu0 = 0, time.perf_counter(), cpu_seconds()
+    while seen < images:
+        seen += len(next(batches))
+    rate, cpu = seen / (time.perf_counter() - t0), (cpu_seconds() - cpu0) / seen * 1e6
+    batches.close()
+    return rate, cpu
+
+
+def imagefolder_batches(src: Path, size: int, workers: int):
+    tf = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor()])
+    dataset = torchvision.datasets.ImageFolder(str(src), transform=tf)
+    loader = DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=workers, drop_last=True,
+                        generator=torch.Generator().manual_seed(0))
+    while True:
+        it = iter(loader)
+        try:
+            for images, _ in it:
+                yield images
+        finally:
+            del it  # joins the workers, so their CPU time is counted
+
+
+def _decode_loop(args) -> tuple[int, float, float]:
+    blobs, ext, seconds = args
+    n, t0, cpu0 = 0, time.perf_counter(), time.process_time()
+    while time.perf_counter() - t0 < seconds:
+        for data in blobs:
+            decode_image(data, ext)
+        n += len(blobs)
+    return n, time.perf_counter() - t0, time.process_time() - cpu0
+
+
+def raw_decode(blobs: list[bytes], ext: str, workers: int, seconds: float) -> tuple[float, float]:
+    """Each of `workers` processes decodes all stored images over and over for `seconds`."""
+    if workers <= 1:
+        results = [_decode_loop((blobs, ext, seconds))]
+    else:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            results = pool.map(_decode_loop, [(blobs, ext, seconds)] * workers)
+    images = sum(n for n, _, _ in results)
+    return sum(n / s for n, s, _ in results), sum(c for _, _, c in results) / images * 1e6
+
+
+def stream_batches(shards: Path, workers: int):
+    cfg = Config(data=DataConfig(shards=str(shards), batch_size_per_device=BATCH, num_workers=workers),
+                 train=TrainConfig(seed=0))
+    stream = iter(TrainStream(cfg, rank=0, world_size=1))
+    try:
+        for batch in stream:
+            yield batch.images
+    finally:
+        stream.close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--count", type=int, default=2000, help="source images (>= 2000 for the recorded figures)")
+    p.add_argument("--size", type=int, default=128, help="stored image side in px (the flowers default)")
+    p.add_argument("--format", default="jpg", help="stored format: jpg | png | webp | npy")
+    p.add_argument("--workers", type=int, default=0, help="worker processes for the 'all cores' figures")
+    p.add_argument("--rounds", type=int, default=5, help="alternating measurement rounds per reader")
+    p.add_argument("--images", type=int, default=3000, help="images timed per reader and round")
+    p.add_argument("--work", default="bench/data", help="work folder (git-ignored)")
+    args = p.parse_args()
+    workers = args.workers or default_workers()
+    work = Path(args.work)
+    src = work / "images"
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs ({default_workers()} usable), load average "
+          f"{os.getloadavg()[0]:.1f} at start; torch {torch.__version__}, torchvision {torchvision.__version__}")
+    generate(src, count=args.count, log=quiet)
+    print(f"source: {args.count} generated JPEGs, 320x240 .. 500x375 (pipeline.demo_data), in {src}")
+    print(f"stored: {args.size}x{args.size} {args.format}; readers: {workers} worker processes, batch {BATCH}, "
+          f"median of {args.rounds} alternating rounds of {args.images} images")
+    print()
+
+    write_1, _ = time_writing(src, work / "shards", args.size, args.format, 1)
+    write_n, shards = time_writing(src, work / "shards", args.size, args.format, workers)
+    blobs = []
+    for tar_path in sorted(shards.glob("train-*.tar")):
+        with tarfile.open(tar_path) as tar:
+            blobs += [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith("." + args.format)]
+
+    # Each round: raw, ours, raw again, ImageFolder. Ratios are taken within a round (ours against
+    # the mean of the raw runs around it, and against the ImageFolder run beside it), then the median
+    # over rounds, so slow drifts of the machine's speed cancel.
+    results: dict[str, list[tuple[float, float]]] = {"folder": [], "raw": [], "ours": []}
+    to_raw, to_folder = [], []
+    warmup = 2 * max(1, workers)
+    for _ in range(args.rounds):
+        raw_a = raw_decode(blobs, args.format, workers, seconds=args.images / 4000)
+        ours = measure(stream_batches(shards, workers), warmup, args.images)
+        raw_b = raw_decode(blobs, args.format, workers, seconds=args.images / 4000)
+        folder = measure(imagefolder_batches(src, args.size, workers), warmup, args.images // 3)
+        results["raw"] += [raw_a, raw_b]
+        results["ours"].append(ours)
+        results["folder"].append(folder)
+        to_raw.append((ours[0] / ((raw_a[0] + raw_b[0]) / 2), ((raw_a[1] + raw_b[1]) / 2) / ours[1]))
+        to_folder.append((ours[0] / folder[0], folder[1] / ours[1]))
+    rate = {k: statistics.median(r for r, _ in v) for k, v in results.items()}
+    cpu = {k: statistics.median(c for _, c in v) for k, v in results.items()}
+
+    def goal(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    print(f"{'':<46} {'images/s':>10} {'CPU us/image':>13}")
+    print(f"{'shard writing, 1 worker':<46} {write_1:>10,.0f}")
+    print(f"{f'shard writing, {workers} workers':<46} {write_n:>10,.0f}   ({write_n / workers:,.0f} per core)")
+    rows = [("folder", f"(a) ImageFolder + DataLoader, {workers} workers"),
+            ("raw", f"(b) raw decode of stored images, {workers} procs"),
+            ("ours", f"(c) TrainStream, {workers} workers")]
+    for key, name in rows:
+        each = ", ".join(f"{r:,.0f}" for r, _ in results[key])
+        print(f"{name:<46} {rate[key]:>10,.0f} {cpu[key]:>13,.0f}   runs: {each}")
+    print()
+    per_core = min(write_1, write_n / workers)
+    folder_ratio, folder_cpu = (statistics.median(x) for x in zip(*to_folder))
+    raw_ratio, raw_cpu = (statistics.median(x) for x in zip(*to_raw))
+    print(f"reader / ImageFolder   {folder_ratio:6.2f}x   (goal >= 5x: {goal(folder_ratio >= 5)}); "
+          f"by CPU per image {folder_cpu:.2f}x")
+    print(f"reader / raw decode    {100 * raw_ratio:6.1f} %  (goal >= 90 %: {goal(raw_ratio >= 0.9)}); "
+          f"by CPU per image {100 * raw_cpu:.1f} %")
+    print(f"writing per core       {per_core:6,.0f} images/s (goal >= 1,000: {goal(per_core >= 1000)}); "
+          f"1 worker {write_1:,.0f}/s, {workers} workers {write_n / workers:,.0f}/s per core")
+    print("(ratios: median over rounds of within-round ratios; round by round, reader / raw decode: "
+          + ", ".join(f"{100 * r:.0f} %" for r, _ in to_raw) + ")")
+    print(f"load average {os.getloadavg()[0]:.1f} at the end (above {default_workers()} means other programs "
+          f"shared these cores during the run)")
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,440 @@
+"""The reader (pipeline/data.py): real shards on disk, real webdataset, real DataLoader workers.
+
+Specification:
+- the val stream gives every val sample exactly once over ranks x workers, also with fewer shards
+  than readers;
+- the train stream gives correctly shaped uint8 batches whose labels match the source classes;
+- a train stream is a function of its seed and rank, and resumes exactly from a JSON state;
+- corrupt samples and truncated shards are skipped and counted; pickles are never unpickled.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import io
+import itertools
+import json
+import multiprocessing
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from pipeline.config import Config, ConfigError, DataConfig, TrainConfig
+from pipeline.data import (READ_EXTS, Batch, DeviceAugment, TrainStream, _tar_members, read_manifest, read_tars,
+                           val_assignment, val_batches)
+from pipeline.images import encode_image
+from pipeline.shards import write_shards
+
+SIZE = 16
+CLASSES = ["daisy", "rose", "tulip"]
+# Each class has its own colour, so a test can check a label against the pixels it came with.
+PALETTE = np.array([[230, 230, 40], [220, 30, 60], [40, 90, 220]], dtype=np.int16)
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures: real shards from pipeline.shards.write_shards; hand-built ones (wds.TarWriter, the
+# on-disk format of CONTRACTS.md) for damage and hostile members the writer never produces
+# --------------------------------------------------------------------------------------------
+
+
+def _image(cls: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(-12, 13, size=(SIZE, SIZE, 3))
+    return np.clip(PALETTE[cls] + noise, 0, 255).astype(np.uint8)
+
+
+def _sample(cls: int, seed: int, extra: dict | None = None) -> dict:
+    data = encode_image(_image(cls, seed), "jpg", 95)
+    key = hashlib.sha256(data).hexdigest()[:16]
+    meta = {"path": f"{CLASSES[cls]}/{seed}.png", "class": CLASSES[cls], "width": SIZE, "height": SIZE}
+    return {"__key__": key, "jpg": data, "cls": str(cls).encode(), "json": json.dumps(meta).encode(),
+            **(extra or {})}
+
+
+def write_shard_set(root: Path, train: list[list[dict]], val: list[list[dict]]) -> Path:
+    """Write train-/val-NNNNNN.tar and manifest.json (issue 2 schema) under `root`."""
+    root.mkdir(parents=True, exist_ok=True)
+    splits = {}
+    for split, shards in (("train", train), ("val", val)):
+        entries, per_class = [], {c: 0 for c in CLASSES}
+        for i, samples in enumerate(shards):
+            path = root / f"{split}-{i:06d}.tar"
+            with wds.TarWriter(str(path), encoder=False) as writer:
+                for s in samples:
+                    writer.write(s)
+                    per_class[CLASSES[int(s["cls"])]] += 1
+            data = path.read_bytes()
+            entries.append({"file": path.name, "count": len(samples), "bytes": len(data),
+                            "sha256": hashlib.sha256(data).hexdigest()})
+        splits[split] = {"count": sum(e["count"] for e in entries), "per_class": per_class, "shards": entries}
+    manifest = {"format": 1, "name": root.name, "size": SIZE, "image_format": "jpg", "classes": CLASSES,
+                "splits": splits, "skipped": [], "duplicates": [], "options": {}}
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return root
+
+
+def make_samples(n: int, start: int) -> list[dict]:
+    return [_sample(i % len(CLASSES), start + i) for i in range(n)]
+
+
+def cfg_for(shards: Path, num_workers: int = 0, batch_size: int = 4, seed: int = 0, buffer: int = 8,
+            val_batch_size: int = 3) -> Config:
+    return Config(data=DataConfig(shards=str(shards), batch_size_per_device=batch_size,
+                                  val_batch_size_per_device=val_batch_size, num_workers=num_workers,
+                                  shuffle_buffer_samples=buffer),
+                  train=TrainConfig(seed=seed))
+
+
+def _write_source_folder(root: Path, per_class: int) -> Path:
+    """An image folder in the Kaggle layout: one subfolder per class, PNGs of assorted sizes."""
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            w, h = 16 + 4 * (i % 3), 16 + 2 * (i % 4)
+            image = np.resize(_image(c, 10_000 * c + i), (h, w, 3))
+            encode = encode_image(image, "png")
+            (root / name / f"{name}_{i:03d}.png").write_bytes(encode)
+    return root
+
+
+def _json_by_key(shards: Path, split: str) -> dict[str, dict]:
+    """key -> its json metadata, read with Python's tarfile (independently of the reader under test)."""
+    out = {}
+    for tar_path in sorted(shards.glob(f"{split}-*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".json"):
+                    out[member.name.split(".", 1)[0]] = json.loads(tar.extractfile(member).read())
+    return out
+
+
+def _corrupt_first_image(tar_path: Path) -> str:
+    """Overwrite the start of the first image member in place (bit rot: the tar stays valid)."""
+    with tarfile.open(tar_path) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+    with open(tar_path, "r+b") as f:
+        f.seek(member.offset_data)
+        f.write(b"this is not a jpeg")
+    return member.name.split(".", 1)[0]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """60 images of 3 classes through pipeline.shards.write_shards at 16 px, 8 samples per shard;
+    one train sample is then corrupted in place."""
+    tmp = tmp_path_factory.mktemp("data")
+    src = _write_source_folder(tmp / "images", per_class=20)
+    manifest = write_shards(src, tmp / "shards", "toy", SIZE, val_fraction=0.25, workers=1,
+                            max_samples_per_shard=8, progress=False, log=lambda line: None)
+    root = tmp / "shards" / "toy"
+    assert manifest["classes"] == CLASSES and len(manifest["splits"]["val"]["shards"]) >= 2
+    train, val = _json_by_key(root, "train"), _json_by_key(root, "val")
+    classes = {key: CLASSES.index(meta["path"].split("/")[0]) for key, meta in {**train, **val}.items()}
+    return {"dir": root, "manifest": manifest, "classes": classes, "val_keys": sorted(val),
+            "corrupt": _corrupt_first_image(root / "train-000001.tar")}
+
+
+def take(stream, n: int) -> list[Batch]:
+    return list(itertools.islice(iter(stream), n))
+
+
+def same(a: list[Batch], b: list[Batch]) -> bool:
+    return len(a) == len(b) and all(x.keys == y.keys and torch.equal(x.images, y.images)
+                                    and torch.equal(x.labels, y.labels) for x, y in zip(a, b))
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: each sample exactly once over ranks x workers
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("counts, readers", [
+    ([7, 4], 4), ([10], 4), ([3], 8), ([5, 5, 5, 5, 5], 2), ([0, 6, 0, 1], 3), ([], 2), ([2, 1], 1),
+])
+def test_val_assignment_covers_every_position_once(counts, readers):
+    pieces = val_assignment(counts, readers)
+    assert len(pieces) == readers
+    seen = [(shard, i) for reader in pieces for shard, a, b in reader for i in range(a, b)]
+    assert sorted(seen) == [(s, i) for s, c in enumerate(counts) for i in range(c)]
+    sizes = [sum(b - a for _, a, b in reader) for reader in pieces]
+    assert max(sizes, default=0) - min(sizes, default=0) <= 1  # balanced
+
+
+def _val_keys_over(cfg: Config, world_size: int, workers: int) -> list[str]:
+    keys = []
+    for rank in range(world_size):
+        for batch in val_batches(cfg, rank=rank, world_size=world_size, num_workers=workers):
+            assert batch.images.dtype == torch.uint8 and batch.images.shape[1:] == (3, SIZE, SIZE)
+            keys += batch.keys
+    return keys
+
+
+def test_val_round_trip_two_ranks_two_workers(dataset):
+    cfg = cfg_for(dataset["dir"])
+    keys = _val_keys_over(cfg, world_size=2, workers=2)
+    assert sorted(keys) == dataset["val_keys"]  # every key, none twice
+    assert len(keys) == dataset["manifest"]["splits"]["val"]["count"] > 60 * 0.25 / 2
+    assert keys == _val_keys_over(cfg, world_size=2, workers=2)  # deterministic, order included
+
+
+def test_val_round_trip_with_fewer_shards_than_readers(tmp_path):
+    src = _write_source_folder(tmp_path / "images", per_class=5)
+    write_shards(src, tmp_path / "shards", "one", SIZE, val_fraction=0.5, workers=1, progress=False,
+                 log=lambda line: None)  # one val shard of ~7 samples for up to 6 readers
+    root = tmp_path / "shards" / "one"
+    assert len(read_manifest(root)["splits"]["val"]["shards"]) == 1
+    for world_size, workers in ((2, 2), (3, 2), (4, 2), (1, 0)):  # (4, 2): some readers get nothing
+        keys = _val_keys_over(cfg_for(root), world_size, workers)
+        assert sorted(keys) == sorted(_json_by_key(root, "val")), (world_size, workers)
+
+
+# --------------------------------------------------------------------------------------------
+# Training: shapes, ranges, labels
+# --------------------------------------------------------------------------------------------
+
+
+def test_train_batches_have_shape_range_and_matching_labels(dataset):
+    stream = TrainStream(cfg_for(dataset["dir"], num_workers=2, batch_size=5), rank=0, world_size=1)
+    assert stream.samples_per_epoch == dataset["manifest"]["splits"]["train"]["count"]
+    assert stream.classes == CLASSES
+    augment = DeviceAugment(DataConfig(hflip=True, rotation_degrees=10.0), output_range=(-1.0, 1.0))
+    for batch in take(stream, 12):
+        assert batch.images.dtype == torch.uint8 and batch.images.shape == (5, 3, SIZE, SIZE)
+        assert batch.labels.dtype == torch.int64
+        assert dataset["corrupt"] not in batch.keys
+        assert batch.labels.tolist() == [dataset["classes"][k] for k in batch.keys]
+        # The pixels carry their class colour: the label really belongs to the image.
+        means = batch.images.float().mean(dim=(2, 3))
+        nearest = torch.cdist(means, torch.tensor(PALETTE, dtype=torch.float32)).argmin(dim=1)
+        assert torch.equal(nearest, batch.labels)
+        x = augment(batch.images, train=True)
+        assert x.dtype == torch.float32 and x.shape == batch.images.shape
+        assert -1.0 <= x.min() and x.max() <= 1.0
+
+
+def test_device_augment_scaling_and_global_rng():
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    images[0] = 0
+    images[1] = 255
+    for low, high in ((-1.0, 1.0), (0.0, 1.0)):
+        out = DeviceAugment(DataConfig(hflip=True), (low, high))(images, train=False)
+        assert torch.allclose(out, images.float() / 255 * (high - low) + low)
+        assert out[0].eq(low).all() and out[1].eq(high).all()
+    rotating = DeviceAugment(DataConfig(hflip=True, rotation_degrees=15.0), (0.0, 1.0))
+    torch.manual_seed(3)
+    a = rotating(images, train=True)
+    torch.manual_seed(3)
+    assert torch.equal(a, rotating(images, train=True))  # the global RNG (Accelerate checkpoints it)
+    assert not torch.equal(a, rotating(images, train=True))  # ... and it moves on
+    augment = DeviceAugment(DataConfig(hflip=True), (0.0, 1.0))
+    torch.manual_seed(3)
+    a = augment(images, train=True)
+    plain = images.float() / 255
+    flipped = [torch.equal(a[i], plain[i].flip(-1)) and not torch.equal(a[i], plain[i]) for i in range(64)]
+    unchanged = [torch.equal(a[i], plain[i]) for i in range(64)]
+    assert all(f or u for f, u in zip(flipped, unchanged)) and 10 < sum(flipped) < 54
+
+
+# --------------------------------------------------------------------------------------------
+# Determinism and exact resume
+# --------------------------------------------------------------------------------------------
+
+
+def test_stream_is_a_function_of_seed_and_rank(dataset, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # webdataset's default node splitter would raise here
+
+    def first(seed=0, rank=0):
+        return take(TrainStream(cfg_for(dataset["dir"], seed=seed), rank=rank, world_size=2), 6)
+
+    reference = first()
+    assert same(reference, first())
+    assert [b.keys for b in first(rank=1)] != [b.keys for b in reference]
+    assert [b.keys for b in first(seed=1)] != [b.keys for b in reference]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("k, where", [(3, "inside"), (17, "across")])
+def test_exact_resume_from_json_state(dataset, num_workers, k, where):
+    m = 6
+    cfg = cfg_for(dataset["dir"], num_workers=num_workers, batch_size=4)
+    uninterrupted = TrainStream(cfg, rank=0, world_size=1)
+    batches, state = [], None
+    for batch in uninterrupted:  # workers keep prefetching past k: the state must ignore that
+        batches.append(batch)
+        if len(batches) == k:
+            state = json.loads(json.dumps(uninterrupted.state_dict()))
+        if len(batches) == k + m:
+            break
+    epochs = [w["epoch"] for w in state["workers"]]
+    assert (max(epochs) == 0) if where == "inside" else (min(epochs) >= 1), state
+    assert sum(w["skipped"] for w in state["workers"]) >= 1  # the corrupt sample lies before the cut
+
+    resumed = TrainStream(cfg, rank=0, world_size=1)
+    resumed.load_state_dict(state)
+    assert same(take(resumed, m), batches[k:])
+    assert resumed.skipped_samples == uninterrupted.skipped_samples
+    assert resumed.state_dict() == uninterrupted.state_dict()
+
+
+def test_iterating_again_continues_where_the_consumer_stopped(dataset):
+    cfg = cfg_for(dataset["dir"], num_workers=2, batch_size=3)
+    reference = take(TrainStream(cfg, rank=0, world_size=1), 9)
+    stream = TrainStream(cfg, rank=0, world_size=1)
+    assert same(take(stream, 5) + take(stream, 4), reference)
+    assert multiprocessing.active_children() == []  # an abandoned iteration stops its workers
+    first = iter(stream)
+    next(first)
+    with pytest.raises(RuntimeError, match="already being iterated"):
+        next(iter(stream))
+
+
+def test_too_little_shared_memory_is_one_sentence(dataset, monkeypatch):
+    real = os.statvfs
+
+    def tiny(path):
+        st = real(path)
+        return os.statvfs_result((st.f_bsize, 4096, 1, 1, 1, *tuple(st)[5:]))  # 4 KiB free
+
+    monkeypatch.setattr(os, "statvfs", tiny)
+    stream = TrainStream(cfg_for(dataset["dir"], num_workers=2), rank=0, world_size=1)
+    expected = r"needs 0.02 MiB of shared memory \(2 workers x 4 batches .* has 0.00 MiB free; give the container more"
+    with pytest.raises(RuntimeError, match=expected):
+        take(stream, 1)
+
+
+def test_resume_refuses_a_state_from_other_settings(dataset):
+    state = TrainStream(cfg_for(dataset["dir"], num_workers=2), rank=1, world_size=2).state_dict()
+    other = TrainStream(cfg_for(dataset["dir"], num_workers=2), rank=1, world_size=4)
+    with pytest.raises(ValueError, match=r"world_size=2 but this run has world_size=4"):
+        other.load_state_dict(state)
+    other = TrainStream(cfg_for(dataset["dir"], num_workers=2, batch_size=8), rank=1, world_size=2)
+    with pytest.raises(ValueError, match="batch_size=4 but this run has batch_size=8"):
+        other.load_state_dict(state)
+
+
+# --------------------------------------------------------------------------------------------
+# Damage and hostile content
+# --------------------------------------------------------------------------------------------
+
+
+def _truncate_inside_sample(path: Path, index: int) -> None:
+    """Cut `path` in the middle of the image member of sample `index`."""
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    keys = list(dict.fromkeys(m.name.split(".", 1)[0] for m in members))
+    image = next(m for m in members if m.name == f"{keys[index]}.jpg")
+    path.write_bytes(path.read_bytes()[: image.offset_data + image.size // 2])
+
+
+def test_corrupt_sample_and_truncated_shard_are_skipped_and_counted(tmp_path):
+    val = [make_samples(6, 0), make_samples(8, 100)]
+    val[0][2] = {**val[0][2], "jpg": b"not an image"}
+    train = [make_samples(6, 200), make_samples(8, 300)]
+    train[0][1] = {**train[0][1], "jpg": val[0][2]["jpg"]}
+    root = write_shard_set(tmp_path / "bad", train, val)
+    _truncate_inside_sample(root / "val-000001.tar", 5)  # samples 0..4 survive, 5..7 are lost
+    _truncate_inside_sample(root / "train-000001.tar", 3)
+
+    # read_tars keeps positions: 8 slots, the 3 lost ones marked missing.
+    slots = list(read_tars(iter([{"path": str(root / "val-000001.tar"), "count": 8, "start": 0, "stop": 8}])))
+    assert [bool(s.get("__missing__")) for s in slots] == [False] * 5 + [True] * 3
+
+    good_val = [s["__key__"] for s in val[0] if s is not val[0][2]] + [s["__key__"] for s in val[1][:5]]
+    assert sorted(_val_keys_over(cfg_for(root), world_size=2, workers=2)) == sorted(good_val)
+
+    stream = TrainStream(cfg_for(root, num_workers=0, batch_size=4), rank=0, world_size=1)
+    good_train = {s["__key__"] for s in train[0] if s is not train[0][1]} | {s["__key__"] for s in train[1][:3]}
+    keys = [k for batch in take(stream, 20) for k in batch.keys]
+    assert set(keys) <= good_train
+    # Every shard holds a bad sample and 80 good samples span several worker epochs of ~14 slots.
+    assert stream.skipped_samples >= 5
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_tar_reader_agrees_with_tarfile(tmp_path, fmt):
+    """The lean tar reader sees what Python's tarfile sees: long names (pax / GNU headers), folders,
+    meta files and upper-case extensions, and only the whitelisted members."""
+    deep = "d" * 60 + "/" + "e" * 50  # > 100 characters with the file name: needs a long-name header
+    names = {f"{deep}/k1.jpg": b"a" * 700, f"{deep}/k1.cls": b"1", "k2.JPG": b"b" * 512, "k2.json": b"{}",
+             "k2.pyd": b"pickle!", "__meta__.jpg": b"m", "k3.seg.png": b"c" * 3}
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=fmt) as tar:
+        tar.addfile(tarfile.TarInfo("somedir/"))  # not a regular file
+        for name, data in names.items():
+            if fmt == tarfile.USTAR_FORMAT and len(name) > 100:
+                name = name[-99:].lstrip("/")  # ustar splits long names into prefix + name
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    got = list(_tar_members(str(path), READ_EXTS))
+    expected = []
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            folder, _, base = m.name.rpartition("/")
+            stem, _, ext = base.partition(".")
+            if m.isreg() and not stem.startswith("__") and ext.lower() in READ_EXTS:
+                expected.append((f"{folder}/{stem}" if folder else stem, ext.lower(), tar.extractfile(m).read()))
+    assert got == expected
+    assert [ext for _, ext, _ in got] == ["jpg", "cls", "jpg"]  # no json, pyd, or multi-dot png
+
+
+def test_a_corrupt_tar_header_stops_the_shard_and_counts_the_rest(tmp_path):
+    root = write_shard_set(tmp_path / "hdr", [make_samples(3, 0)], [make_samples(6, 10)])
+    path = root / "val-000000.tar"
+    with tarfile.open(path) as tar:
+        member = [m for m in tar.getmembers() if m.name.endswith(".jpg")][3]
+    data = bytearray(path.read_bytes())
+    data[member.offset + 130] ^= 0x01  # one flipped bit in the size field of sample 3's header
+    path.write_bytes(bytes(data))
+    slots = list(read_tars(iter([{"path": str(path), "count": 6, "start": 0, "stop": 6}])))
+    assert [bool(s.get("__missing__")) for s in slots] == [False] * 3 + [True] * 3
+
+
+def test_pickle_members_are_never_unpickled(tmp_path):
+    class Payload:
+        def __init__(self, marker: Path):
+            self.marker = marker
+
+        def __reduce__(self):  # unpickling runs exec(...), which creates the marker file
+            return builtins.exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",)
+
+    control = tmp_path / "control"
+    pickle.loads(pickle.dumps(Payload(control)))
+    assert control.exists()  # the payload is live: unpickling it does create a file
+
+    marker = tmp_path / "pwned"
+    evil = pickle.dumps(Payload(marker))
+    train = [[_sample(i % 3, i, {"pyd": evil, "pickle": evil}) for i in range(6)]]
+    val = [[_sample(i % 3, 50 + i, {"pyd": evil}) for i in range(5)]]
+    root = write_shard_set(tmp_path / "evil", train, val)
+    with tarfile.open(root / "train-000000.tar") as tar:
+        assert any(name.endswith(".pyd") for name in tar.getnames())
+
+    keys = [k for b in take(TrainStream(cfg_for(root, num_workers=2), rank=0, world_size=1), 4) for k in b.keys]
+    assert len(keys) == 16
+    assert len(_val_keys_over(cfg_for(root), world_size=1, workers=2)) == 5
+    assert not marker.exists()
+
+
+def test_read_manifest_errors_are_one_sentence(tmp_path, dataset):
+    with pytest.raises(ConfigError, match="has no manifest.json; build it with `make shards"):
+        read_manifest(tmp_path / "nothing")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="is not valid JSON"):
+        read_manifest(broken)
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    manifest = json.loads((dataset["dir"] / "manifest.json").read_text())
+    (gone / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=r"train-000000.tar listed in .* is missing; re-run `make shards"):
+        read_manifest(gone)
+    assert read_manifest(dataset["dir"])["splits"]["val"]["count"] == len(dataset["val_keys"])
