@@ -10,11 +10,14 @@ import torch
 from pipeline.config import OptimConfig
 
 
-def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(model_params, no_decay_params, cfg: OptimConfig) -> torch.optim.Optimizer:
     """Adam/AdamW, fused: the fused kernels honour `optimizer.found_inf`, which lets the trainer skip a
-    non-finite step on the device without a host sync (the same path the fp16 GradScaler uses)."""
+    non-finite step on the device without a host sync (the same path the fp16 GradScaler uses).
+    `no_decay_params` (the loss's learned log-variance) get no weight decay, which would pull sigma to 1."""
     cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
-    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, fused=True)
+    groups = [{"params": list(model_params)}, {"params": list(no_decay_params), "weight_decay": 0.0}]
+    return cls([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas),
+               weight_decay=cfg.weight_decay, fused=True)
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
@@ -45,8 +48,13 @@ class EMA(torch.nn.Module):
         self.decay = decay
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
 
+    def decay_at(self, step: int) -> float:
+        """Warm-up (as timm's ModelEmaV3): early on the average follows the model closely, so media and
+        validation of short runs do not show the initial weights; after ~10/(1-decay) steps it is `decay`."""
+        return min(self.decay, (1 + step) / (10 + step))
+
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
+    def update(self, model: torch.nn.Module, step: int) -> None:
         ema, current = [], []
         for (name, e), c in zip(self.module.state_dict().items(), model.state_dict().values()):
             if e.is_floating_point():
@@ -54,4 +62,4 @@ class EMA(torch.nn.Module):
                 current.append(c.detach())
             else:
                 e.copy_(c)  # integer buffers such as BatchNorm's num_batches_tracked
-        torch._foreach_lerp_(ema, current, 1.0 - self.decay)
+        torch._foreach_lerp_(ema, current, 1.0 - self.decay_at(step))

@@ -1,0 +1,493 @@
+"""Evaluation: the validation pass used during training, and `python -m pipeline.evaluate` for a finished run.
+
+    python -m pipeline.evaluate runs/demo                                  # latest checkpoint, EMA weights, val split
+    python -m pipeline.evaluate runs/demo --checkpoint step-000200 --iwae-k 256
+    python -m pipeline.evaluate runs/demo --shards shards/other --split train data.val_batch_size_per_device=128
+    accelerate launch --multi_gpu --num_processes 8 -m pipeline.evaluate runs/flowers
+
+Every rank reads a disjoint part of the split (pipeline.data.val_batches gives each sample to exactly
+one rank x worker), accumulates per-sample SUMS, and the sums are all-reduced once at the end. No
+collective runs per batch, so ranks with uneven sample counts never hang, and each sample counts once.
+The random z of a sample is drawn from a generator seeded by its key (pipeline.inference.key_noise), so
+the stochastic bounds do not depend on how many processes share the work either.
+
+What `evaluate()` reports (RUN_DIR/eval/metrics.json, and the run's W&B summary under eval/):
+
+- psnr, ssim: of decode(mu) (the posterior mean: deterministic) against the input, both in [0, 1];
+  PSNR = 10 log10(1 / MSE) per image, capped at PSNR_CAP_DB for a perfect reconstruction, then averaged
+  over images; SSIM is kornia's (11 px Gaussian window) averaged over pixels, then images.
+- perceptual: the recipe's loss.perceptual distance (pipeline.losses.PerceptualDistance) of decode(mu).
+  Computed when the recipe names real backbone weights (loss.perceptual.weights = hub or a file),
+  whatever loss.perceptual.weight is, since a distance in random features means nothing; --perceptual on
+  forces it, --perceptual off skips it (null in the file).
+- neg_elbo_nats = E_x[-E_q log p(x|z) + KL(q(z|x) || p(z))]: nats per image, KL in closed form, the
+  reconstruction term averaged over the same K samples of z the IWAE bound uses;
+  elbo_bits_per_dim = neg_elbo_nats / (C*H*W*ln 2).
+- iwae_bits_per_dim: the importance-weighted bound (Burda et al. 2016) with K samples,
+  -log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x), in bits per sub-pixel; iwae_bits_per_dim_by_k gives the
+  same bound for group sizes 1, 2, 4, ... K computed from the same K samples (averaged over the K/k
+  disjoint groups), which is weakly decreasing in k by Jensen's inequality, exactly, not only on average.
+- Likelihoods, so that bits/dim mean what they mean in the literature (8-bit data, 256 values per
+  sub-pixel, a normalised discrete distribution over them): gaussian -> discretised Gaussian with the
+  learned sigma; mse -> discretised Gaussian, l1 -> discretised Laplace, both with the maximum-likelihood
+  fixed scale (one scalar: RMS / mean absolute error of one posterior sample per image over the evaluated
+  split, or --log-scale); bce -> the continuous Bernoulli log-likelihood of seed 001, which is not a
+  distribution over 8-bit values, so its bits/dim are flagged as not comparable.
+- kl_per_dim (nats, a list), mu_variance_per_dim, active_units (Cov_x E_q[z_d] > ACTIVE_UNIT_THRESHOLD),
+  inactive_dims, and a latent-usage plot (eval/latent_usage.png: KL and Var(mu) per dimension).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+if __package__ in (None, ""):  # run as a file (`accelerate launch pipeline/evaluate.py ...`)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import kornia
+import numpy as np
+import torch
+
+from accelerate import Accelerator
+
+from pipeline import media
+from pipeline.config import ConfigError, exit_on_config_error
+from pipeline.inference import check_shards, key_noise, load_run, split_batches
+from pipeline.losses import (GAUSSIAN_LOGVAR_RANGE, LN2, PerceptualDistance, fixed_log_scale, kl_per_dim,
+                             log_normal_diag, log_standard_normal)
+from pipeline.tracking import load_or_create_run_id
+
+PSNR_CAP_DB = 100.0
+"""PSNR of a perfect reconstruction (MSE = 0) is reported as this value instead of infinity."""
+
+ACTIVE_UNIT_THRESHOLD = 0.01
+"""A latent dimension is active when Cov_x(E_q[z_d | x]) > 0.01 (Burda et al. 2016)."""
+
+
+def to_unit_range(images: torch.Tensor, output_range: tuple[float, float]) -> torch.Tensor:
+    low, high = output_range
+    return ((images.float() - low) / (high - low)).clamp(0, 1)
+
+
+def psnr_per_image(recon01: torch.Tensor, target01: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB per image for images in [0, 1], capped at PSNR_CAP_DB."""
+    mse = (recon01 - target01).pow(2).flatten(1).mean(1)
+    psnr = 10 * torch.log10(1.0 / mse.clamp_min(1e-30))
+    return psnr.clamp(max=PSNR_CAP_DB)
+
+
+def ssim_per_image(recon01: torch.Tensor, target01: torch.Tensor, window: int = 11) -> torch.Tensor:
+    return kornia.metrics.ssim(recon01, target01, window).flatten(1).mean(1)
+
+
+@torch.no_grad()
+def validate(model, loss_fn, augment, batches: Iterable, accelerator, step: int) -> dict:
+    """Mean reconstruction / KL / -ELBO / PSNR / SSIM over the split, KL per latent dimension and active units.
+
+    `model` is the EMA (or raw) VAE, `loss_fn` the training VAELoss (its terms at `step`). Sampling z uses
+    the global RNG; callers that need an untouched RNG stream wrap this in torch.random.fork_rng().
+    """
+    device = accelerator.device
+    was_training = model.training
+    model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    mu_sum = mu_sq_sum = kl_dim_sum = None
+    count = torch.zeros((), dtype=torch.float64, device=device)
+
+    def add(name: str, per_image: torch.Tensor) -> None:
+        sums[name] = sums.get(name, 0) + per_image.double().sum()
+
+    for batch in batches:
+        x = augment(batch.images.to(device, non_blocking=True), train=False)
+        n = x.shape[0]
+        out = model(x)
+        result = loss_fn(out, x, step)
+        # Loss terms are batch means: weight them by the batch size so the split mean is exact.
+        for name, value in result.terms.items():
+            if name != "beta":  # a schedule value, not a property of the data
+                add(f"loss/{name}", value.reshape(1).expand(n))
+        recon01 = to_unit_range(out.recon[:n], model.output_range)
+        target01 = to_unit_range(x, model.output_range)
+        add("psnr", psnr_per_image(recon01, target01))
+        add("ssim", ssim_per_image(recon01, target01))
+        mu = out.mu.flatten(1).double()
+        logvar = out.logvar.flatten(1).double()
+        kl_dim = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)
+        mu_sum = mu.sum(0) if mu_sum is None else mu_sum + mu.sum(0)
+        mu_sq_sum = mu.pow(2).sum(0) if mu_sq_sum is None else mu_sq_sum + mu.pow(2).sum(0)
+        kl_dim_sum = kl_dim.sum(0) if kl_dim_sum is None else kl_dim_sum + kl_dim.sum(0)
+        count += n
+
+    if mu_sum is None:  # this rank got no samples: contribute zeros of the right shape
+        dims = math.prod(model.latent_shape)
+        mu_sum = mu_sq_sum = kl_dim_sum = torch.zeros(dims, dtype=torch.float64, device=device)
+    names = sorted(sums)  # identical on every rank only if every rank saw a batch; make it so:
+    names = sorted(set(names) | set(_all_names(accelerator, names)))
+    scalars = torch.stack([torch.as_tensor(sums.get(k, 0.0), dtype=torch.float64, device=device) for k in names]
+                          + [count]) if names else count.reshape(1)
+    scalars = accelerator.reduce(scalars, "sum")
+    mu_sum, mu_sq_sum, kl_dim_sum = (accelerator.reduce(t, "sum") for t in (mu_sum, mu_sq_sum, kl_dim_sum))
+    total = scalars[-1].item()  # one sync, at the end of the pass
+    model.train(was_training)
+    if total == 0:
+        return {"count": 0}
+
+    metrics = {f"val/{k}": v / total for k, v in zip(names, scalars[:-1].tolist())}
+    mean_mu = mu_sum / total
+    cov_mu = (mu_sq_sum / total - mean_mu.pow(2)).clamp_min(0)
+    kl_per_dim = (kl_dim_sum / total)
+    metrics["val/kl_nats"] = kl_per_dim.sum().item()
+    metrics["val/active_units"] = int((cov_mu > ACTIVE_UNIT_THRESHOLD).sum().item())
+    metrics["val/latent_dims"] = int(cov_mu.numel())
+    metrics["count"] = int(total)
+    metrics["kl_per_dim"] = kl_per_dim.float().cpu().tolist()
+    metrics["mu_variance_per_dim"] = cov_mu.float().cpu().tolist()
+    return metrics
+
+
+def _all_names(accelerator, names: list[str]) -> list[str]:
+    """The union of metric names over ranks (a rank with no batches has none)."""
+    if accelerator.num_processes == 1:
+        return names
+    from accelerate.utils import gather_object
+
+    return [n for sub in gather_object([names]) for n in sub]
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluating a trained run (python -m pipeline.evaluate)
+# --------------------------------------------------------------------------------------------
+
+
+def iwae_group_sizes(k: int) -> list[int]:
+    """1, 2, 4, ... (the powers of two dividing k), then k: each size divides the next one."""
+    sizes, g = [], 1
+    while k % g == 0 and g < k:
+        sizes.append(g)
+        g *= 2
+    return sizes + [k]
+
+
+def iwae_bounds(log_w: torch.Tensor) -> dict[int, torch.Tensor]:
+    """log-likelihood lower bounds [B] for each group size g of iwae_group_sizes(K), from log weights [K, B].
+
+    For group size g the K samples form K/g disjoint groups; the bound is the mean over groups of
+    logsumexp(group) - log g (Burda et al.'s IWAE_g, averaged). g = 1 is the Monte-Carlo ELBO and g = K the
+    IWAE_K bound. Because every size divides the next, log-mean-exp over a union of groups is >= the mean
+    of the groups' values (Jensen), so the bounds never decrease as g grows, for any weights."""
+    k, b = log_w.shape
+    log_w = log_w.double()
+    return {g: (torch.logsumexp(log_w.view(k // g, g, b), dim=1) - math.log(g)).mean(0)
+            for g in iwae_group_sizes(k)}
+
+
+LIKELIHOODS = {
+    "gaussian": ("discretized_gaussian", True, "discretised Gaussian, learned sigma"),
+    "mse": ("discretized_gaussian", True, "discretised Gaussian, maximum-likelihood fixed sigma"),
+    "l1": ("discretized_laplace", True, "discretised Laplace, maximum-likelihood fixed scale"),
+    "bce": ("continuous_bernoulli", False, "continuous Bernoulli (BCE): not a distribution over 8-bit values"),
+}
+"""loss.recon -> (likelihood name, bits/dim comparable with the literature, description)."""
+
+
+class _Sums:
+    """Per-rank float64 sums by name, reduced over ranks once (no collective inside the data loop)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.values: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        """Add a per-image vector [B] (summed over its images) or a per-latent-dimension vector [D] ("dim:...")."""
+        v = value.detach().double()
+        v = v if name.startswith("dim:") else v.sum()
+        self.values[name] = self.values[name] + v if name in self.values else v
+
+    def reduced(self, accelerator, names: Iterable[str], dims: int = 0) -> dict[str, torch.Tensor]:
+        """The sum over ranks of each name (a rank that saw no data contributes zeros of the right shape)."""
+        out = {}
+        for name in names:
+            shape = (dims,) if name.startswith("dim:") else ()
+            local = self.values.get(name, torch.zeros(shape, dtype=torch.float64, device=self.device))
+            out[name] = accelerator.reduce(local.clone(), "sum") if accelerator.num_processes > 1 else local
+        return out
+
+
+@torch.no_grad()
+def log_weights(run, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, keys: list[str], k: int,
+                 seed: int, log_scale: float | None, decode_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(x|z_k) [K, B], log importance weights [K, B]) for K posterior samples per image, decoded in
+    chunks of about `decode_batch` images. Sample k of image i uses key_noise(key_i)[k]."""
+    b = x.shape[0]
+    eps = key_noise(keys, run.model.latent_shape, k, seed, x.device)  # [K, B, *latent]
+    std = torch.exp(0.5 * logvar)
+    per_chunk = max(1, decode_batch // b)
+    log_px, log_w = [], []
+    for k0 in range(0, k, per_chunk):
+        e = eps[k0:k0 + per_chunk]
+        kc = e.shape[0]
+        z = (mu.unsqueeze(0) + e * std.unsqueeze(0)).reshape(kc * b, *mu.shape[1:])  # sample-major
+        lp = run.loss.log_px_z(run.model.decode(z), x, log_scale).view(kc, b)
+        reps = (kc,) + (1,) * (mu.dim() - 1)
+        lw = lp + (log_standard_normal(z) - log_normal_diag(z, mu.repeat(reps), logvar.repeat(reps))).view(kc, b)
+        log_px.append(lp.double())
+        log_w.append(lw.double())
+    return torch.cat(log_px), torch.cat(log_w)
+
+
+@torch.no_grad()
+def evaluate(run, batches: Callable[[], Iterable], accelerator, iwae_k: int = 64, seed: int = 0,
+             log_scale: float | None = None, perceptual=None, decode_batch: int = 256) -> dict:
+    """The metrics of the module docstring over every sample `batches()` yields on this rank, summed over ranks.
+
+    run: a pipeline.inference.LoadedRun on accelerator.device. batches: returns a fresh iterator of Batch
+    (called twice when an l1/mse likelihood needs its scale fitted first). perceptual: a
+    pipeline.losses.PerceptualDistance or None. Every rank returns the same dict."""
+    if iwae_k < 1:
+        raise ConfigError(f"--iwae-k must be at least 1, got {iwae_k}")
+    model, device = run.model, run.device
+    kind = run.cfg.loss.recon
+    dims_latent = math.prod(model.latent_shape)
+    sizes = iwae_group_sizes(iwae_k)
+    fit_scale = kind in ("l1", "mse") and log_scale is None
+    sums = _Sums(device)
+    start = time.perf_counter()
+
+    def likelihood(x, mu, logvar, keys, scale):
+        log_px, log_w = log_weights(run, x, mu, logvar, keys, iwae_k, seed, scale, decode_batch)
+        recon_nll = -log_px.mean(0)
+        sums.add("recon_nll", recon_nll)
+        sums.add("neg_elbo", recon_nll + kl_per_dim(mu, logvar).double().sum(1))
+        for g, bound in iwae_bounds(log_w).items():
+            sums.add(f"iwae_{g}", -bound)
+
+    # Pass 1: reconstruction metrics, latent statistics (and the likelihood, unless a scale must be fitted).
+    for batch in batches():
+        x = run.to_model_range(batch.images)
+        keys = list(batch.keys)
+        mu, logvar = model.encode(x)
+        recon = model.decode(mu)
+        r01, t01 = to_unit_range(recon, model.output_range), to_unit_range(x, model.output_range)
+        sums.add("count", torch.ones(x.shape[0], device=device))
+        sums.add("psnr", psnr_per_image(r01, t01))
+        sums.add("ssim", ssim_per_image(r01, t01))
+        if perceptual is not None:
+            sums.add("perceptual", perceptual(recon, x, reduction="none"))
+        kl_bd = kl_per_dim(mu, logvar).double()
+        sums.add("dim:kl", kl_bd.sum(0))
+        sums.add("kl", kl_bd.sum(1))
+        flat = mu.flatten(1).double()
+        sums.add("dim:mu", flat.sum(0))
+        sums.add("dim:mu_sq", flat.square().sum(0))
+        if fit_scale:  # one posterior sample per image (sample 0 of its key noise), as the training term
+            z = mu + key_noise(keys, model.latent_shape, 1, seed, device)[0] * torch.exp(0.5 * logvar)
+            err = model.decode(z).float() - x
+            sums.add("error", (err.abs() if kind == "l1" else err.square()).flatten(1).sum(1))
+        else:
+            likelihood(x, mu, logvar, keys, log_scale)
+
+    scale = log_scale
+    if fit_scale:  # one small all-reduce, then pass 2 with the scale every rank now shares
+        fitted = sums.reduced(accelerator, ["error", "count"])
+        mean_error = fitted["error"].item() / max(1.0, fitted["count"].item() * run.pixel_dims)
+        scale = fixed_log_scale(kind, mean_error)
+        for batch in batches():
+            x = run.to_model_range(batch.images)
+            mu, logvar = model.encode(x)
+            likelihood(x, mu, logvar, list(batch.keys), scale)
+
+    names = ["count", "psnr", "ssim", "kl", "recon_nll", "neg_elbo", *(f"iwae_{g}" for g in sizes),
+             *(["perceptual"] if perceptual is not None else []), "dim:kl", "dim:mu", "dim:mu_sq"]
+    total = sums.reduced(accelerator, names, dims_latent)
+    n = total["count"].item()  # the one sync of the pass
+    if n == 0:
+        raise ConfigError("the evaluated split holds no readable samples; check --shards and --split")
+
+    def mean(name: str) -> float:
+        return total[name].item() / n
+
+    bpd = 1.0 / (run.pixel_dims * LN2)
+    mean_mu = total["dim:mu"] / n
+    var_mu = (total["dim:mu_sq"] / n - mean_mu.square()).clamp_min(0)
+    active = var_mu > ACTIVE_UNIT_THRESHOLD
+    name, comparable, description = LIKELIHOODS[kind]
+    return {
+        "count": int(n),
+        "psnr": mean("psnr"),
+        "ssim": mean("ssim"),
+        "perceptual": mean("perceptual") if perceptual is not None else None,
+        "neg_elbo_nats": mean("neg_elbo"),
+        "recon_nll_nats": mean("recon_nll"),
+        "kl_nats": mean("kl"),
+        "elbo_bits_per_dim": mean("neg_elbo") * bpd,
+        "iwae_k": iwae_k,
+        "iwae_nats": mean(f"iwae_{iwae_k}"),
+        "iwae_bits_per_dim": mean(f"iwae_{iwae_k}") * bpd,
+        "iwae_bits_per_dim_by_k": {str(g): mean(f"iwae_{g}") * bpd for g in sizes},
+        "likelihood": name,
+        "likelihood_description": description,
+        "likelihood_log_scale": _log_scale_used(run, scale),
+        "bits_per_dim_comparable": comparable,
+        "active_units": int(active.sum().item()),
+        "latent_dims": dims_latent,
+        "inactive_dims": torch.nonzero(~active).flatten().tolist(),
+        "kl_per_dim": (total["dim:kl"] / n).float().cpu().tolist(),
+        "mu_variance_per_dim": var_mu.float().cpu().tolist(),
+        "pixel_dims": run.pixel_dims,
+        "psnr_cap_db": PSNR_CAP_DB,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _log_scale_used(run, fitted: float | None) -> float | list[float] | None:
+    """log sigma / log b of the likelihood in output-range units (per channel for a per-channel gaussian)."""
+    kind = run.cfg.loss.recon
+    if kind in ("l1", "mse"):
+        return fitted
+    if kind == "gaussian":
+        log_sigma = (0.5 * run.loss.gaussian_logvar.detach().float().clamp(*GAUSSIAN_LOGVAR_RANGE)).cpu()
+        return log_sigma.item() if log_sigma.numel() == 1 else log_sigma.tolist()
+    return None
+
+
+def latent_usage_plot(metrics: dict, latent_shape: tuple[int, ...]) -> np.ndarray:
+    """KL per latent dimension (top) over Var(mu) per dimension with the active-unit threshold noted (bottom).
+    A spatial latent C x h x w is summarised per channel (summed KL, mean variance)."""
+    kl = np.asarray(metrics["kl_per_dim"], dtype=np.float64)
+    var = np.asarray(metrics["mu_variance_per_dim"], dtype=np.float64)
+    unit = "dim"
+    if len(latent_shape) > 1:
+        kl = kl.reshape(latent_shape[0], -1).sum(1)
+        var = var.reshape(latent_shape[0], -1).mean(1)
+        unit = "channel"
+    top = media.bar_chart(kl, title=f"KL per latent {unit} (nats)")
+    bottom = media.bar_chart(var, title=f"Var_x(mu) per {unit}; active > {ACTIVE_UNIT_THRESHOLD}: "
+                                        f"{metrics['active_units']}/{metrics['latent_dims']} dims")
+    width = max(top.shape[1], bottom.shape[1])
+    pad = [np.pad(a, ((0, 0), (0, width - a.shape[1]), (0, 0)), constant_values=255) for a in (top, bottom)]
+    return np.concatenate(pad)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def log_to_wandb(run, metrics: dict, plot: np.ndarray) -> str | None:
+    """The metrics into the training run's W&B summary as eval/<name> (same run id, resumed), and the plot
+    as the eval/latent_usage image. tracking.mode decides offline/online/disabled. Returns the run id."""
+    cfg = run.cfg
+    if cfg.tracking.mode == "disabled":
+        return None
+    import wandb  # here: a second or two to import, and only needed when tracking is on
+
+    run_id = load_or_create_run_id(run.run_dir)
+    try:
+        wb = wandb.init(project=cfg.tracking.project, entity=cfg.tracking.entity or None,
+                        name=cfg.run.name or cfg.name or run.run_dir.name, id=run_id, resume="allow",
+                        dir=str(run.run_dir), mode=cfg.tracking.mode,
+                        settings=wandb.Settings(console="off", save_code=False, reinit="finish_previous"))
+    except Exception as e:  # noqa: BLE001 - wandb raises many types when it cannot start
+        raise ConfigError(f"tracking.mode is {cfg.tracking.mode} but W&B could not start "
+                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); metrics.json was written; "
+                          f"pass tracking.mode=offline or tracking.mode=disabled") from None
+    wb.summary.update({f"eval/{k}": v for k, v in metrics.items() if v is not None})
+    wb.log({"eval/latent_usage": wandb.Image(plot, caption="KL and Var(mu) per latent dimension")})
+    wb.finish()
+    wandb.teardown()  # wait for wandb-core to flush the offline file before we exit (see pipeline.tracking)
+    return run_id
+
+
+def build_perceptual(run, choice: str):
+    """The perceptual distance the metrics use, or None (see the module docstring for auto/on/off)."""
+    p = run.cfg.loss.perceptual
+    if choice == "off" or (choice == "auto" and p.weights == "none"):
+        return None
+    try:
+        return PerceptualDistance(p, run.model.output_range, run.model.in_channels).to(run.device)
+    except ConfigError as e:
+        raise ConfigError(f"{str(e).rstrip('.')}; or pass --perceptual off to evaluate without it") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline.evaluate",
+                                description="Evaluate a trained run: PSNR, SSIM, perceptual, -ELBO, IWAE bits/dim, "
+                                            "active units. Writes RUN_DIR/eval/metrics.json and the W&B summary.")
+    p.add_argument("run_dir", help="the run folder training wrote (runs/<run.name>)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="changes to the run's config.yaml for this evaluation (data.*, tracking.mode, ...)")
+    p.add_argument("--checkpoint", help="checkpoint name under RUN_DIR/checkpoints (e.g. step-000500) or a folder; "
+                                        "default: the latest")
+    p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw training weights")
+    p.add_argument("--iwae-k", type=int, default=64, help="importance samples per image for the IWAE bound")
+    p.add_argument("--shards", help="evaluate these shards instead of the run's data.shards")
+    p.add_argument("--split", choices=("val", "train"), default="val")
+    p.add_argument("--perceptual", choices=("auto", "on", "off"), default="auto",
+                   help="auto: when loss.perceptual.weights names real weights (hub or a file)")
+    p.add_argument("--log-scale", type=float, help="fixed log scale (output-range units) of the l1/mse "
+                                                   "likelihood instead of the maximum-likelihood fit")
+    p.add_argument("--seed", type=int, default=0, help="seed of the per-sample noise of z")
+    p.add_argument("--image-size", type=int, help="the shards' SIZE, only needed when the run's shards are gone")
+    p.add_argument("--decode-batch", type=int, default=256, help="images per decoder call in the IWAE pass")
+    p.add_argument("--out", help="metrics file (default RUN_DIR/eval/metrics.json)")
+    return p
+
+
+@exit_on_config_error
+def main(argv: list[str] | None = None) -> dict:
+    args = _parser().parse_intermixed_args(argv)
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"command line: {bad[0]!r} is not a key=value override (options start with --)")
+    accelerator = Accelerator()
+    run = load_run(args.run_dir, args.overrides, args.checkpoint, args.weights, accelerator.device, args.image_size)
+    shards = args.shards or run.cfg.data.shards
+    check_shards(shards, run.image_size)
+    perceptual = build_perceptual(run, args.perceptual)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    metrics = evaluate(run, lambda: split_batches(run.cfg, shards, args.split, rank, world), accelerator,
+                       args.iwae_k, args.seed, args.log_scale, perceptual, args.decode_batch)
+    info = {"run_dir": str(run.run_dir), "checkpoint": run.checkpoint.name, "step": run.step,
+            "weights": run.weights, "shards": str(shards), "split": args.split, "world_size": world,
+            "image_size": run.image_size, "latent_shape": list(run.model.latent_shape), "seed": args.seed,
+            "perceptual_backbone": (f"{run.cfg.loss.perceptual.backbone} ({run.cfg.loss.perceptual.weights})"
+                                    if perceptual is not None else None)}
+    metrics = {**info, **metrics}
+    if accelerator.is_main_process:
+        out = Path(args.out) if args.out else run.run_dir / "eval" / "metrics.json"
+        write_json_atomic(out, metrics)
+        plot = latent_usage_plot(metrics, run.model.latent_shape)
+        media.save_png(plot, out.with_name("latent_usage.png"))
+        run_id = log_to_wandb(run, metrics, plot)
+        print(_report(metrics, out, run_id))
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def _report(m: dict, out: Path, run_id: str | None) -> str:
+    perceptual = "off" if m["perceptual"] is None else f"{m['perceptual']:.4f}"
+    comparable = "" if m["bits_per_dim_comparable"] else " (not comparable: continuous likelihood)"
+    lines = [
+        f"{m['run_dir']} {m['checkpoint']} ({m['weights']}), {m['split']} split of {m['shards']}: {m['count']} images",
+        f"  psnr {m['psnr']:.2f} dB   ssim {m['ssim']:.4f}   perceptual {perceptual}",
+        f"  -elbo {m['neg_elbo_nats']:.1f} nats = {m['elbo_bits_per_dim']:.4f} bits/dim   "
+        f"iwae(k={m['iwae_k']}) {m['iwae_bits_per_dim']:.4f} bits/dim{comparable}",
+        f"  likelihood {m['likelihood_description']}",
+        f"  kl {m['kl_nats']:.2f} nats   active units {m['active_units']}/{m['latent_dims']}",
+        f"  wrote {out}" + (f" and W&B run {run_id} (summary eval/*)" if run_id else ""),
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

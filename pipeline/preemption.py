@@ -1,0 +1,48 @@
+"""Stop cleanly on SIGUSR1 / SIGTERM (SLURM preemption, `scancel`, torchrun shutting down).
+
+The signal only sets a flag. Ranks receive it at different moments, so they must agree on the step
+at which to stop, or one rank would wait forever in a collective the others never join. Agreement
+costs no GPU sync: each step starts an asynchronous all-reduce (MAX) of the local flag on a small
+gloo group over the CPU, and reads the result one step later. Every rank therefore sees the same
+answer after the same step, then all save one checkpoint together and exit with EXIT_PREEMPTED.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import torch
+import torch.distributed as dist
+
+EXIT_PREEMPTED = 75
+"""Exit code after a signal-triggered checkpoint (EX_TEMPFAIL: run the same command again to resume)."""
+
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class StopFlag:
+    def __init__(self) -> None:
+        self.received: str | None = None
+        for sig in SIGNALS:
+            signal.signal(sig, self._handle)
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        # A dedicated gloo group keeps this off the GPU even when the main backend is NCCL.
+        self._group = dist.new_group(backend="gloo") if distributed else None
+        self._pending: tuple[torch.Tensor, dist.Work] | None = None
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def should_stop(self) -> bool:
+        """Call once per step on every rank; True on all ranks at the same step."""
+        local = torch.tensor([1 if self.received else 0], dtype=torch.int32)
+        if self._group is None:
+            return bool(local.item())
+        decided = False
+        if self._pending is not None:
+            flag, work = self._pending
+            work.wait()
+            decided = bool(flag.item())
+        if not decided:
+            self._pending = (local, dist.all_reduce(local, op=dist.ReduceOp.MAX, group=self._group, async_op=True))
+        return decided
