@@ -1,0 +1,130 @@
+"""slurm/multinode.sbatch and slurm/train.sbatch on a real Slurm cluster: slurmctld and two slurmd on
+this machine (tests/slurm_cluster.py; it installs Slurm when it is missing). The jobs run the real
+pipeline/train.py on CPU (gloo); the preemption test sends the USR1 that precedes a time limit and
+checks that the script requeues the job and the second start resumes where the first stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, TEST_ENV
+from slurm_cluster import SlurmCluster, unavailable_reason
+from wandb_offline import exit_codes, run_records
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as c:
+        yield c
+
+
+def submit(cluster: SlurmCluster, script: str, shards: Path, runs: Path, *overrides: str,
+           cpus_per_task: int = 1, env_extra: dict | None = None) -> str:
+    """sbatch the real script as a user would, with a tiny CPU recipe; returns the job id."""
+    # The job inherits this environment. Leave out what the script must set by itself on a node
+    # without GPUs (ACCELERATE_USE_CPU, W&B offline, OMP threads); use this interpreter's env.
+    env = {k: v for k, v in TEST_ENV.items() if k not in ("ACCELERATE_USE_CPU", "WANDB_MODE", "OMP_NUM_THREADS")}
+    env["VIRTUAL_ENV"] = sys.prefix
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(env_extra or {})
+    recipe = ["recipes/demo.yaml", f"data.shards={shards}", f"run.dir={runs}",
+              "model.channels=[8,16]", "model.latent_dim=8", "data.batch_size_per_device=8", "data.num_workers=1",
+              "data.shuffle_buffer_samples=16", "data.val_batch_size_per_device=8", "tracking.log_every_steps=1",
+              "tracking.media_every_steps=1000", "tracking.eval_every_steps=1000", "tracking.media_images=4",
+              "optim.warmup_steps=2", "loss.kl.warmup_steps=5", *overrides]
+    sbatch_flags = ["--gpus-per-node=0", f"--cpus-per-task={cpus_per_task}", f"--output={runs}/slurm-%j.out"]
+    return cluster.sbatch([*sbatch_flags, script, *recipe], cwd=ROOT, env=env)
+
+
+def train_steps(run_dir: Path) -> list[int]:
+    """The steps of the training rows of metrics.jsonl, in the order they were written."""
+    complete = (run_dir / "metrics.jsonl").read_text().split("\n")[:-1]  # not a line still being written
+    rows = [json.loads(line) for line in complete if line.strip()]
+    return [row["step"] for row in rows if "loss/total" in row]
+
+
+def job_log(run_dir: Path, job: str) -> str:
+    """The copy of the job's output that the script keeps in the run folder."""
+    log = run_dir / f"slurm-{job}.log"
+    return log.read_text(errors="replace") if log.exists() else f"(no {log})"
+
+
+def test_multinode_sbatch_trains_on_two_nodes(cluster, tiny_shards, tmp_path):
+    job = submit(cluster, "slurm/multinode.sbatch", tiny_shards, tmp_path, "train.max_steps=6",
+                 "train.checkpoint_every_steps=3")
+    cluster.wait_done(job, timeout_s=180)
+    run_dir = tmp_path / f"slurm-{job}"  # the run name the script derives from the job id
+    log = job_log(run_dir, job)
+    assert (run_dir / "summary.json").exists(), log[-4000:]
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2  # one process on each node, in one process group
+    assert summary["step"] == 6
+    assert train_steps(run_dir) == list(range(1, 7))
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-000006"
+    assert (run_dir / "checkpoints" / "step-000006" / "model.safetensors").exists()
+    # One W&B offline run, whose id the run folder records.
+    (record,) = run_records(run_dir)
+    assert record.run_id == (run_dir / "wandb_run_id").read_text().strip()
+    assert exit_codes(run_dir) == [0]
+    assert "SLURM_RESTART_COUNT=0 nodes=" in log and "processes=2 (1 per node, 0 GPUs)" in log
+
+
+def test_train_sbatch_runs_procs_per_node_processes_on_one_node(cluster, tiny_shards, tmp_path):
+    job = submit(cluster, "slurm/train.sbatch", tiny_shards, tmp_path, "train.max_steps=4", "run.name=one-node",
+                 cpus_per_task=min(2, cluster.cpus_per_node), env_extra={"PROCS_PER_NODE": "2"})
+    cluster.wait_done(job, timeout_s=180)
+    run_dir = tmp_path / "one-node"  # a run name on the command line wins over slurm-<jobid>
+    log = job_log(run_dir, job)
+    assert (run_dir / "summary.json").exists(), log[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["step"] == 4
+    assert "processes=2 (2 per node, 0 GPUs)" in log and "SLURM_RESTART_COUNT=0 nodes=" in log
+
+
+def test_usr1_checkpoints_requeues_and_resumes_the_same_run(cluster, tiny_shards, tmp_path):
+    total = 200  # ~20 steps/s here: the signal lands long before the end, even on a loaded machine
+    job = submit(cluster, "slurm/multinode.sbatch", tiny_shards, tmp_path, f"train.max_steps={total}",
+                 "train.checkpoint_every_steps=5")
+    run_dir = tmp_path / f"slurm-{job}"
+
+    # Past the first periodic checkpoint and a few steps on: what a time limit's warning would meet.
+    deadline = time.monotonic() + 150
+    while not ((run_dir / "metrics.jsonl").exists() and len(train_steps(run_dir)) >= 7):
+        assert time.monotonic() < deadline and cluster.squeue(job), job_log(run_dir, job)[-4000:]
+        time.sleep(0.2)
+    cluster.scancel("--batch", "--signal=USR1", job)  # what --signal=B:USR1@300 sends before the limit
+    cluster.wait_done(job, timeout_s=240)
+    log = job_log(run_dir, job)
+    assert (run_dir / "summary.json").exists(), log[-4000:]
+
+    # Requeued once by the script, and the second start knew it was a restart.
+    assert re.search(r"Restarts=1\b", cluster.scontrol("show", "job", job)), log[-3000:]
+    assert "SLURM_RESTART_COUNT=0 nodes=" in log and "SLURM_RESTART_COUNT=1 nodes=" in log
+    stopped = re.search(r"received SIGUSR1: saved step (\d+), exiting with 75", log)
+    resumed = re.search(r"resumed from \S+step-(\d+) at step (\d+)", log)
+    assert stopped and resumed, log[-4000:]
+    stop_step = int(stopped.group(1))
+    assert int(resumed.group(1)) == int(resumed.group(2)) == stop_step  # from the checkpoint the signal made
+    assert 7 <= stop_step < total
+
+    # Every step logged exactly once: the first start ran 1..stop, the second stop+1..total.
+    assert train_steps(run_dir) == list(range(1, total + 1))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["step"] == total and summary["world_size"] == 2
+    # One W&B run across both starts: two offline-run folders, one id, exit codes 75 then 0.
+    records = run_records(run_dir)
+    assert len(records) == 2 and {r.run_id for r in records} == {(run_dir / "wandb_run_id").read_text().strip()}
+    assert exit_codes(run_dir) == [75, 0]
