@@ -1,0 +1,495 @@
+"""What you can do with a trained VAE: sample, reconstruct, interpolate, traverse, encode, score anomalies.
+
+    python -m pipeline.sample RUN_DIR prior [--n 64] [--temperature 1.0] [--separate]
+    python -m pipeline.sample RUN_DIR reconstruct IMAGE_OR_FOLDER [...]
+    python -m pipeline.sample RUN_DIR interpolate IMAGE_A IMAGE_B [--steps 10]
+    python -m pipeline.sample RUN_DIR traverse [--dims 4] [--images IMAGE_OR_FOLDER ...]
+    python -m pipeline.sample RUN_DIR encode SHARDS_OR_FOLDER [--split val|train|all] [--format npy|shards]
+    python -m pipeline.sample RUN_DIR anomaly IMAGES_OR_SHARDS [...] [--top-k 16] [--samples 16]
+
+Options every mode takes: --out PATH, --force (replace an existing output; without it nothing is ever
+overwritten), --checkpoint step-000500 (default: the latest), --weights ema|raw, --seed N, --device cpu|cuda,
+--batch-size N, --image-size N (only when the run's shards are gone). Outputs default to RUN_DIR/samples/.
+
+- prior: a grid of decode(z), z ~ N(0, temperature^2 I) (PNG; --separate also writes one PNG per sample).
+- reconstruct: each image beside decode(mu) of it (PNG), the posterior mean: no sampling noise.
+- interpolate: decode(slerp(mu_A, mu_B, t)) for `steps` values of t in [0, 1] as a strip PNG and an
+  animated GIF (forward and back, looping).
+- traverse: for the `dims` latent dimensions with the highest KL (over the images), one grid per
+  dimension: rows = images, columns = that dimension of mu set to -3 ... 3 (prior standard deviations).
+  Images default to the first validation images of the run's shards.
+- encode: mu and logvar of every sample, with its key and label: OUT/mu.npy, OUT/logvar.npy [N, *latent]
+  float32 and OUT/index.csv (row, key, label, class, source); or with --format shards, WebDataset tars
+  OUT/latents-000000.tar with members <key>.mu.npy, <key>.logvar.npy, <key>.cls, <key>.json (plain
+  numpy .npy and JSON: read them with np.load(allow_pickle=False)). OUT/meta.json describes either.
+- anomaly: per image -ELBO (nats and bits/dim, the likelihood of pipeline.evaluate, K samples of z seeded
+  by the image's key) and the reconstruction MSE of decode(mu) on [0, 1], as a CSV sorted worst first,
+  and a PNG of the top-k images beside their reconstructions.
+
+Images are read with pipeline.images.load_image (the `make shards` path: EXIF, RGB, resize, centre crop).
+A missing checkpoint or an unreadable image is one sentence on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import sys
+import tarfile
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline import media
+from pipeline.config import ConfigError, exit_on_config_error
+from pipeline.data import Batch
+from pipeline.evaluate import log_weights, to_unit_range
+from pipeline.inference import (LoadedRun, check_shards, folder_batches, image_files, is_shards_folder, key_noise,
+                                load_images, load_run, split_batches)
+from pipeline.losses import LN2, fixed_log_scale, kl_per_dim
+
+GIF_FRAME_MS = 100
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs: never overwritten without --force, always written whole (temporary file, then rename)
+# --------------------------------------------------------------------------------------------
+
+
+class Outputs:
+    """The files a mode will write, checked before any work is done."""
+
+    def __init__(self, force: bool):
+        self.force = force
+
+    def file(self, path: Path) -> Path:
+        if path.exists() and not self.force:
+            raise ConfigError(f"{path} exists; pass --force to overwrite it or choose another --out")
+        if path.is_dir():
+            raise ConfigError(f"{path} is a folder; give a file name with --out")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def folder(self, path: Path, patterns: Sequence[str]) -> Path:
+        """A folder whose files matching `patterns` are ours: refused if any exist, removed with --force."""
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{path} exists and is not a folder; choose another --out")
+        ours = sorted({f for p in patterns for f in path.glob(p)}) if path.is_dir() else []
+        if ours and not self.force:
+            raise ConfigError(f"{path} already holds output ({ours[0].name}, ...); pass --force to replace it "
+                              f"or choose another --out")
+        for f in ours:
+            f.unlink()
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def save_npy(array: np.ndarray, path: Path) -> Path:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+
+    return _atomic(path, write)
+
+
+def save_gif(frames: Sequence[np.ndarray], path: Path, frame_ms: int = GIF_FRAME_MS) -> Path:
+    """uint8 [H, W, 3] frames -> a looping GIF that plays forward then back."""
+    seq = list(frames) + list(frames[-2:0:-1])
+    images = [Image.fromarray(np.ascontiguousarray(f)) for f in seq]
+    return _atomic(path, lambda tmp: images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
+                                                    duration=frame_ms, loop=0))
+
+
+def save_csv(rows: list[dict], path: Path) -> Path:
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["key"])
+            w.writeheader()
+            w.writerows(rows)
+
+    return _atomic(path, write)
+
+
+def save_json(data: dict, path: Path) -> Path:
+    return _atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+
+
+def _folder_keys(files: Sequence[Path], roots: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(keys, sources) for user files: source = the path relative to the folder it was found in (or the
+    file name); key = source without the extension, dots -> '_' (WebDataset keys end at the first dot)."""
+    sources = []
+    for f in files:
+        base = next((Path(r) for r in roots if Path(r).is_dir() and Path(r) in f.parents), None)
+        sources.append(f.relative_to(base).as_posix() if base is not None else f.name)
+    keys = [str(Path(s).with_suffix("")).replace(".", "_") for s in sources]
+    seen: dict[str, int] = {}
+    for i, k in enumerate(keys):  # the same name in two folders given on the command line
+        if k in seen:
+            keys[i] = f"{k}_{i}"
+        seen[k] = i
+    return keys, sources
+
+
+class Inputs:
+    """Images from shards folders (every sample of the chosen split(s)) and/or image files and folders."""
+
+    def __init__(self, run: LoadedRun, paths: Sequence[str], split: str, batch_size: int):
+        self.run, self.batch_size = run, batch_size
+        self.shards = [p for p in paths if is_shards_folder(p)]
+        others = [p for p in paths if not is_shards_folder(p)]
+        for s in self.shards:
+            check_shards(s, run.image_size)
+        self.splits = ("train", "val") if split == "all" else (split,)
+        self.files = image_files(others) if others else []
+        self.keys, self.sources = _folder_keys(self.files, others)
+
+    def batches(self) -> Iterator[tuple[Batch, list[str]]]:
+        """(Batch, source of each sample); a shards sample's source is `<split>`."""
+        for shards in self.shards:
+            for split in self.splits:
+                for batch in split_batches(self.run.cfg, shards, split):
+                    yield batch, [f"{shards}:{split}"] * len(batch.keys)
+        if self.files:
+            for i, batch in enumerate(folder_batches(self.files, self.keys, self.run.image_size, self.batch_size)):
+                yield batch, self.sources[i * self.batch_size:(i + 1) * self.batch_size]
+
+
+def _class_name(run: LoadedRun, label: int) -> str:
+    return run.classes[label] if 0 <= label < len(run.classes) else ""
+
+
+def _side_by_side(inputs: np.ndarray, recons: np.ndarray, pairs_per_row: int = 4) -> np.ndarray:
+    """uint8 [N,H,W,3] pairs -> a grid of (input | reconstruction) pairs, `pairs_per_row` pairs per row."""
+    tiles = np.stack([inputs, recons], axis=1).reshape(-1, *inputs.shape[1:])
+    return media.make_grid(tiles, nrow=2 * max(1, min(pairs_per_row, len(inputs))))
+
+
+@torch.no_grad()
+def _reconstruct(run: LoadedRun, images_uint8: torch.Tensor) -> np.ndarray:
+    mu, _ = run.model.encode(run.to_model_range(images_uint8))
+    return media.to_uint8(run.model.decode(mu), run.model.output_range)
+
+
+# --------------------------------------------------------------------------------------------
+# Modes
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def prior(run: LoadedRun, args, out: Outputs) -> list[Path]:
+    if args.n < 1:
+        raise ConfigError(f"--n must be at least 1, got {args.n}")
+    grid_path = out.file(Path(args.out) if args.out else run.run_dir / "samples" / "prior.png")
+    folder = out.folder(grid_path.with_suffix(""), ["[0-9]*.png"]) if args.separate else None
+    g = torch.Generator().manual_seed(args.seed)
+    images = media.to_uint8(run.model.sample(args.n, args.temperature, generator=g), run.model.output_range)
+    written = [media.save_png(media.make_grid(images, nrow=math.ceil(math.sqrt(args.n))), grid_path)]
+    if folder is not None:
+        written += [media.save_png(img, folder / f"{i:04d}.png") for i, img in enumerate(images)]
+    return written
+
+
+def reconstruct(run: LoadedRun, args, out: Outputs) -> list[Path]:
+    path = out.file(Path(args.out) if args.out else run.run_dir / "samples" / "reconstruct.png")
+    files = image_files(args.images)
+    inputs, recons = [], []
+    for i in range(0, len(files), args.batch_size):
+        x = load_images(files[i:i + args.batch_size], run.image_size)
+        inputs.append(x.permute(0, 2, 3, 1).numpy())
+        recons.append(_reconstruct(run, x))
+    return [media.save_png(_side_by_side(np.concatenate(inputs), np.concatenate(recons)), path)]
+
+
+@torch.no_grad()
+def interpolation_frames(run: LoadedRun, image_a: torch.Tensor, image_b: torch.Tensor, steps: int) -> np.ndarray:
+    """uint8 [steps, H, W, 3]: decode(slerp(mu_a, mu_b, t)), t = 0 ... 1 (media.interpolation_strips' tiles)."""
+    mu_a, _ = run.model.encode(run.to_model_range(image_a))
+    mu_b, _ = run.model.encode(run.to_model_range(image_b))
+    z = torch.cat([media.slerp(mu_a, mu_b, t) for t in torch.linspace(0.0, 1.0, steps).tolist()])
+    return media.to_uint8(run.model.decode(z), run.model.output_range)
+
+
+def interpolate(run: LoadedRun, args, out: Outputs) -> list[Path]:
+    if args.steps < 2:
+        raise ConfigError(f"--steps must be at least 2, got {args.steps}")
+    png = out.file(Path(args.out) if args.out else run.run_dir / "samples" / "interpolate.png")
+    gif = out.file(png.with_suffix(".gif"))
+    if not (Path(args.image_a).is_file() and Path(args.image_b).is_file()):
+        raise ConfigError(f"interpolate needs two image files, got {args.image_a} and {args.image_b}")
+    images = load_images([Path(args.image_a), Path(args.image_b)], run.image_size)
+    frames = interpolation_frames(run, images[:1], images[1:2], args.steps)
+    return [media.save_png(media.make_grid(frames, nrow=args.steps), png), save_gif(frames, gif)]
+
+
+@torch.no_grad()
+def traverse(run: LoadedRun, args, out: Outputs) -> list[Path]:
+    if args.dims < 1:
+        raise ConfigError(f"--dims must be at least 1, got {args.dims}")
+    folder = out.folder(Path(args.out) if args.out else run.run_dir / "samples" / "traverse", ["dim-*.png"])
+    if args.images:
+        images = load_images(image_files(args.images), run.image_size)
+    else:  # the first validation images of the run's shards rank the dimensions
+        check_shards(run.cfg.data.shards, run.image_size)
+        batches, n = [], 0
+        for batch in split_batches(run.cfg, run.cfg.data.shards, "val", num_workers=0):
+            batches.append(batch.images)
+            n += len(batch.images)
+            if n >= 64:
+                break
+        if not batches:
+            raise ConfigError(f"the val split of {run.cfg.data.shards} is empty; pass --images")
+        images = torch.cat(batches)[:64]
+    x = run.to_model_range(images)
+    mu, logvar = run.model.encode(x)
+    dims = media.top_kl_dims(mu, logvar, args.dims)
+    kl = media.kl_per_dim(mu, logvar)
+    grids = media.latent_traversals(run.model, x[: args.rows], dims)
+    written = [media.save_png(g, folder / f"dim-{d:04d}.png") for d, g in zip(dims, grids)]
+    print("dimensions (highest KL first): " + ", ".join(f"{d} ({float(kl[d]):.3f} nats)" for d in dims))
+    return written
+
+
+@torch.no_grad()
+def encode(run: LoadedRun, args, out: Outputs) -> list[Path]:
+    if args.format == "npy":
+        folder = out.folder(Path(args.out) if args.out else run.run_dir / "samples" / "latents",
+                            ["mu.npy", "logvar.npy", "index.csv", "meta.json"])
+    else:
+        folder = out.folder(Path(args.out) if args.out else run.run_dir / "samples" / "latents",
+                            ["latents-*.tar", "meta.json"])
+    inputs = Inputs(run, args.inputs, args.split, args.batch_size)
+    writer = _LatentShards(folder, args.max_samples_per_shard) if args.format == "shards" else None
+    mus, logvars, index = [], [], []
+    for batch, sources in inputs.batches():
+        mu, logvar = run.model.encode(run.to_model_range(batch.images))
+        mu, logvar = mu.float().cpu().numpy(), logvar.float().cpu().numpy()
+        for i, key in enumerate(batch.keys):
+            label = int(batch.labels[i])
+            row = {"row": len(index), "key": key, "label": label, "class": _class_name(run, label),
+                   "source": sources[i]}
+            index.append(row)
+            if writer is not None:
+                writer.write(key, mu[i], logvar[i], row)
+        if writer is None:
+            mus.append(mu)
+            logvars.append(logvar)
+    meta = {"run_dir": str(run.run_dir), "checkpoint": run.checkpoint.name, "step": run.step, "weights": run.weights,
+            "image_size": run.image_size, "latent_shape": list(run.model.latent_shape), "count": len(index),
+            "classes": run.classes, "inputs": [str(p) for p in args.inputs], "split": args.split,
+            "format": args.format}
+    if not index:
+        raise ConfigError(f"no readable samples in {', '.join(args.inputs)} (split {args.split})")
+    if writer is not None:
+        meta["shards"] = writer.close()
+        written = [folder / s["file"] for s in meta["shards"]]
+    else:
+        shape = (0, *run.model.latent_shape)
+        written = [save_npy(np.concatenate(mus) if mus else np.zeros(shape, np.float32), folder / "mu.npy"),
+                   save_npy(np.concatenate(logvars) if logvars else np.zeros(shape, np.float32),
+                            folder / "logvar.npy"),
+                   save_csv(index, folder / "index.csv")]
+    written.append(save_json(meta, folder / "meta.json"))
+    print(f"encoded {len(index)} samples")
+    return written
+
+
+class _LatentShards:
+    """Writes latents-000000.tar, ... of at most `max_samples` samples each (each tar written whole, then renamed)."""
+
+    def __init__(self, folder: Path, max_samples: int):
+        self.folder, self.max_samples = folder, max(1, max_samples)
+        self.shards: list[dict] = []
+        self.tar = None
+
+    def _member(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o444
+        self.tar.addfile(info, io.BytesIO(data))
+
+    def write(self, key: str, mu: np.ndarray, logvar: np.ndarray, row: dict) -> None:
+        if self.tar is not None and self.count >= self.max_samples:
+            self._finish()
+        if self.tar is None:
+            self.name = f"latents-{len(self.shards):06d}.tar"
+            self.tmp = self.folder / f".{self.name}.tmp"
+            self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
+            self.count = 0
+        for ext, arr in (("mu.npy", mu), ("logvar.npy", logvar)):
+            buf = io.BytesIO()
+            np.save(buf, np.ascontiguousarray(arr, dtype=np.float32), allow_pickle=False)
+            self._member(f"{key}.{ext}", buf.getvalue())
+        if row["label"] >= 0:
+            self._member(f"{key}.cls", str(row["label"]).encode("ascii"))
+        self._member(f"{key}.json", json.dumps(row).encode("utf-8"))
+        self.count += 1
+
+    def _finish(self) -> None:
+        self.tar.close()
+        os.replace(self.tmp, self.folder / self.name)
+        self.shards.append({"file": self.name, "count": self.count})
+        self.tar = None
+
+    def close(self) -> list[dict]:
+        if self.tar is not None:
+            self._finish()
+        return self.shards
+
+
+@torch.no_grad()
+def anomaly_scores(run: LoadedRun, batches: Callable[[], Iterable[tuple[Batch, list[str]]]], k: int, seed: int,
+                   log_scale: float | None, top_k: int = 0):
+    """Per-sample rows {key, label, class, source, neg_elbo_nats, neg_elbo_bits_per_dim, recon_mse} and the top_k
+    (score, input uint8 HxWx3, reconstruction) by -ELBO. An l1/mse likelihood without `log_scale` gets its
+    maximum-likelihood scale from the scored images first (one extra pass). Returns (rows, top, log_scale)."""
+    model, kind = run.model, run.cfg.loss.recon
+    if kind in ("l1", "mse") and log_scale is None:
+        err, n = 0.0, 0
+        for batch, _ in batches():
+            x = run.to_model_range(batch.images)
+            mu, logvar = model.encode(x)
+            z = mu + key_noise(batch.keys, model.latent_shape, 1, seed, run.device)[0] * torch.exp(0.5 * logvar)
+            e = model.decode(z).float() - x
+            err += float((e.abs() if kind == "l1" else e.square()).sum())
+            n += x.shape[0]
+        log_scale = fixed_log_scale(kind, err / max(1, n * run.pixel_dims))
+    rows, top = [], []
+    for batch, sources in batches():
+        x = run.to_model_range(batch.images)
+        mu, logvar = model.encode(x)
+        log_px, _ = log_weights(run, x, mu, logvar, list(batch.keys), k, seed, log_scale, 256)
+        neg_elbo = (-log_px.mean(0) + kl_per_dim(mu, logvar).double().sum(1)).cpu()
+        recon = model.decode(mu)
+        mse = (to_unit_range(recon, model.output_range) - to_unit_range(x, model.output_range)
+               ).square().flatten(1).mean(1).cpu()
+        recon_u8 = media.to_uint8(recon, model.output_range)
+        for i, key in enumerate(batch.keys):
+            label = int(batch.labels[i])
+            score = float(neg_elbo[i])
+            rows.append({"key": key, "label": label, "class": _class_name(run, label), "source": sources[i],
+                         "neg_elbo_nats": score, "neg_elbo_bits_per_dim": score / (run.pixel_dims * LN2),
+                         "recon_mse": float(mse[i])})
+            if top_k:
+                top.append((score, batch.images[i].permute(1, 2, 0).numpy().copy(), recon_u8[i]))
+        top = sorted(top, key=lambda t: -t[0])[:top_k]
+    rows.sort(key=lambda r: -r["neg_elbo_nats"])
+    return [{"rank": rank, **row} for rank, row in enumerate(rows, 1)], top, log_scale
+
+
+def _evaluated_log_scale(run: LoadedRun) -> float | None:
+    """The l1/mse scale pipeline.evaluate fitted on this checkpoint's val split, if it has run."""
+    path = run.run_dir / "eval" / "metrics.json"
+    if run.cfg.loss.recon not in ("l1", "mse") or not path.is_file():
+        return None
+    m = json.loads(path.read_text())
+    same = m.get("checkpoint") == run.checkpoint.name and m.get("weights") == run.weights
+    value = m.get("likelihood_log_scale")
+    return float(value) if same and isinstance(value, (int, float)) else None
+
+
+def anomaly(run: LoadedRun, args, out: Outputs) -> list[Path]:
+    if args.samples < 1:
+        raise ConfigError(f"--samples must be at least 1, got {args.samples}")
+    path = out.file(Path(args.out) if args.out else run.run_dir / "samples" / "anomaly.csv")
+    png = out.file(path.with_name(f"{path.stem}-top{args.top_k}.png")) if args.top_k > 0 else None
+    inputs = Inputs(run, args.inputs, args.split, args.batch_size)
+    rows, top, scale = anomaly_scores(run, inputs.batches, args.samples, args.seed, _evaluated_log_scale(run),
+                                      args.top_k)
+    if not rows:
+        raise ConfigError(f"no readable samples in {', '.join(args.inputs)}")
+    written = [save_csv(rows, path)]
+    if png is not None and top:
+        written.append(media.save_png(_side_by_side(np.stack([t[1] for t in top]), np.stack([t[2] for t in top])),
+                                      png))
+    scale_note = f", likelihood log-scale {scale:.4f}" if scale is not None else ""
+    print(f"scored {len(rows)} images{scale_note}; worst: {rows[0]['key']} ({rows[0]['neg_elbo_bits_per_dim']:.4f} "
+          f"bits/dim)")
+    return written
+
+
+MODES = {"prior": prior, "reconstruct": reconstruct, "interpolate": interpolate, "traverse": traverse,
+         "encode": encode, "anomaly": anomaly}
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", help="output file or folder (default under RUN_DIR/samples/)")
+    common.add_argument("--force", action="store_true", help="replace an existing output")
+    common.add_argument("--checkpoint", help="checkpoint name (step-000500) or folder; default: the latest")
+    common.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--device", help="cpu | cuda | cuda:1 ... (default: cuda when available)")
+    common.add_argument("--batch-size", type=int, default=64, help="images per model call")
+    common.add_argument("--image-size", type=int, help="the shards' SIZE, only needed when the run's shards are gone")
+
+    p = argparse.ArgumentParser(prog="python -m pipeline.sample", description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", help="the run folder training wrote (runs/<run.name>)")
+    modes = p.add_subparsers(dest="mode", required=True, metavar="MODE")
+    m = modes.add_parser("prior", parents=[common], help="decode samples of the prior")
+    m.add_argument("--n", type=int, default=64)
+    m.add_argument("--temperature", type=float, default=1.0, help="scale of z ~ N(0, t^2 I)")
+    m.add_argument("--separate", action="store_true", help="also one PNG per sample, in a folder beside the grid")
+    m = modes.add_parser("reconstruct", parents=[common], help="images beside their reconstructions")
+    m.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
+    m = modes.add_parser("interpolate", parents=[common], help="slerp between two images' latents")
+    m.add_argument("image_a", metavar="A")
+    m.add_argument("image_b", metavar="B")
+    m.add_argument("--steps", type=int, default=10)
+    m = modes.add_parser("traverse", parents=[common], help="walk the highest-KL latent dimensions")
+    m.add_argument("--dims", type=int, default=4, help="how many dimensions (highest KL first)")
+    m.add_argument("--rows", type=int, default=4, help="images (rows) per grid")
+    m.add_argument("--images", nargs="+", metavar="IMAGE_OR_FOLDER", help="default: the run's val images")
+    m = modes.add_parser("encode", parents=[common], help="mu and logvar of every sample")
+    m.add_argument("inputs", nargs="+", metavar="SHARDS_OR_FOLDER")
+    m.add_argument("--split", choices=("val", "train", "all"), default="all", help="for shards folders")
+    m.add_argument("--format", choices=("npy", "shards"), default="npy")
+    m.add_argument("--max-samples-per-shard", type=int, default=10000)
+    m = modes.add_parser("anomaly", parents=[common], help="score images by -ELBO, worst first")
+    m.add_argument("inputs", nargs="+", metavar="IMAGES_OR_SHARDS")
+    m.add_argument("--split", choices=("val", "train", "all"), default="val", help="for shards folders")
+    m.add_argument("--top-k", type=int, default=16, help="outliers shown in the PNG (0: none)")
+    m.add_argument("--samples", type=int, default=16, help="samples of z per image for the -ELBO")
+    return p
+
+
+@exit_on_config_error
+def main(argv: list[str] | None = None) -> list[Path]:
+    args = _parser().parse_args(argv)
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    run = load_run(args.run_dir, (), args.checkpoint, args.weights, args.device, args.image_size)
+    written = MODES[args.mode](run, args, Outputs(args.force))
+    for path in written:
+        print(f"wrote {path}")
+    return written
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
