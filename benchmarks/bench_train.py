@@ -23,12 +23,10 @@ import torch
 from accelerate import Accelerator
 
 from pipeline.config import load_config
-from pipeline.data import DeviceAugment
 from pipeline.losses import VAELoss
 from pipeline.meters import IntervalMeter
 from pipeline.models import build_model
-from pipeline.optim import EMA, build_optimizer
-from pipeline.train import TrainModule, train_step
+from pipeline.train import build_training, train_step
 
 
 def main() -> None:
@@ -64,13 +62,8 @@ def main() -> None:
         bare_opt.zero_grad(set_to_none=True)
 
     # --- the pipeline's step.
-    vae = build_model(cfg.model, args.image_size).to(device)
-    loss_fn = VAELoss(cfg.loss, vae.output_range, cfg.model.in_channels)
-    augment = DeviceAugment(cfg.data, vae.output_range).to(device)
-    ema = EMA(vae, cfg.optim.ema_decay).to(device) if cfg.optim.ema_decay > 0 else None
-    module = TrainModule(vae, loss_fn)
-    optimizer = build_optimizer(vae.parameters(), [p for p in loss_fn.parameters() if p.requires_grad], cfg.optim)
-    module, optimizer = accelerator.prepare(module, optimizer)
+    t = build_training(cfg, accelerator, args.image_size)
+    augment, ema, module, optimizer = t.augment, t.ema, t.module, t.optimizer
     meter = IntervalMeter()
 
     def pipeline_step(step: int) -> None:

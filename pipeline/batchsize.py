@@ -44,11 +44,8 @@ import torch
 from accelerate import Accelerator
 
 from pipeline.config import Config, ConfigError, exit_on_config_error, load_config
-from pipeline.data import DeviceAugment, read_manifest
-from pipeline.losses import VAELoss
-from pipeline.models import build_model
-from pipeline.optim import EMA, build_optimizer
-from pipeline.train import TrainModule, train_step
+from pipeline.data import read_manifest
+from pipeline.train import build_training, train_step
 
 BUDGET_FRACTION = 0.8
 """Default CPU budget: this share of the memory the process could use (the rest is headroom)."""
@@ -147,16 +144,9 @@ class StepProbe:
         self.cfg, self.image_size = cfg, image_size
         self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
         self.device = self.accelerator.device
-        vae = build_model(cfg.model, image_size)
-        loss = VAELoss(cfg.loss, vae.output_range, cfg.model.in_channels)
-        self.augment = DeviceAugment(cfg.data, vae.output_range).to(self.device)
-        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-        vae = vae.to(self.device, memory_format=self.memory_format)
-        self.ema = EMA(vae, cfg.optim.ema_decay).to(self.device) if cfg.optim.ema_decay > 0 else None
-        module = TrainModule(torch.compile(vae) if cfg.train.compile else vae, loss)
-        # As pipeline.train.main builds it (TODO(lead): one shared builder in train.py would keep them in step).
-        optimizer = build_optimizer(vae.parameters(), [p for p in loss.parameters() if p.requires_grad], cfg.optim)
-        self.module, self.optimizer = self.accelerator.prepare(module, optimizer)
+        t = build_training(cfg, self.accelerator, image_size)
+        self.augment, self.memory_format, self.ema = t.augment, t.memory_format, t.ema
+        self.module, self.optimizer = t.module, t.optimizer
         self.cuda = self.device.type == "cuda"
 
     def step(self, batch_size: int) -> None:

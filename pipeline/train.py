@@ -15,9 +15,9 @@ finishes its step, one checkpoint is saved, and the process exits with code 75 (
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (`python pipeline/train.py`, `accelerate launch ...`)
@@ -29,7 +29,7 @@ from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from pipeline.checkpoint import Checkpointer
-from pipeline.config import Config, cli_config, exit_on_config_error, save_config
+from pipeline.config import Config, ConfigError, cli_config, exit_on_config_error, save_config
 from pipeline.data import DeviceAugment, TrainStream, read_manifest, val_batches
 from pipeline.evaluate import validate
 from pipeline.meters import IntervalMeter
@@ -74,6 +74,33 @@ def train_step(module, optimizer, accelerator, micro_batches, step: int, cfg: Co
     return result, grad_norm, ok
 
 
+@dataclass
+class Training:
+    """Everything a training step needs. Built by build_training for train.py, pipeline.batchsize and
+    benchmarks/bench_train.py alike, so the three always measure the same step."""
+
+    vae: torch.nn.Module
+    augment: DeviceAugment
+    ema: EMA | None
+    module: torch.nn.Module  # TrainModule(vae, loss), prepared (DDP on several processes)
+    optimizer: torch.optim.Optimizer
+    memory_format: torch.memory_format
+
+
+def build_training(cfg: Config, accelerator: Accelerator, image_size: int) -> Training:
+    vae = build_model(cfg.model, image_size)
+    loss_fn = VAELoss(cfg.loss, vae.output_range, cfg.model.in_channels)
+    augment = DeviceAugment(cfg.data, vae.output_range).to(accelerator.device)
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    vae = vae.to(accelerator.device, memory_format=memory_format)
+    ema = EMA(vae, cfg.optim.ema_decay).to(accelerator.device) if cfg.optim.ema_decay > 0 else None
+    module = TrainModule(torch.compile(vae) if cfg.train.compile else vae, loss_fn)
+    # The loss's own parameters (the gaussian log-variance) get no weight decay.
+    optimizer = build_optimizer(vae.parameters(), [p for p in loss_fn.parameters() if p.requires_grad], cfg.optim)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    return Training(vae, augment, ema, module, optimizer, memory_format)
+
+
 def main(cfg: Config) -> int:
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
                               gradient_accumulation_steps=cfg.train.grad_accum_steps)
@@ -87,17 +114,13 @@ def main(cfg: Config) -> int:
     manifest = read_manifest(cfg.data.shards)
     stream = TrainStream(cfg, accelerator.process_index, accelerator.num_processes)
 
-    # Model, loss, optimizer (+ EMA of the weights for media and evaluation).
-    vae = build_model(cfg.model, manifest["size"])
+    # Model, loss, optimizer (+ EMA of the weights for media and evaluation), prepared by Accelerate.
+    t = build_training(cfg, accelerator, manifest["size"])
+    vae, augment, ema, module, optimizer, memory_format = t.vae, t.augment, t.ema, t.module, t.optimizer, t.memory_format
     flops_per_image = training_flops_per_image(vae, manifest["size"])
-    loss_fn = VAELoss(cfg.loss, vae.output_range, cfg.model.in_channels)
-    augment = DeviceAugment(cfg.data, vae.output_range).to(accelerator.device)
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    vae = vae.to(accelerator.device, memory_format=memory_format)
-    ema = EMA(vae, cfg.optim.ema_decay).to(accelerator.device) if cfg.optim.ema_decay > 0 else None
-    module = TrainModule(torch.compile(vae) if cfg.train.compile else vae, loss_fn)
-    optimizer = build_optimizer(vae.parameters(), [p for p in loss_fn.parameters() if p.requires_grad], cfg.optim)
-    module, optimizer = accelerator.prepare(module, optimizer)
+    if accelerator.is_main_process:  # lets evaluate/sample load the run even after its shards are gone
+        (run_dir / "model_info.json").write_text(json.dumps(
+            {"image_size": manifest["size"], "classes": manifest["classes"], "image_format": manifest["image_format"]}))
 
     # Resume (model, optimizer, scaler, RNG, EMA, step, data position) from the run folder.
     checkpointer = Checkpointer(run_dir, accelerator, cfg.train.checkpoint_every_steps, cfg.train.keep_checkpoints)
@@ -118,7 +141,8 @@ def main(cfg: Config) -> int:
     meter = IntervalMeter()  # loss terms summed on the device; read (one sync) on logging steps
     nonfinite_run = torch.zeros((), device=accelerator.device)  # consecutive skipped steps
     nonfinite_total = 0.0
-    data_seconds, interval_start, interval_steps, start_step = 0.0, time.perf_counter(), 0, step
+    # Interval timing for images/s; the time spent in media, evaluation and checkpoints is left out.
+    data_seconds, other_seconds, interval_start, interval_steps, start_step = 0.0, 0.0, time.perf_counter(), 0, step
     loop_start = time.perf_counter()
     bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not accelerator.is_local_main_process,
                dynamic_ncols=True)
@@ -147,7 +171,7 @@ def main(cfg: Config) -> int:
         last = step == cfg.train.max_steps
         if tracker.is_due("scalars", step, final=last):
             means, bad = meter.read(accelerator)  # the one sync of a logging step
-            seconds = time.perf_counter() - interval_start
+            seconds = time.perf_counter() - interval_start - other_seconds
             ips = images_per_step * interval_steps / seconds
             nonfinite_total += max(bad.values(), default=0.0)
             scalars = {**means,
@@ -168,16 +192,17 @@ def main(cfg: Config) -> int:
             bar.set_postfix(loss=f"{scalars.get('loss/total', float('nan')):.4f}", ips=f"{ips:.0f}")
             if bad:
                 accelerator.print(f"step {step}: skipped non-finite steps (term: count) {bad}")
-            if nonfinite_run.item() >= cfg.train.max_nonfinite_steps:
+            if nonfinite_run.item() >= cfg.train.max_nonfinite_steps:  # checked on logging steps only
                 terms = ", ".join(k for k in bad if k != "total") or "the gradients"
                 bar.close()
                 tracker.finish(exit_code=1)
                 raise SystemExit(f"error: stopped at step {step}: {cfg.train.max_nonfinite_steps} consecutive steps "
                                  f"had a non-finite loss or gradient (non-finite term: {terms}); lower optim.lr, "
                                  f"use bf16 instead of fp16, or check the data")
-            data_seconds, interval_start, interval_steps = 0.0, time.perf_counter(), 0
+            data_seconds, other_seconds, interval_start, interval_steps = 0.0, 0.0, time.perf_counter(), 0
 
         # Components own their cadence. Evaluation and media must not consume the training RNG stream.
+        t_other = time.perf_counter()
         with torch.random.fork_rng(devices=_rng_devices(accelerator)):
             if tracker.is_due("media", step, final=last):
                 tracker.log_media(step, _eval_model(ema, accelerator, module), media_images)
@@ -194,6 +219,7 @@ def main(cfg: Config) -> int:
                               f"saved step {step}, exiting with {EXIT_PREEMPTED}")
             exit_code = EXIT_PREEMPTED
             break
+        other_seconds += time.perf_counter() - t_other
 
     bar.close()
     wall = time.perf_counter() - loop_start
@@ -208,7 +234,13 @@ def main(cfg: Config) -> int:
         if accelerator.is_main_process:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     tracker.set_summary(summary)
+    wandb_dir = tracker.wandb_dir
     tracker.finish(exit_code)
+    if accelerator.is_main_process and exit_code == 0:
+        print(f"\nrun folder: {run_dir}  (metrics.jsonl, summary.json, checkpoints/)\n"
+              f"images:     {run_dir / 'media'}")
+        if wandb_dir is not None and cfg.tracking.mode == "offline":
+            print(f"W&B:        {wandb_dir} (offline); upload with: wandb sync {wandb_dir}  (or: make sync)")
     accelerator.end_training()
     return exit_code
 
@@ -224,6 +256,9 @@ def _first_images(cfg: Config, n: int) -> torch.Tensor:
         images.append(batch.images)
         if sum(len(x) for x in images) >= n:
             break
+    if not images:
+        raise ConfigError(f"data.shards {cfg.data.shards} has no validation images; rebuild it with "
+                          f"`python -m pipeline.shards ... --val-fraction 0.1`")
     return torch.cat(images)[:n]
 
 

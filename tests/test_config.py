@@ -122,4 +122,4 @@ def test_cli_exit_code_2_with_one_line(tmp_path, shards):
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
-        f"error: command line: unknown key model.latnet_dim (did you mean model.latent_dim?)"]
+        "error: command line: unknown key model.latnet_dim (did you mean model.latent_dim?)"]

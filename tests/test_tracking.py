@@ -6,7 +6,6 @@ finish cost about a second each.
 
 import json
 import shutil
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
