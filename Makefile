@@ -18,7 +18,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 LAUNCH_ENV := $(if $(HAS_GPU),,ACCELERATE_USE_CPU=1)
 LAUNCH_MULTI := $(if $(filter-out 1,$(NPROC)),--multi_gpu,)
 
-.PHONY: help install demo demo-data shards verify train test test-fast test-slurm bench-data bench-train sync clean
+.PHONY: help install demo demo-data shards verify train eval batchsize test test-fast test-slurm bench-data bench-train sync clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -47,6 +47,12 @@ verify: install  ## Re-hash shards/NAME against its manifest: make verify NAME=f
 train: install  ## Train: make train RECIPE=recipes/flowers.yaml NPROC=8 ARGS="train.max_steps=100"
 	$(LAUNCH_ENV) $(BIN)/accelerate launch $(LAUNCH_MULTI) --num_processes $(NPROC) --num_machines 1 \
 		--mixed_precision no --dynamo_backend no pipeline/train.py $(RECIPE) $(ARGS)
+
+eval: install  ## Evaluate a finished run (PSNR, SSIM, -ELBO, bits/dim, IWAE, active units): make eval RUN=runs/demo
+	$(BIN)/python -m pipeline.evaluate $(or $(RUN),runs/demo) $(ARGS)
+
+batchsize: install  ## Largest per-device batch for a recipe: make batchsize RECIPE=recipes/flowers.yaml
+	$(BIN)/python -m pipeline.batchsize $(RECIPE) $(ARGS)
 
 test: install  ## Run the whole test suite (includes the local two-node Slurm cluster tests)
 	$(BIN)/python -m pytest -q $(ARGS)

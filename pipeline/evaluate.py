@@ -113,6 +113,11 @@ def validate(model, loss_fn, augment, batches: Iterable, accelerator, step: int)
         for name, value in result.terms.items():
             if name != "beta":  # a schedule value, not a property of the data
                 add(f"loss/{name}", value.reshape(1).expand(n))
+        # -ELBO with the discretised likelihood; l1/mse use this batch's maximum-likelihood scale (the
+        # standalone `python -m pipeline.evaluate` fits one scale over the whole split instead).
+        kind = loss_fn.cfg.recon
+        log_scale = fixed_log_scale(kind, result.terms["recon"]) if kind in ("l1", "mse") else None
+        add("neg_elbo_nats", loss_fn.neg_elbo(out, x, log_scale))
         recon01 = to_unit_range(out.recon[:n], model.output_range)
         target01 = to_unit_range(x, model.output_range)
         add("psnr", psnr_per_image(recon01, target01))
@@ -144,6 +149,8 @@ def validate(model, loss_fn, augment, batches: Iterable, accelerator, step: int)
     cov_mu = (mu_sq_sum / total - mean_mu.pow(2)).clamp_min(0)
     kl_per_dim = (kl_dim_sum / total)
     metrics["val/kl_nats"] = kl_per_dim.sum().item()
+    metrics["val/elbo_bits_per_dim"] = metrics["val/neg_elbo_nats"] / (
+        model.in_channels * model.image_size**2 * math.log(2))
     metrics["val/active_units"] = int((cov_mu > ACTIVE_UNIT_THRESHOLD).sum().item())
     metrics["val/latent_dims"] = int(cov_mu.numel())
     metrics["count"] = int(total)

@@ -175,6 +175,7 @@ def test_wandb_offline_run_holds_losses_config_and_media(ddp_run):
     logged = {k for row in rows for k in row}
     for key in ("loss/recon", "loss/kl", "loss/kl_weighted", "loss/beta", "loss/total", "loss/tv", "train/lr",
                 "train/grad_norm", "train/images_per_second", "train/data_wait_fraction", "val/psnr", "val/ssim",
+                "val/neg_elbo_nats", "val/elbo_bits_per_dim", "val/kl_nats",
                 "val/active_units"):
         assert key in logged, key
     assert wandb_offline.config(ddp_run)["model"]["arch"] == "conv"
