@@ -686,15 +686,17 @@ class _ValReaders(IterableDataset):
             log.warning("validation reader %d skipped %d corrupt or missing samples", reader, decoder.skipped)
 
 
-def val_batches(cfg: Config, rank: int, world_size: int, num_workers: int | None = None) -> Iterator[Batch]:
-    """The whole val split, each sample exactly once over all ranks x workers, in a fixed order.
+def val_batches(cfg: Config, rank: int, world_size: int, num_workers: int | None = None,
+                split: str = "val") -> Iterator[Batch]:
+    """The whole split (val by default; "train" for evaluation and encoding of the train set), each
+    sample exactly once over all ranks x workers, in a fixed order.
 
     Ranks may get different numbers of batches (and a rank may get none): accumulate metrics
     locally and reduce once after the loop; never run a collective per batch, it would hang."""
     d = cfg.data
     m = read_manifest(d.shards)
     workers = d.num_workers if num_workers is None else num_workers
-    readers = _ValReaders(_shards(d.shards, m, "val"), m["image_format"], int(m["size"]), rank,
+    readers = _ValReaders(_shards(d.shards, m, split), m["image_format"], int(m["size"]), rank,
                           max(1, workers), world_size, d.val_batch_size_per_device)
     shape = (d.val_batch_size_per_device, int(m["size"]), int(m["size"]), 3)
     loader = _load(readers, workers, shape)

@@ -25,7 +25,6 @@ import copy
 import hashlib
 import json
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -260,21 +259,7 @@ def split_batches(cfg: Config, shards_dir: str | Path, split: str, rank: int = 0
         raise ConfigError(f"--split must be train or val, got {split!r}")
     local = copy.deepcopy(cfg)
     local.data.shards = str(shards_dir)
-    if split == "val":
-        yield from val_batches(local, rank, world_size, num_workers)
-        return
-    # val_batches reads the manifest's val list; a manifest whose val list names the train shards (by
-    # absolute path) makes it read the train split through the same public code path.
-    # TODO(data helper): a `split` argument of val_batches would make this unnecessary.
-    manifest = read_manifest(shards_dir)
-    root = Path(shards_dir).resolve()
-    train = [{**s, "file": str(root / s["file"])} for s in manifest["splits"]["train"]["shards"]]
-    view = {**manifest, "splits": {"train": {**manifest["splits"]["train"], "shards": train},
-                                   "val": {**manifest["splits"]["train"], "shards": train}}}
-    with tempfile.TemporaryDirectory(prefix="train-split-") as tmp:
-        (Path(tmp) / "manifest.json").write_text(json.dumps(view))
-        local.data.shards = tmp
-        yield from val_batches(local, rank, world_size, num_workers)
+    yield from val_batches(local, rank, world_size, num_workers, split=split)
 
 
 def is_shards_folder(path: str | Path) -> bool:

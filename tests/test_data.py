@@ -195,6 +195,17 @@ def test_val_round_trip_with_fewer_shards_than_readers(tmp_path):
         assert sorted(keys) == sorted(_json_by_key(root, "val")), (world_size, workers)
 
 
+def test_split_argument_reads_the_train_split_each_sample_once(tmp_path):
+    src = _write_source_folder(tmp_path / "images", per_class=5)
+    write_shards(src, tmp_path / "shards", "both", SIZE, val_fraction=0.5, workers=1, progress=False,
+                 max_samples_per_shard=3, log=lambda line: None)
+    root = tmp_path / "shards" / "both"
+    keys = [k for rank in range(2) for b in val_batches(cfg_for(root), rank, 2, num_workers=2, split="train")
+            for k in b.keys]
+    assert sorted(keys) == sorted(_json_by_key(root, "train"))
+    assert not set(keys) & set(_json_by_key(root, "val"))
+
+
 # --------------------------------------------------------------------------------------------
 # Training: shapes, ranges, labels
 # --------------------------------------------------------------------------------------------
