@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
@@ -45,13 +46,15 @@ class Checkpointer:
 
     # ---------------------------------------------------------------- saving
 
-    def maybe_save(self, step: int, ema: torch.nn.Module | None, trainer_state: dict, force: bool = False) -> bool:
-        """Save at every `every_steps` step (or when forced: at the end, on a stop signal)."""
+    def maybe_save(self, step: int, ema: torch.nn.Module | None, trainer_state: Callable[[], dict],
+                   force: bool = False) -> bool:
+        """Save at every `every_steps` step (or when forced: at the end, on a stop signal).
+        `trainer_state` is only called when a save happens."""
         if not force and step % self.every_steps != 0:
             return False
         if self.latest_name() == _name(step):  # already saved at this step (e.g. end == periodic)
             return False
-        self.save(step, ema, trainer_state)
+        self.save(step, ema, trainer_state())
         return True
 
     def save(self, step: int, ema: torch.nn.Module | None, trainer_state: dict) -> Path:

@@ -35,9 +35,9 @@ class StopFlag:
 
     def should_stop(self) -> bool:
         """Call once per step on every rank; True on all ranks at the same step."""
-        local = torch.tensor([1 if self.received else 0], dtype=torch.int32)
         if self._group is None:
-            return bool(local.item())
+            return self.received is not None
+        local = torch.tensor([1 if self.received else 0], dtype=torch.int32)
         decided = False
         if self._pending is not None:
             flag, work = self._pending

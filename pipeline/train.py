@@ -135,7 +135,11 @@ def main(cfg: Config) -> int:
     tracker = Tracker(cfg, run_dir, accelerator)
     tracker.log_model_info(vae, flops_per_image)
     stop = StopFlag()
-    media_images = _first_images(cfg, cfg.tracking.media_images)
+    if manifest["splits"]["val"]["count"] == 0:  # decided from the manifest, identically on every rank
+        raise ConfigError(f"data.shards {cfg.data.shards} has no validation images; rebuild it with "
+                          f"`python -m pipeline.shards ... --val-fraction 0.1`")
+    # Fixed validation images for the media panels; only the main process logs media.
+    media_images = _first_images(cfg, cfg.tracking.media_images) if accelerator.is_main_process else None
     images_per_step = cfg.data.batch_size_per_device * cfg.train.grad_accum_steps * accelerator.num_processes
     peak = _peak_flops(accelerator.device)
     meter = IntervalMeter()  # loss terms summed on the device; read (one sync) on logging steps
@@ -212,8 +216,8 @@ def main(cfg: Config) -> int:
                                    accelerator, step)
                 tracker.log_eval(step, metrics)
         stopping = stop.should_stop()
-        trainer_state = {"step": step, "images_seen": images_seen, "stream": stream.state_dict()}
-        checkpointer.maybe_save(step, ema, trainer_state, force=stopping or last)
+        checkpointer.maybe_save(step, ema, lambda: {"step": step, "images_seen": images_seen,
+                                                    "stream": stream.state_dict()}, force=stopping or last)
         if stopping:
             accelerator.print(f"received {stop.received or 'a stop signal on another rank'}: "
                               f"saved step {step}, exiting with {EXIT_PREEMPTED}")
@@ -256,9 +260,6 @@ def _first_images(cfg: Config, n: int) -> torch.Tensor:
         images.append(batch.images)
         if sum(len(x) for x in images) >= n:
             break
-    if not images:
-        raise ConfigError(f"data.shards {cfg.data.shards} has no validation images; rebuild it with "
-                          f"`python -m pipeline.shards ... --val-fraction 0.1`")
     return torch.cat(images)[:n]
 
 

@@ -42,7 +42,7 @@ else:
         with torch.no_grad():
             for p in model.parameters():
                 p.fill_(float(step))
-        ckpt.maybe_save(step, ema, {"step": step, "images_seen": step, "stream": {}})
+        ckpt.maybe_save(step, ema, lambda: {"step": step, "images_seen": step, "stream": {}})
         print(step, flush=True)
 """
 

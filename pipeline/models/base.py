@@ -120,6 +120,27 @@ class VAE(nn.Module):
                 f"output={self.output}, samples_per_input={self.samples_per_input}")
 
 
+class FlatLatentVAE(VAE):
+    """A conv encoder flattened into Linear mu/logvar heads, and a Linear back to the last feature map
+    (seeds 000 and 002). Subclasses build `encoder` (ending in Flatten), `heads`, `decoder_input` and the
+    decoder; `feature_shape` and `flat` are the last feature map's shape and size."""
+
+    def __init__(self, cfg: ModelConfig, image_size: int):
+        check_common(cfg, image_size, ("vector",))
+        levels = len(cfg.channels)
+        side = check_levels("model.channels", levels, image_size, f"model.channels has {levels} levels")
+        super().__init__(cfg, image_size, (cfg.latent_dim,))
+        self.feature_shape = (cfg.channels[-1], side, side)
+        self.flat = cfg.channels[-1] * side * side
+
+    def encode_raw(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.heads(self.encoder(x)).chunk(2, dim=1)
+
+    def features(self, z: Tensor) -> Tensor:
+        """z [B, latent_dim] -> the decoder's input feature map [B, *feature_shape]."""
+        return self.decoder_input(z).view(z.shape[0], *self.feature_shape)
+
+
 # ----------------------------------------------------------------------------------------------
 # Helpers shared by the architectures.
 # ----------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from pipeline.config import ModelConfig
-from pipeline.models.base import VAE, check_common, check_levels
+from pipeline.models.base import FlatLatentVAE
 
 
 class Down(nn.Sequential):
@@ -38,14 +38,10 @@ class Up(nn.Sequential):
         )
 
 
-class ConvVAE(VAE):
+class ConvVAE(FlatLatentVAE):
     def __init__(self, cfg: ModelConfig, image_size: int):
-        check_common(cfg, image_size, ("vector",))
-        widths = list(cfg.channels)
-        side = check_levels("model.channels", len(widths), image_size, f"model.channels has {len(widths)} levels")
-        super().__init__(cfg, image_size, (cfg.latent_dim,))
-        self.feature_shape = (widths[-1], side, side)
-        flat = widths[-1] * side * side
+        super().__init__(cfg, image_size)
+        widths, flat = list(cfg.channels), self.flat
 
         layers: list[nn.Module] = []
         for c_in, c in zip([cfg.in_channels, *widths[:-1]], widths):
@@ -58,9 +54,5 @@ class ConvVAE(VAE):
         outs = [*rev[1:], cfg.in_channels]
         self.decoder = nn.Sequential(*[Up(c, c, c_out) for c, c_out in zip(rev, outs)])
 
-    def encode_raw(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.heads(self.encoder(x)).chunk(2, dim=1)
-
     def decode_raw(self, z: Tensor) -> Tensor:
-        h = self.decoder_input(z).view(z.shape[0], *self.feature_shape)
-        return self.decoder(h)
+        return self.decoder(self.features(z))

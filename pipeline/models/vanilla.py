@@ -15,7 +15,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from pipeline.config import ModelConfig
-from pipeline.models.base import VAE, check_common, check_levels
+from pipeline.models.base import FlatLatentVAE
 
 
 def _up(c_in: int, c_out: int) -> nn.Sequential:
@@ -24,14 +24,10 @@ def _up(c_in: int, c_out: int) -> nn.Sequential:
         nn.BatchNorm2d(c_out), nn.LeakyReLU())
 
 
-class VanillaVAE(VAE):
+class VanillaVAE(FlatLatentVAE):
     def __init__(self, cfg: ModelConfig, image_size: int):
-        check_common(cfg, image_size, ("vector",))
-        widths = list(cfg.channels)
-        side = check_levels("model.channels", len(widths), image_size, f"model.channels has {len(widths)} levels")
-        super().__init__(cfg, image_size, (cfg.latent_dim,))
-        self.feature_shape = (widths[-1], side, side)
-        flat = widths[-1] * side * side
+        super().__init__(cfg, image_size)
+        widths, flat = list(cfg.channels), self.flat
 
         self.encoder = nn.Sequential(*[
             nn.Sequential(nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.BatchNorm2d(c), nn.LeakyReLU())
@@ -46,9 +42,5 @@ class VanillaVAE(VAE):
             _up(rev[-1], rev[-1]),
             nn.Conv2d(rev[-1], cfg.in_channels, 3, padding=1))
 
-    def encode_raw(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.heads(self.encoder(x)).chunk(2, dim=1)
-
     def decode_raw(self, z: Tensor) -> Tensor:
-        h = self.decoder_input(z).view(z.shape[0], *self.feature_shape)
-        return self.final_layer(self.decoder(h))
+        return self.final_layer(self.decoder(self.features(z)))
