@@ -40,8 +40,13 @@ class DataConfig:
     """Images per validation batch on each device."""
     num_workers: int = 2
     """DataLoader worker processes per device for decoding; 0 decodes in the training process."""
+    order: str = "permutation"
+    """permutation: every epoch one global shuffle of all training samples, each seen exactly once per
+    epoch whatever the shard count, independent of the world size (a run can resume on another number
+    of processes) | resampled: each reader draws whole shards with replacement and streams them
+    through a shuffle buffer (open_clip's --dataset-resampled; sets with far more shards than readers)."""
     shuffle_buffer_samples: int = 1000
-    """Samples held in each worker's shuffle buffer (more = better mixing, more memory)."""
+    """resampled: samples held in each worker's shuffle buffer (more = better mixing, more memory)."""
     hflip: bool = True
     """Random horizontal flip on the device (kornia.augmentation)."""
     rotation_degrees: float = 0.0
@@ -195,6 +200,8 @@ class TrainConfig:
     """Stop after this many consecutive steps with a non-finite loss or gradient."""
     inject_nan_at_steps: list[int] = field(default_factory=list)
     """Fault injection (tests of the non-finite guard): feed NaN images at these 1-based steps."""
+    inject_nan_rank: int = -1
+    """Fault injection: the rank that gets the NaN images; -1 means every rank."""
 
 
 @dataclass
@@ -242,6 +249,7 @@ class Config:
 
 # Fields whose value must be one of a fixed set: dotted key -> allowed values.
 CHOICES: dict[str, tuple[str, ...]] = {
+    "data.order": ("permutation", "resampled"),
     "model.arch": ("conv", "dcgan", "vanilla", "resnet"),
     "model.latent": ("auto", "vector", "spatial"),
     "model.output": ("tanh", "sigmoid"),

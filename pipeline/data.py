@@ -36,7 +36,9 @@ or unreadable shard is missing (by its manifest count), are skipped and counted,
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import io
 import itertools
 import json
 import logging
@@ -59,6 +61,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import Config, ConfigError, DataConfig
 from pipeline.images import decode_image
+from pipeline.runs import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +70,7 @@ IMAGE_EXTS = ("jpg", "png", "webp", "npy")
 READ_EXTS = frozenset(IMAGE_EXTS + ("cls",))
 """Tar members the streams extract at all. `json` is whitelisted too but no batch needs it, so it is
 not even read; anything else (`.pyd`, `.pickle`, ...) is never read, let alone decoded."""
-STATE_FORMAT = 1
+STATE_FORMAT = 2
 PREFETCH_BATCHES = 2
 """Batches each DataLoader worker may have ready ahead of the consumer."""
 MAX_CONSECUTIVE_BAD = 10_000
@@ -151,53 +154,87 @@ def _octal(field: bytes) -> int:
     return int(field.split(b"\0", 1)[0] or b"0", 8)  # int() ignores surrounding spaces
 
 
-def _tar_members(path: str, wanted: frozenset[str]) -> Iterator[tuple[str, str, bytes]]:
-    """(key, extension, bytes) of the tar's regular members whose extension is in `wanted`.
+def _tar_entries(f, path: str, read: frozenset[str]) -> Iterator[tuple[str, str, int, int, bytes | None]]:
+    """(key, extension, start, end, data) of the regular members of the tar open as `f`, read from its
+    current position: `start` is the offset of the member's first header block (a pax or GNU
+    long-name header included), `end` the offset past its padded data, both relative to where
+    reading began. `data` is read only for the extensions in `read`; other members are seeked over.
 
-    A lean ustar/pax/GNU reader instead of `tarfile`, which costs ~100 us per sample here (a third
-    of decoding a 128-px JPEG); this one ~9 us. Members not wanted are seeked over, never read.
-    Raises EOFError on a truncated member and ValueError on a header that fails its checksum."""
-    long_name = None
-    with open(path, "rb", buffering=1 << 20) as f:
-        while True:
-            header = f.read(512)
-            if len(header) < 512:
-                if header:
-                    raise EOFError(f"truncated tar header in {path}")
-                return  # a tar cut at a member boundary: the manifest count notices what is missing
-            if header[0] == 0 and header.count(0) == 512:
-                return  # end-of-archive blocks
-            # The header checksum is the byte sum with the checksum field read as spaces; zlib's
-            # adler32 gives that sum mod 65521 in C (a Python sum() would cost ~6 us a header).
-            stored = _octal(header[148:156]) - 256 + sum(header[148:156])
-            if zlib.adler32(header) & 0xFFFF != (1 + stored) % 65521:
-                raise ValueError(f"corrupt tar header (bad checksum) in {path}")
-            size, kind = _octal(header[124:136]), header[156]
-            padded = (size + 511) & ~511
-            if kind in b"xL":  # pax extended header / GNU long name: applies to the next member
-                data = f.read(padded)[:size]
-                if kind == ord("L"):
-                    long_name = data.split(b"\0", 1)[0].decode("utf-8", "replace")
-                else:
-                    for record in data.decode("utf-8", "replace").split("\n"):
-                        if " path=" in record:
-                            long_name = record.split(" path=", 1)[1]
-                continue
-            name = long_name or header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-            if not long_name and header[345] != 0 and header[257:262] == b"ustar":
-                name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
-            long_name = None
-            folder, _, base = name.rpartition("/")
-            stem, dot, ext = base.partition(".")  # webdataset's rule: the key ends at the first dot
-            ext = ext.lower()
-            if kind in b"0\x007" and dot and ext in wanted and not stem.startswith("__"):
-                data = f.read(size)
-                if len(data) < size:
-                    raise EOFError(f"truncated tar member {name} in {path}")
-                f.seek(padded - size, 1)
-                yield (f"{folder}/{stem}" if folder else stem), ext, data
+    A lean ustar/pax/GNU parser instead of `tarfile`, which costs ~100 us per sample here (a third
+    of decoding a 128-px JPEG); this one ~9 us. Raises EOFError on a truncated member and
+    ValueError on a header that fails its checksum."""
+    long_name, offset, start = None, 0, None
+    while True:
+        header = f.read(512)
+        if len(header) < 512:
+            if header:
+                raise EOFError(f"truncated tar header in {path}")
+            return  # a tar cut at a member boundary: the manifest count notices what is missing
+        if header[0] == 0 and header.count(0) == 512:
+            return  # end-of-archive blocks
+        # The header checksum is the byte sum with the checksum field read as spaces; zlib's
+        # adler32 gives that sum mod 65521 in C (a Python sum() would cost ~6 us a header).
+        stored = _octal(header[148:156]) - 256 + sum(header[148:156])
+        if zlib.adler32(header) & 0xFFFF != (1 + stored) % 65521:
+            raise ValueError(f"corrupt tar header (bad checksum) in {path}")
+        size, kind = _octal(header[124:136]), header[156]
+        padded = (size + 511) & ~511
+        start = offset if start is None else start
+        offset += 512 + padded
+        if kind in b"xL":  # pax extended header / GNU long name: applies to the next member
+            data = f.read(padded)[:size]
+            if kind == ord("L"):
+                long_name = data.split(b"\0", 1)[0].decode("utf-8", "replace")
             else:
-                f.seek(padded, 1)
+                for record in data.decode("utf-8", "replace").split("\n"):
+                    if " path=" in record:
+                        long_name = record.split(" path=", 1)[1]
+            continue
+        name = long_name or header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+        if not long_name and header[345] != 0 and header[257:262] == b"ustar":
+            name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
+        long_name = None
+        folder, _, base = name.rpartition("/")
+        stem, dot, ext = base.partition(".")  # webdataset's rule: the key ends at the first dot
+        ext = ext.lower()
+        member_start, start = start, None
+        if kind not in b"0\x007" or not dot or stem.startswith("__"):
+            f.seek(padded, 1)
+            continue
+        data = None
+        if ext in read:
+            data = f.read(size)
+            if len(data) < size:
+                raise EOFError(f"truncated tar member {name} in {path}")
+            f.seek(padded - size, 1)
+        else:
+            f.seek(padded, 1)
+        yield (f"{folder}/{stem}" if folder else stem), ext, member_start, offset, data
+
+
+def _tar_members(path: str, wanted: frozenset[str]) -> Iterator[tuple[str, str, bytes]]:
+    """(key, extension, bytes) of the tar's regular members whose extension is in `wanted`, in order.
+    Members not wanted are seeked over, never read."""
+    with open(path, "rb", buffering=1 << 20) as f:
+        for key, ext, _, _, data in _tar_entries(f, path, wanted):
+            if data is not None:
+                yield key, ext, data
+
+
+def _group_samples(members: Iterator[tuple[str, str, bytes]]) -> Iterator[dict]:
+    """Consecutive members sharing a key -> one sample dict {"__key__", ext: bytes, ...}; a member
+    that appears twice in one sample marks it `__bad__` (which copy is right is unknown)."""
+    sample: dict | None = None
+    for key, ext, data in members:
+        if sample is None or sample["__key__"] != key:
+            if sample is not None:
+                yield sample
+            sample = {"__key__": key}
+        if ext in sample:
+            sample["__bad__"] = True
+        sample[ext] = data
+    if sample is not None:
+        yield sample
 
 
 def _shard_samples(path: str) -> Iterator[dict]:
@@ -205,22 +242,17 @@ def _shard_samples(path: str) -> Iterator[dict]:
 
     Stops quietly (logged) on a broken tar; the sample being assembled when it breaks is dropped,
     as its members may be incomplete."""
-    sample: dict | None = None
+    samples = _group_samples(_tar_members(path, READ_EXTS))
     try:
-        for key, ext, data in _tar_members(path, READ_EXTS):
-            if sample is None or sample["__key__"] != key:
-                if sample is not None:
-                    yield sample
-                sample = {"__key__": key}
-            if ext in sample:  # the same member twice: which one is right is unknown
-                sample["__bad__"] = True
-            sample[ext] = data
-        if sample is not None:
-            yield sample
+        yield from samples
     except (OSError, EOFError, ValueError, UnicodeError) as exn:
-        if path not in _WARNED:  # a resampled broken shard comes back again and again: say it once
-            _WARNED.add(path)
-            log.warning("shard %s: stopped reading (%s); its remaining samples count as skipped", path, exn)
+        _warn_once(path, exn)
+
+
+def _warn_once(path: str, exn: Exception) -> None:
+    if path not in _WARNED:  # a broken shard read again and again (every epoch): say it once
+        _WARNED.add(path)
+        log.warning("shard %s: stopped reading (%s); its remaining samples count as skipped", path, exn)
 
 
 _WARNED: set[str] = set()
@@ -405,6 +437,10 @@ def batched(samples: Iterator[dict], batch_size: int, worker: int, partial_last:
             return
 
 
+def _worker_init(worker_id: int) -> None:
+    die_with_parent()  # a data worker never outlives the process it reads for
+
+
 def _load(readers: IterableDataset, num_workers: int, batch_shape: tuple[int, ...]) -> Iterator[tuple]:
     """Run `readers` in the main process (num_workers=0) or in DataLoader workers with shared
     batch slots -> (uint8 [B,3,H,W] channels_last, int64 [B], keys, meta) in the main process.
@@ -424,8 +460,11 @@ def _load(readers: IterableDataset, num_workers: int, batch_shape: tuple[int, ..
     pin = torch.cuda.is_available()
     # batch_size=None: the workers batch themselves. In-order delivery is round-robin over the
     # workers (the train stream's per-worker cursors rely on it and check it on every batch).
+    # generator: the loader draws its workers' base seed from it, not from the global RNG that drives
+    # the training step (a draw there would shift a resumed run's noise). The workers die with us.
     source = iter(DataLoader(readers, batch_size=None, num_workers=num_workers, prefetch_factor=PREFETCH_BATCHES,
-                             multiprocessing_context=context, persistent_workers=False))
+                             multiprocessing_context=context, persistent_workers=False,
+                             generator=torch.Generator().manual_seed(0), worker_init_fn=_worker_init))
     try:
         for (worker, slot), labels, keys, meta in source:
             yield slots.take(worker, slot, len(keys), pin), torch.tensor(labels, dtype=torch.int64), keys, meta
@@ -437,6 +476,8 @@ def _load(readers: IterableDataset, num_workers: int, batch_shape: tuple[int, ..
 # Training stream
 # --------------------------------------------------------------------------------------------
 
+ORDERS = ("permutation", "resampled")
+
 
 @dataclass(frozen=True)
 class _TrainPlan:
@@ -447,10 +488,223 @@ class _TrainPlan:
     size: int
     seed: int
     rank: int
+    world_size: int
     workers: int  # logical workers: max(1, num_workers)
     batch_size: int
-    shuffle_buffer: int
-    samples_per_worker_epoch: int
+    shuffle_buffer: int  # resampled only
+    samples_per_worker_epoch: int  # resampled only
+
+
+# ---- order "permutation": one global order per epoch, read by position ----------------------
+
+_ROUNDS = 8
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on a uint64 array: every input bit flips about half the output bits."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)  # uint64 arrays wrap around silently, as wanted
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def permute(index: np.ndarray, n: int, *key) -> np.ndarray:
+    """A pseudo-random permutation of [0, n), evaluated at `index` (any int array of values in [0, n)).
+
+    A balanced Feistel network on the smallest even number of bits that holds n - 1 (8 rounds, round
+    keys from a hash of `key`), with cycle walking: an output outside [0, n) is permuted again
+    until it falls inside, which keeps the map a bijection of [0, n). Pure integer arithmetic: no
+    table of n entries is built, any position can be asked alone (what a resumed or re-sized run
+    needs), and the order is the same on every machine and every numpy version."""
+    half = max(1, ((max(n, 2) - 1).bit_length() + 1) // 2)
+    mask = np.uint64((1 << half) - 1)
+    shift = np.uint64(half)
+    digest = hashlib.sha256(repr(("permutation", *key)).encode()).digest()
+    keys = np.frombuffer(digest, dtype="<u8").astype(np.uint64)
+    keys = np.concatenate([keys, _mix64(keys)])[:_ROUNDS]
+    out = np.asarray(index, dtype=np.uint64).copy()
+    todo = np.ones(out.shape, dtype=bool)
+    while todo.any():
+        v = out[todo]
+        for k in keys:
+            left, right = v >> shift, v & mask
+            v = (right << shift) | (left ^ (_mix64(right ^ k) & mask))
+        out[todo] = v
+        todo = out >= np.uint64(n)
+    return out.astype(np.int64)
+
+
+def epoch_order(positions: np.ndarray, counts: list[int], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Global stream positions -> (shard, index in shard) of the samples there.
+
+    The stream is epoch after epoch; epoch e = position // N is a permutation of all N training
+    samples, seeded by (seed, e). It depends on nothing else: not the world size, the number of
+    workers or the batch size, which is what lets a run continue on another number of processes."""
+    n = sum(counts)
+    positions = np.asarray(positions, dtype=np.int64)
+    epochs, within = positions // n, positions % n
+    ids = np.empty_like(positions)
+    for epoch in np.unique(epochs):
+        sel = epochs == epoch
+        ids[sel] = permute(within[sel], n, seed, int(epoch))
+    offsets = np.cumsum([0, *counts])
+    shard = np.searchsorted(offsets, ids, side="right") - 1
+    return shard, ids - offsets[shard]
+
+
+class _RandomAccess:
+    """Single samples of a shard set by (shard, index in shard): one pread of the sample's members.
+
+    Each shard's sample spans come from one pass over its tar headers (data is seeked over, ~1 us a
+    member from the page cache), made when the shard is first read and kept (16 bytes a sample).
+    A shard that ends early or breaks has fewer spans than its manifest count: the rest are missing.
+    Open files are kept in a small LRU, so a set of thousands of shards needs no more descriptors."""
+
+    MAX_OPEN = 64
+
+    def __init__(self, shards: tuple[tuple[str, int], ...]):
+        self.shards = shards
+        self.spans: dict[int, np.ndarray] = {}
+        self.files: dict[int, int] = {}  # shard -> fd, in least-recently-used order
+
+    def _index(self, shard: int) -> np.ndarray:
+        if shard not in self.spans:
+            path, count = self.shards[shard]
+            spans: list[tuple[int, int]] = []
+            key = None
+            try:
+                with open(path, "rb", buffering=1 << 16) as f:
+                    for k, ext, start, end, _ in _tar_entries(f, path, frozenset()):
+                        if ext not in READ_EXTS:
+                            continue
+                        if k == key:
+                            spans[-1] = (spans[-1][0], end)
+                        elif len(spans) < count:
+                            spans.append((start, end))
+                            key = k
+                        else:
+                            break  # members past the manifest count are never read
+            except (OSError, EOFError, ValueError, UnicodeError) as exn:
+                _warn_once(path, exn)
+                spans = spans[:-1]  # the sample being indexed when it broke may be incomplete
+            self.spans[shard] = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+        return self.spans[shard]
+
+    def _fd(self, shard: int) -> int:
+        fd = self.files.pop(shard, None)
+        if fd is None:
+            if len(self.files) >= self.MAX_OPEN:
+                os.close(self.files.pop(next(iter(self.files))))
+            fd = os.open(self.shards[shard][0], os.O_RDONLY)
+        self.files[shard] = fd  # most recently used last
+        return fd
+
+    def read(self, shard: int, index: int) -> dict:
+        """The raw sample {"__key__", "jpg": bytes, "cls": bytes, ...}; `__missing__` when unreadable."""
+        path = self.shards[shard][0]
+        spans = self._index(shard)
+        missing = {"__key__": f"{path}#{index}", "__missing__": True}
+        if index >= len(spans):
+            return missing
+        start, end = (int(v) for v in spans[index])
+        try:
+            data = os.pread(self._fd(shard), end - start, start)
+            if len(data) < end - start:
+                raise EOFError(f"{path} is shorter than when it was indexed")
+            members = _tar_entries(io.BytesIO(data), path, READ_EXTS)
+            samples = list(_group_samples((k, e, d) for k, e, _, _, d in members))
+        except (OSError, EOFError, ValueError, UnicodeError) as exn:
+            _warn_once(path, exn)
+            return missing
+        return samples[0] if len(samples) == 1 else missing
+
+    def close(self) -> None:
+        for fd in self.files.values():
+            os.close(fd)
+        self.files.clear()
+
+
+def _positions(plan: _TrainPlan, start: int, worker: int) -> Iterator[np.ndarray]:
+    """Stage (source): the global positions this (rank, worker) reads, one array per batch.
+
+    Micro-batch m of every rank covers the global positions [start + m*W*B, start + (m+1)*W*B);
+    rank r takes its slice [r*B, (r+1)*B) of it, and the DataLoader hands batch m to the consumer
+    from worker m % workers (round-robin), so worker w reads micro-batches w, w + workers, ..."""
+    per_step = plan.world_size * plan.batch_size
+    for m in itertools.count(worker, plan.workers):
+        first = start + m * per_step + plan.rank * plan.batch_size
+        yield np.arange(first, first + plan.batch_size, dtype=np.int64)
+
+
+class _ReadByPosition:
+    """Stage: global positions -> decoded samples {image, label, key, __skipped__}.
+
+    A sample that is missing or does not decode is replaced by the first good sample after it in the
+    global order (position + 1, + 2, ...), so batches keep their size and the replacement, like the
+    order, is the same whatever the world size. Replacements are counted (`__skipped__`, a running
+    count of this reader) and the first few are logged."""
+
+    def __init__(self, plan: _TrainPlan, limit: int):
+        self.plan, self.limit = plan, limit
+        self.reader = _RandomAccess(plan.shards)
+        self.decoder = _Decoder(plan.image_ext, plan.size, 0, limit)
+        self.counts = [c for _, c in plan.shards]
+
+    def _at(self, positions: np.ndarray) -> list[dict | None]:
+        shards, indexes = epoch_order(positions, self.counts, self.plan.seed)
+        return [self.decoder.decode(self.reader.read(int(s), int(i))) for s, i in zip(shards, indexes)]
+
+    def __call__(self, batches: Iterator[np.ndarray]) -> Iterator[dict]:
+        skipped = 0
+        try:
+            for positions in batches:
+                for position, out in zip(positions.tolist(), self._at(positions)):
+                    if out is None:
+                        skipped += 1
+                        if skipped <= 5:
+                            log.warning("skipping corrupt or missing sample at position %d", position)
+                        out = self._replacement(position)
+                    out["__skipped__"] = skipped
+                    out["__cursor__"] = None
+                    yield out
+        finally:
+            self.reader.close()
+
+    def _replacement(self, position: int) -> dict:
+        for probe in range(position + 1, position + self.limit + 1):
+            (out,) = self._at(np.array([probe]))
+            if out is not None:
+                return out
+        raise RuntimeError(f"{self.limit} corrupt or missing samples in a row; the shards seem "
+                           f"to hold nothing decodable (run `make verify`)")
+
+
+class _PermutationReaders(IterableDataset):
+    """One rank's training stream in the global order; worker w reads micro-batches w, w + workers, ..."""
+
+    def __init__(self, plan: _TrainPlan, start: int):
+        self.plan, self.start = plan, start
+        self.out: _SharedSlots | _BufferPool | None = None  # batch memory, set by _load
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = info.id if info else 0
+        p = self.plan
+        n = sum(c for _, c in p.shards)
+        pipeline = wds.DataPipeline(
+            # Positions in the global order that this (rank, worker) reads, batch after batch.
+            partial(_positions, p, self.start, worker),
+            # Position -> (shard, index) through the epoch's permutation -> one pread of that sample's
+            # whitelisted members -> decoded image; a bad sample is replaced by the next good one.
+            _ReadByPosition(p, max(MAX_CONSECUTIVE_BAD, n)),
+            # Batch on the CPU into uint8 [B,3,H,W]; metadata says which worker made it.
+            partial(batched, batch_size=p.batch_size, worker=worker, partial_last=False, out=self.out),
+        )
+        return iter(pipeline)
+
+
+# ---- order "resampled": whole shards drawn with replacement, per (rank, worker) --------------
 
 
 def _epoch_shards(plan: _TrainPlan, worker: int, first_epoch: int) -> Iterator[dict]:
@@ -506,8 +760,8 @@ def _skip_before(samples: Iterator[dict], epoch: int, index: int) -> Iterator[di
             yield sample
 
 
-class _TrainReaders(IterableDataset):
-    """One rank's training stream; each DataLoader worker runs the pipeline of one logical worker."""
+class _ResampledReaders(IterableDataset):
+    """One rank's resampled stream; each DataLoader worker runs the pipeline of one logical worker."""
 
     def __init__(self, plan: _TrainPlan, offset: int, cursors: list[list[int]]):
         self.plan, self.offset, self.cursors = plan, offset, cursors
@@ -543,9 +797,21 @@ class TrainStream:
     """The infinite, deterministic, exactly resumable training stream of one rank.
 
     Iterate it for `Batch`es; iterating again continues where the consumer stopped. Save
-    `state_dict()` with a checkpoint and call `load_state_dict()` on a fresh stream (same world
-    size, workers, batch size, shuffle buffer, seed, shards) before iterating to continue exactly.
-    Do not wrap it in accelerator.prepare(): it already reads this rank's own stream."""
+    `state_dict()` with a checkpoint and call `load_state_dict()` on a fresh stream before iterating.
+    Do not wrap it in accelerator.prepare(): it already reads this rank's own part.
+
+    data.order=permutation (default): every epoch is one permutation of all training samples,
+    seeded by (train.seed, epoch) and nothing else; each optimizer micro-step the ranks read
+    consecutive slices of it. Every sample is read exactly once per epoch whatever the number of
+    shards, ranks and workers, and the position in the stream is one number shared by all ranks,
+    so a run can continue on another world size, worker count or batch size with nothing repeated
+    or skipped. Samples are read by position (an index of each tar's headers, one pread a sample).
+
+    data.order=resampled: each (rank, worker) draws whole shards with replacement and reads them
+    sequentially through a shuffle buffer (open_clip's --dataset-resampled), for sets with far more
+    shards than readers or on storage where only sequential reads are fast. It resumes exactly with
+    the same world size, workers and batch size; with other settings it continues with fresh draws
+    (see load_state_dict)."""
 
     def __init__(self, cfg: Config, rank: int, world_size: int):
         if not 0 <= rank < world_size:
@@ -557,31 +823,37 @@ class TrainStream:
         if self.samples_per_epoch == 0:
             raise ConfigError(f"{d.shards}/manifest.json lists no training samples; re-run `make shards` "
                               f"with more images or a smaller --val-fraction")
+        if d.order not in ORDERS:
+            raise ConfigError(f"data.order is {d.order!r} but must be one of {', '.join(ORDERS)}")
         self.classes: list[str] = list(m["classes"])
         self.image_size: int = int(m["size"])
+        self.order = d.order
         self.num_workers = d.num_workers
         workers = max(1, d.num_workers)
-        self.world_size = world_size
         self._plan = _TrainPlan(
             shards=shards, image_ext=m["image_format"], size=self.image_size, seed=cfg.train.seed,
-            rank=rank, workers=workers, batch_size=d.batch_size_per_device,
+            rank=rank, world_size=world_size, workers=workers, batch_size=d.batch_size_per_device,
             shuffle_buffer=max(1, d.shuffle_buffer_samples),
             samples_per_worker_epoch=math.ceil(self.samples_per_epoch / (world_size * workers)))
-        # The identity of the shard set: a state from other shards cannot be replayed exactly.
+        # The identity of the shard set: a position in another set's order means nothing.
         self._shards_id = hashlib.sha256(json.dumps(m["splits"]["train"]["shards"], sort_keys=True)
                                          .encode()).hexdigest()[:16]
-        self._batches = 0
-        self._cursors = [[0, 0, 0] for _ in range(workers)]  # per logical worker: epoch, index, skipped
+        self._seed = cfg.train.seed
+        self._position = 0  # global samples consumed by all ranks together
+        self._skipped = 0  # corrupt or missing samples this rank met in the batches handed out
+        self._batches = 0  # resampled: batches handed out
+        self._cursors = [[0, 0, 0] for _ in range(workers)]  # resampled, per logical worker: epoch, index, skipped
         self._iterating = False
 
     @property
     def skipped_samples(self) -> int:
-        """Corrupt or missing samples skipped so far in the batches handed to the consumer."""
-        return sum(c[2] for c in self._cursors)
+        """Corrupt or missing samples met so far (this rank), in the batches handed to the consumer."""
+        return self._skipped if self.order == "permutation" else sum(c[2] for c in self._cursors)
 
     @property
-    def batches_consumed(self) -> int:
-        return self._batches
+    def position(self) -> int:
+        """Samples consumed so far by all ranks together (epochs = position / samples_per_epoch)."""
+        return self._position
 
     def __iter__(self) -> Iterator[Batch]:
         if self._iterating:
@@ -589,48 +861,85 @@ class TrainStream:
                                "(a new one continues where the previous one stopped once that is closed)")
         self._iterating = True
         p = self._plan
-        readers = _TrainReaders(p, self._batches % p.workers, [list(c) for c in self._cursors])
+        if self.order == "permutation":
+            readers = _PermutationReaders(p, self._position)
+        else:
+            readers = _ResampledReaders(p, self._batches % p.workers, [list(c) for c in self._cursors])
         loader = _load(readers, self.num_workers, (p.batch_size, p.size, p.size, 3))
+        last_skipped = [0] * p.workers  # per physical worker: its running count of replaced samples
+        batches = 0
         try:
             for images, labels, keys, meta in loader:
-                expected = self._batches % p.workers
+                self._position += p.world_size * p.batch_size
+                if self.order == "permutation":
+                    expected = batches % p.workers
+                    worker = meta["worker"]
+                    self._skipped += meta["skipped"] - last_skipped[worker]
+                    last_skipped[worker] = meta["skipped"]
+                else:
+                    expected = self._batches % p.workers
+                    self._cursors[expected] = [*meta["cursor"], meta["skipped"]]
+                    self._batches += 1
                 if meta["worker"] != expected:
-                    raise RuntimeError(f"batch {self._batches} came from logical worker {meta['worker']}, "
-                                       f"expected {expected}: the DataLoader is not round-robin")
-                self._cursors[expected] = [*meta["cursor"], meta["skipped"]]
-                self._batches += 1
+                    raise RuntimeError(f"batch {batches} came from worker {meta['worker']}, expected {expected}: "
+                                       f"the DataLoader is not round-robin")
+                batches += 1
                 yield Batch(images, labels, keys)
         finally:
             loader.close()  # stops the workers now
             self._iterating = False
 
     def state_dict(self) -> dict:
-        """The position after the last batch handed to the consumer, as plain JSON-able data:
+        """The position after the last batch handed to the consumer, as plain JSON-able data.
 
-        {"format": 1, "seed", "rank", "world_size", "num_workers", "batch_size", "shuffle_buffer",
-         "shards": train shard-list hash, "batches": batches handed out,
-         "workers": [{"epoch", "index", "skipped"} per logical worker]}"""
+        permutation: {"format": 2, "order", "seed", "shards": train shard-list hash, "position",
+        "skipped", "world_size", "num_workers", "batch_size"} (the last three for information).
+        resampled: the same plus "batches" and "workers": [{"epoch", "index", "skipped"} per
+        logical worker], and "shuffle_buffer"."""
         p = self._plan
-        return {"format": STATE_FORMAT, "seed": p.seed, "rank": p.rank, "world_size": self.world_size,
-                "num_workers": self.num_workers, "batch_size": p.batch_size,
-                "shuffle_buffer": p.shuffle_buffer, "shards": self._shards_id, "batches": self._batches,
-                "workers": [{"epoch": e, "index": i, "skipped": s} for e, i, s in self._cursors]}
+        state = {"format": STATE_FORMAT, "order": self.order, "seed": self._seed, "shards": self._shards_id,
+                 "position": self._position, "skipped": self.skipped_samples, "world_size": p.world_size,
+                 "num_workers": self.num_workers, "batch_size": p.batch_size}
+        if self.order == "resampled":
+            state.update({"rank": p.rank, "shuffle_buffer": p.shuffle_buffer, "draw_seed": p.seed,
+                          "batches": self._batches,
+                          "workers": [{"epoch": e, "index": i, "skipped": s} for e, i, s in self._cursors]})
+        return state
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from `state` (call before iterating). Refuses a state of a different stream."""
+    def load_state_dict(self, state: dict) -> str | None:
+        """Continue from `state` (call before iterating). Returns None when the stream continues
+        exactly, else one sentence saying how it continues. Refuses (ValueError) a state of another
+        shard set, seed or order, or of an older format."""
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"the data-stream state has format {state.get('format')!r}, this version reads "
+                             f"format {STATE_FORMAT}: it was saved by an older version of the pipeline; "
+                             f"start the run again with train.resume=never or in a new run folder")
         mine = self.state_dict()
-        fields = ("format", "seed", "rank", "world_size", "num_workers", "batch_size", "shuffle_buffer", "shards")
-        diff = [f for f in fields if state.get(f) != mine[f]]
-        if diff or len(state.get("workers", ())) != len(self._cursors):
-            diff = diff or ["workers"]
+        diff = [f for f in ("order", "seed", "shards") if state.get(f) != mine[f]]
+        if diff:
+            what = {"order": "data.order", "seed": "train.seed", "shards": "the training shards"}
             raise ValueError(
-                "cannot resume the data stream exactly: the checkpoint was saved with "
-                + ", ".join(f"{f}={state.get(f)!r}" for f in diff) + " but this run has "
-                + ", ".join(f"{f}={mine[f]!r}" for f in diff)
-                + "; resume with the same settings (world size, data.num_workers, "
-                  "data.batch_size_per_device, data.shuffle_buffer_samples, train.seed, shards)")
-        self._batches = int(state["batches"])
-        self._cursors = [[int(w["epoch"]), int(w["index"]), int(w["skipped"])] for w in state["workers"]]
+                "cannot continue the data stream: the checkpoint was saved with "
+                + ", ".join(f"{what[f]}={state.get(f)!r}" for f in diff) + " but this run has "
+                + ", ".join(f"{what[f]}={mine[f]!r}" for f in diff)
+                + "; resume with the same settings, or start over with train.resume=never")
+        self._position = int(state["position"])
+        self._skipped = int(state["skipped"])
+        if self.order == "permutation":
+            return None
+        same = all(state.get(f) == mine[f] for f in ("rank", "world_size", "num_workers", "batch_size",
+                                                       "shuffle_buffer"))
+        if same:
+            self._plan = dataclasses.replace(self._plan, seed=int(state["draw_seed"]))
+            self._batches = int(state["batches"])
+            self._cursors = [[int(w["epoch"]), int(w["index"]), int(w["skipped"])] for w in state["workers"]]
+            return None
+        # Other settings: the per-(rank, worker) draws cannot be continued; draw afresh from a seed
+        # that depends on how far the run got, so a resumed run does not replay its first draws.
+        self._plan = dataclasses.replace(self._plan, seed=int.from_bytes(hashlib.sha256(
+            repr(("resampled-resume", int(state["draw_seed"]), self._position)).encode()).digest()[:4], "little"))
+        return ("data.order=resampled continues with fresh shard draws (the world size, workers or batch "
+                "size changed), so the sample order differs from an uninterrupted run")
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ Specification:
 - the val stream gives every val sample exactly once over ranks x workers, also with fewer shards
   than readers;
 - the train stream gives correctly shaped uint8 batches whose labels match the source classes;
-- a train stream is a function of its seed and rank, and resumes exactly from a JSON state;
+- order "permutation": each epoch is one permutation of all training samples, the same whatever the
+  world size, workers and batch size; every sample is read exactly once per epoch; a run continues
+  from a JSON state exactly, also on another world size; order "resampled" resumes exactly;
 - corrupt samples and truncated shards are skipped and counted; pickles are never unpickled.
 """
 
@@ -18,6 +20,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import re
 import tarfile
 from pathlib import Path
 
@@ -27,12 +30,13 @@ import torch
 import webdataset as wds
 
 from pipeline.config import Config, ConfigError, DataConfig, TrainConfig
-from pipeline.data import (READ_EXTS, Batch, DeviceAugment, TrainStream, _tar_members, read_manifest, read_tars,
-                           val_assignment, val_batches)
+from pipeline.data import (READ_EXTS, Batch, DeviceAugment, TrainStream, _tar_members, epoch_order, permute,
+                           read_manifest, read_tars, val_assignment, val_batches)
 from pipeline.images import encode_image
 from pipeline.shards import write_shards
 
 SIZE = 16
+PERMUTATION_10 = [2, 8, 5, 6, 1, 3, 4, 0, 9, 7]  # permute(range(10), 10, 0, 0), pinned when it was written
 CLASSES = ["daisy", "rose", "tulip"]
 # Each class has its own colour, so a test can check a label against the pixels it came with.
 PALETTE = np.array([[230, 230, 40], [220, 30, 60], [40, 90, 220]], dtype=np.int16)
@@ -85,10 +89,10 @@ def make_samples(n: int, start: int) -> list[dict]:
 
 
 def cfg_for(shards: Path, num_workers: int = 0, batch_size: int = 4, seed: int = 0, buffer: int = 8,
-            val_batch_size: int = 3) -> Config:
+            val_batch_size: int = 3, order: str = "permutation") -> Config:
     return Config(data=DataConfig(shards=str(shards), batch_size_per_device=batch_size,
                                   val_batch_size_per_device=val_batch_size, num_workers=num_workers,
-                                  shuffle_buffer_samples=buffer),
+                                  shuffle_buffer_samples=buffer, order=order),
                   train=TrainConfig(seed=seed))
 
 
@@ -270,11 +274,12 @@ def test_stream_is_a_function_of_seed_and_rank(dataset, monkeypatch):
     assert [b.keys for b in first(seed=1)] != [b.keys for b in reference]
 
 
+@pytest.mark.parametrize("order", ["permutation", "resampled"])
 @pytest.mark.parametrize("num_workers", [0, 2])
 @pytest.mark.parametrize("k, where", [(3, "inside"), (17, "across")])
-def test_exact_resume_from_json_state(dataset, num_workers, k, where):
+def test_exact_resume_from_json_state(dataset, order, num_workers, k, where):
     m = 6
-    cfg = cfg_for(dataset["dir"], num_workers=num_workers, batch_size=4)
+    cfg = cfg_for(dataset["dir"], num_workers=num_workers, batch_size=4, order=order)
     uninterrupted = TrainStream(cfg, rank=0, world_size=1)
     batches, state = [], None
     for batch in uninterrupted:  # workers keep prefetching past k: the state must ignore that
@@ -283,12 +288,16 @@ def test_exact_resume_from_json_state(dataset, num_workers, k, where):
             state = json.loads(json.dumps(uninterrupted.state_dict()))
         if len(batches) == k + m:
             break
-    epochs = [w["epoch"] for w in state["workers"]]
-    assert (max(epochs) == 0) if where == "inside" else (min(epochs) >= 1), state
-    assert sum(w["skipped"] for w in state["workers"]) >= 1  # the corrupt sample lies before the cut
+    if order == "permutation":
+        assert state["position"] == 4 * k
+        assert (state["position"] < uninterrupted.samples_per_epoch) == (where == "inside")
+    else:
+        epochs = [w["epoch"] for w in state["workers"]]
+        assert (max(epochs) == 0) if where == "inside" else (min(epochs) >= 1), state
+        assert sum(w["skipped"] for w in state["workers"]) >= 1  # the corrupt sample lies before the cut
 
     resumed = TrainStream(cfg, rank=0, world_size=1)
-    resumed.load_state_dict(state)
+    assert resumed.load_state_dict(state) is None  # continues exactly
     assert same(take(resumed, m), batches[k:])
     assert resumed.skipped_samples == uninterrupted.skipped_samples
     assert resumed.state_dict() == uninterrupted.state_dict()
@@ -320,14 +329,101 @@ def test_too_little_shared_memory_is_one_sentence(dataset, monkeypatch):
         take(stream, 1)
 
 
-def test_resume_refuses_a_state_from_other_settings(dataset):
+def test_resume_refuses_a_state_from_another_order_seed_or_shard_set(dataset, tmp_path):
     state = TrainStream(cfg_for(dataset["dir"], num_workers=2), rank=1, world_size=2).state_dict()
-    other = TrainStream(cfg_for(dataset["dir"], num_workers=2), rank=1, world_size=4)
-    with pytest.raises(ValueError, match=r"world_size=2 but this run has world_size=4"):
-        other.load_state_dict(state)
-    other = TrainStream(cfg_for(dataset["dir"], num_workers=2, batch_size=8), rank=1, world_size=2)
-    with pytest.raises(ValueError, match="batch_size=4 but this run has batch_size=8"):
-        other.load_state_dict(state)
+    for cfg, message in [(cfg_for(dataset["dir"], seed=1), "train.seed=0 but this run has train.seed=1"),
+                         (cfg_for(dataset["dir"], order="resampled"), "data.order='permutation' but this run has"),
+                         (cfg_for(write_shard_set(tmp_path / "other", [make_samples(5, 0)], [make_samples(2, 9)])),
+                          "the training shards=")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            TrainStream(cfg, rank=0, world_size=1).load_state_dict(state)
+    with pytest.raises(ValueError, match="saved by an older version"):
+        TrainStream(cfg_for(dataset["dir"]), rank=0, world_size=1).load_state_dict({**state, "format": 1})
+
+
+def test_resampled_resume_on_other_settings_draws_afresh_and_says_so(dataset):
+    cfg = cfg_for(dataset["dir"], order="resampled")
+    stream = TrainStream(cfg, rank=0, world_size=2)
+    reference = take(stream, 3)
+    state = stream.state_dict()
+    other = TrainStream(cfg, rank=0, world_size=1)
+    note = other.load_state_dict(state)
+    assert note and "fresh shard draws" in note
+    assert other.position == state["position"]
+    assert [b.keys for b in take(other, 3)] != [b.keys for b in reference]
+
+
+# --------------------------------------------------------------------------------------------
+# Order "permutation": one global order per epoch, whatever the world size
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 17, 100, 1000, 4097])
+def test_permute_is_a_bijection_that_depends_on_its_key(n):
+    index = np.arange(n)
+    a = permute(index, n, 0, 0)
+    assert sorted(a.tolist()) == list(range(n))
+    assert np.array_equal(permute(index[::-1], n, 0, 0), a[::-1])  # any position can be asked alone
+    if n >= 100:
+        b = permute(index, n, 0, 1)
+        assert sorted(b.tolist()) == list(range(n))
+        assert (a == b).mean() < 0.05 and (a == index).mean() < 0.05  # another key: another order
+        # well mixed: neighbours in the order are not neighbours in the data
+        assert np.abs(np.diff(a)).mean() > n / 5
+
+
+def test_permute_is_stable_across_versions():
+    # The order is part of every checkpoint's meaning (a position in it): it must never change.
+    assert permute(np.arange(10), 10, 0, 0).tolist() == PERMUTATION_10
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    """A clean set of 23 training samples in shards of uneven sizes (7, 1, 9, 6), 3 val samples."""
+    root = tmp_path_factory.mktemp("clean")
+    train = [make_samples(7, 0), make_samples(1, 100), make_samples(9, 200), make_samples(6, 300)]
+    write_shard_set(root / "set", train, [make_samples(3, 900)])
+    keys = [s["__key__"] for shard in train for s in shard]
+    return {"dir": root / "set", "keys": keys}
+
+
+def global_order(shards: Path, world_size: int, workers: int, batch_size: int, steps: int,
+                 state: dict | None = None) -> tuple[list[str], dict]:
+    """The keys every rank reads in `steps` micro-steps, concatenated rank by rank within each step
+    (the global order as the ranks see it), and rank 0's state afterwards."""
+    per_rank = []
+    for rank in range(world_size):
+        stream = TrainStream(cfg_for(shards, num_workers=workers, batch_size=batch_size), rank, world_size)
+        if state is not None:
+            stream.load_state_dict(state)
+        per_rank.append([b.keys for b in take(stream, steps)])
+        if rank == 0:
+            end = stream.state_dict()
+    order = [k for step in range(steps) for rank in range(world_size) for k in per_rank[rank][step]]
+    return order, end
+
+
+@pytest.mark.parametrize("world_size, workers, batch_size", [(1, 0, 4), (1, 2, 5), (2, 1, 3), (3, 2, 2), (5, 0, 1)])
+def test_every_sample_exactly_once_per_epoch_in_one_order_for_any_world_size(clean, world_size, workers, batch_size):
+    n = len(clean["keys"])
+    steps = -(-3 * n // (world_size * batch_size))  # three epochs or a little more
+    order, state = global_order(clean["dir"], world_size, workers, batch_size, steps)
+    for epoch in range(3):
+        assert sorted(order[epoch * n:(epoch + 1) * n]) == sorted(clean["keys"]), f"epoch {epoch}"
+    assert order[:n] != order[n:2 * n]  # each epoch is shuffled afresh
+    assert state["position"] == steps * world_size * batch_size
+    reference, _ = global_order(clean["dir"], 1, 0, 7, -(-len(order) // 7))
+    assert order == reference[:len(order)]  # the same order, however it is read
+
+
+def test_resume_on_another_world_size_continues_the_global_order(clean):
+    """8 ranks x 2 -> 3 ranks x 2 -> 1 rank x 5 (a job requeued onto fewer nodes): nothing repeated or skipped."""
+    first, state = global_order(clean["dir"], 4, 2, 2, 2)  # 16 samples: part of epoch 0
+    second, state = global_order(clean["dir"], 3, 1, 2, 3, state=state)  # 18 more, across the epoch boundary
+    third, state = global_order(clean["dir"], 1, 0, 5, 4, state=state)
+    reference, _ = global_order(clean["dir"], 1, 0, 1, len(first + second + third))
+    assert first + second + third == reference
+    assert state["position"] == 16 + 18 + 20
 
 
 # --------------------------------------------------------------------------------------------
@@ -360,12 +456,21 @@ def test_corrupt_sample_and_truncated_shard_are_skipped_and_counted(tmp_path):
     good_val = [s["__key__"] for s in val[0] if s is not val[0][2]] + [s["__key__"] for s in val[1][:5]]
     assert sorted(_val_keys_over(cfg_for(root), world_size=2, workers=2)) == sorted(good_val)
 
-    stream = TrainStream(cfg_for(root, num_workers=0, batch_size=4), rank=0, world_size=1)
+    counts = [6, 8]
     good_train = {s["__key__"] for s in train[0] if s is not train[0][1]} | {s["__key__"] for s in train[1][:3]}
-    keys = [k for batch in take(stream, 20) for k in batch.keys]
-    assert set(keys) <= good_train
-    # Every shard holds a bad sample and 80 good samples span several worker epochs of ~14 slots.
-    assert stream.skipped_samples >= 5
+    for order in ("permutation", "resampled"):
+        stream = TrainStream(cfg_for(root, num_workers=0, batch_size=4, order=order), rank=0, world_size=1)
+        keys = [k for batch in take(stream, 20) for k in batch.keys]
+        assert len(keys) == 80 and set(keys) <= good_train
+        if order == "permutation":
+            # Known answer: a bad position is one whose sample (through the epoch's permutation) is
+            # shard 0's sample 1 or shard 1's samples 3..7; each is replaced by the next good one.
+            shards, index = epoch_order(np.arange(80), counts, 0)
+            bad = ((shards == 0) & (index == 1)) | ((shards == 1) & (index >= 3))
+            assert stream.skipped_samples == int(bad.sum()) and bad[:70].sum() == 5 * 6  # 6 per epoch of 14
+        else:
+            # Every shard holds a bad sample and 80 good samples span several worker epochs of ~14 slots.
+            assert stream.skipped_samples >= 5
 
 
 @pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
