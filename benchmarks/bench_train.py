@@ -26,7 +26,7 @@ from pipeline.config import load_config
 from pipeline.losses import VAELoss
 from pipeline.meters import IntervalMeter
 from pipeline.models import build_model
-from pipeline.train import build_training, train_step
+from pipeline.step import build_training, train_step
 
 
 def main() -> None:
@@ -63,15 +63,14 @@ def main() -> None:
 
     # --- the pipeline's step.
     t = build_training(cfg, accelerator, args.image_size)
-    augment, ema, module, optimizer = t.augment, t.ema, t.module, t.optimizer
     meter = IntervalMeter()
 
     def pipeline_step(step: int) -> None:
-        images = augment(batch_u8, train=True)
-        result, grad_norm, ok = train_step(module, optimizer, accelerator, [images], step, cfg)
-        if ema is not None:
-            ema.update(accelerator.unwrap_model(module).vae, step)
-        meter.add({**result.terms, "total": result.total, "grad_norm": grad_norm}, ok)
+        images = t.augment(batch_u8, train=True)
+        result = train_step(t, accelerator, [images], step, cfg)
+        if t.ema is not None:
+            t.ema.update(t.vae, step, result.ok)
+        meter.add({**result.terms, "grad_norm": result.grad_norm}, result.nonfinite, result.ok)
 
     def timed(fn) -> float:
         start = time.perf_counter()

@@ -45,7 +45,7 @@ from accelerate import Accelerator
 
 from pipeline.config import Config, ConfigError, exit_on_config_error, load_config
 from pipeline.data import read_manifest
-from pipeline.train import build_training, train_step
+from pipeline.step import build_training, train_step
 
 BUDGET_FRACTION = 0.8
 """Default CPU budget: this share of the memory the process could use (the rest is headroom)."""
@@ -147,7 +147,7 @@ class StepProbe:
         self.cfg, self.image_size = cfg, image_size
         self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
         self.device = self.accelerator.device
-        t = build_training(cfg, self.accelerator, image_size)
+        self.t = t = build_training(cfg, self.accelerator, image_size)
         self.augment, self.memory_format, self.ema = t.augment, t.memory_format, t.ema
         self.module, self.optimizer = t.module, t.optimizer
         self.cuda = self.device.type == "cuda"
@@ -157,10 +157,10 @@ class StepProbe:
         images = torch.randint(0, 256, (batch_size, c, self.image_size, self.image_size), dtype=torch.uint8,
                                device=self.device)
         x = self.augment(images, train=True).contiguous(memory_format=self.memory_format)
-        result, _, _ = train_step(self.module, self.optimizer, self.accelerator, [x], 0, self.cfg)
+        result = train_step(self.t, self.accelerator, [x], 0, self.cfg)
         if self.ema is not None:
-            self.ema.update(self.accelerator.unwrap_model(self.module).vae, 1)
-        result.total.item()  # wait for the device: the step is complete when we measure
+            self.ema.update(self.t.vae, 1, result.ok)
+        result.terms["total"].item()  # wait for the device: the step is complete when we measure
 
     def peak_bytes(self, batch_size: int, steps: int = 1) -> int | None:
         """Peak memory of `steps` training steps at `batch_size` (GPU: reserved by torch's caching allocator;

@@ -1,35 +1,73 @@
-"""Resumable checkpoints that are never half-written, loaded without unpickling.
+"""Resumable checkpoints: complete or invisible, durable, and read back without unpickling anything.
 
 Layout of `<run_dir>/checkpoints/`:
 
-    step-000500/            one complete checkpoint
-        model.safetensors   Accelerate save_state: model weights (safetensors),
-        optimizer.bin       optimizer (+ scaler.pt in fp16), random_states_<rank>.pkl —
-        random_states_0.pkl Accelerate loads all of these with torch.load(weights_only=True)
-        ema.safetensors     the EMA weights (safetensors)
-        trainer_rank0.json  per rank: step, images seen, data-stream position (plain JSON)
-    latest                  text: the name of the newest COMPLETE checkpoint
+    step-000500/
+        model.safetensors       the VAE ("vae.*") and the loss's learned parameters ("loss.*")
+        ema.safetensors         the EMA weights ("module.*"), when optim.ema_decay > 0
+        optimizer.safetensors   the optimizer's tensors (Adam moments, step counts) ...
+        optimizer.json          ... and the rest of its state dict (param groups)
+        scaler.json             the fp16 GradScaler's state (fp16 only)
+        rng_rank0.safetensors   per rank: the torch CPU and CUDA generator states
+        trainer_rank0.json      per rank: step, images seen, data-stream position, Python and numpy
+                                RNG states, the logging interval's partial sums
+        checkpoint.json         written last: step, world size, and every file above with its size
+    latest                      the name of the newest complete checkpoint
 
-A save goes to `.tmp-step-000500/` and is renamed only when every rank has written its part;
-`latest` is then replaced atomically. A kill at any moment leaves `latest` pointing at a complete
-checkpoint (or absent), and leftover `.tmp-*` folders are removed at the next start.
-We do not use `accelerator.register_for_checkpointing`: Accelerate reloads those objects with
-`weights_only=False`, i.e. it would unpickle them.
+Everything is safetensors or JSON: nothing is unpickled (not even with torch's weights_only).
+
+A save writes into `.tmp-step-000500/`; every file is fsynced. When all ranks have written theirs,
+the main process writes checkpoint.json (with the size of every file, gathered from the ranks),
+fsyncs the folder, renames it to `step-000500/`, fsyncs `checkpoints/`, and only then replaces
+`latest` (write, fsync, rename, fsync). A kill or a power cut at any moment leaves `latest` naming a
+complete checkpoint or nothing. `train.resume=auto` checks anyway: if the checkpoint `latest` names
+is not complete it falls back to the newest complete one and says so.
+
+RNG states are restored strictly: a checkpoint whose RNG state cannot be applied is an error, not
+a log line. They are applied by `restore_rng`, which train.py calls as the very last thing before
+the first step, so no setup work after loading (building data loaders, the W&B run, reading the
+media images) can shift the streams that drive the reparameterisation noise and the augmentation.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import random
+import re
 import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
+import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from pipeline import faults
 from pipeline.config import ConfigError
+
+FORMAT = 2
+MANIFEST = "checkpoint.json"
+
+
+@dataclass
+class Resumed:
+    """What a loaded checkpoint gives back to the trainer."""
+
+    path: Path
+    step: int
+    trainer: dict
+    """This rank's trainer_rank<r>.json (rank 0's when the world size changed)."""
+    same_world_size: bool
+    rng: tuple[dict, dict[str, torch.Tensor]] | None
+    """(python/numpy states, torch generator states) to hand to restore_rng; None when reseeding."""
 
 
 class Checkpointer:
@@ -38,45 +76,66 @@ class Checkpointer:
         self.accelerator = accelerator
         self.every_steps = every_steps
         self.keep = keep
-        if accelerator.is_main_process:
+        self.last_save_seconds = 0.0
+        if accelerator.is_main_process:  # (the caller holds the run folder's lock)
             self.dir.mkdir(parents=True, exist_ok=True)
-            for stale in self.dir.glob(".tmp-*"):  # a save that was killed halfway
+            for stale in [*self.dir.glob(".tmp-*"), *self.dir.glob(".trash-*")]:  # saves or prunes killed halfway
                 shutil.rmtree(stale, ignore_errors=True)
         accelerator.wait_for_everyone()
 
     # ---------------------------------------------------------------- saving
 
-    def maybe_save(self, step: int, ema: torch.nn.Module | None, trainer_state: Callable[[], dict],
-                   force: bool = False) -> bool:
+    def maybe_save(self, step: int, parts: "Parts", trainer_state: Callable[[], dict], force: bool = False) -> bool:
         """Save at every `every_steps` step (or when forced: at the end, on a stop signal).
         `trainer_state` is only called when a save happens."""
         if not force and step % self.every_steps != 0:
             return False
         if self.latest_name() == _name(step):  # already saved at this step (e.g. end == periodic)
             return False
-        self.save(step, ema, trainer_state())
+        self.save(step, parts, trainer_state())
         return True
 
-    def save(self, step: int, ema: torch.nn.Module | None, trainer_state: dict) -> Path:
+    def save(self, step: int, parts: "Parts", trainer_state: dict) -> Path:
         acc = self.accelerator
+        started = time.perf_counter()
         final = self.dir / _name(step)
         tmp = self.dir / f".tmp-{_name(step)}"
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp), safe_serialization=True)  # every rank writes its RNG state
-        if acc.is_main_process and ema is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()},
-                      str(tmp / "ema.safetensors"))
-        _write_json(tmp / f"trainer_rank{acc.process_index}.json", trainer_state)
-        acc.wait_for_everyone()
+
+        written: dict[str, int] = {}  # file -> bytes, for checkpoint.json
+        rank = acc.process_index
+        python_numpy, generators = rng_state(acc.device)
+        written.update(_save_tensors(tmp / f"rng_rank{rank}.safetensors", generators))
+        written.update(_save_json(tmp / f"trainer_rank{rank}.json", {**trainer_state, "rng": python_numpy}))
         if acc.is_main_process:
-            shutil.rmtree(final, ignore_errors=True)
+            written.update(_save_tensors(tmp / "model.safetensors", parts.model_state()))
+            if parts.ema is not None:
+                written.update(_save_tensors(tmp / "ema.safetensors", parts.ema.state_dict()))
+            tensors, rest = encode_state(parts.optimizer.state_dict())
+            written.update(_save_tensors(tmp / "optimizer.safetensors", tensors))
+            written.update(_save_json(tmp / "optimizer.json", rest))
+            if acc.scaler is not None:
+                written.update(_save_json(tmp / "scaler.json", acc.scaler.state_dict()))
+        everything = gather_object([written]) if acc.num_processes > 1 else [written]
+        faults.kill_at("checkpoint", step, acc.is_main_process)
+
+        if acc.is_main_process:
+            files = {name: size for part in everything for name, size in part.items()}
+            _save_json(tmp / MANIFEST, {"format": FORMAT, "step": step, "world_size": acc.num_processes,
+                                        "files": dict(sorted(files.items()))})
+            _fsync(tmp)
+            if final.exists():  # a run restarted with resume=never reaches this step again
+                _discard(final)
             os.replace(tmp, final)
+            _fsync(self.dir)
             _write_text(self.dir / "latest", final.name)  # the commit point
             self._prune()
         acc.wait_for_everyone()
+        self.last_save_seconds = time.perf_counter() - started
+        faults.kill_at("after-checkpoint", step, acc.is_main_process)
         return final
 
     def _prune(self) -> None:
@@ -86,49 +145,283 @@ class Checkpointer:
         complete = sorted((p for p in self.dir.glob("step-*") if p.is_dir() and p.name != latest),
                           key=lambda p: p.stat().st_mtime)
         for old in complete[: max(0, len(complete) - (self.keep - 1))]:
-            shutil.rmtree(old, ignore_errors=True)
+            _discard(old)
 
-    # ---------------------------------------------------------------- loading
+    # ---------------------------------------------------------------- finding
 
     def latest_name(self) -> str | None:
         pointer = self.dir / "latest"
         return pointer.read_text().strip() if pointer.is_file() else None
 
     def resolve(self, resume: str) -> Path | None:
-        """train.resume -> the checkpoint folder to load (None: start fresh)."""
+        """train.resume -> the checkpoint folder to load (None: start fresh). Raises ConfigError with one
+        sentence when the named checkpoint is incomplete and nothing complete can stand in for it."""
         if resume == "never":
             return None
-        if resume == "auto":
-            name = self.latest_name()
-            return self.dir / name if name else None
-        path = Path(resume)
-        if not (path / "model.safetensors").is_file():
-            raise ConfigError(f"train.resume={resume} is not a checkpoint folder (no model.safetensors); "
-                              f"use auto, never, or a path like {self.dir}/step-000500")
-        return path
+        if resume != "auto":
+            path = Path(resume)
+            problem = incomplete_reason(path)
+            if problem:
+                raise ConfigError(f"train.resume={resume} cannot be loaded: {problem}; use auto, never, or a "
+                                  f"complete checkpoint folder such as {self.dir}/step-000500")
+            return path
+        name = self.latest_name()
+        candidates = sorted((p for p in self.dir.glob("step-*") if p.is_dir()), key=_step_of, reverse=True)
+        if name is None and not candidates:
+            return None
+        if name is not None:
+            problem = incomplete_reason(self.dir / name)
+            if not problem:
+                return self.dir / name
+        complete = [p for p in candidates if not incomplete_reason(p)]
+        said = (f"checkpoint {self.dir / name} named by {self.dir / 'latest'} is not complete ({problem})"
+                if name is not None else f"{self.dir / 'latest'} is missing")
+        if not complete:
+            raise ConfigError(f"{said} and no other checkpoint in {self.dir} is complete; start over with "
+                              f"train.resume=never (or in a new run folder)")
+        self.accelerator.print(f"warning: {said}; resuming from {complete[0]}, the newest complete checkpoint")
+        return complete[0]
 
-    def load(self, path: Path, ema: torch.nn.Module | None) -> dict:
-        """Restore model, optimizer, scaler, RNG (Accelerate, weights_only) + EMA; return this rank's trainer state."""
+    # ---------------------------------------------------------------- loading
+
+    def load(self, path: Path, parts: "Parts") -> Resumed:
+        """Restore weights, optimizer, EMA and scaler now; return this rank's trainer state and its RNG
+        states, to be applied with restore_rng() right before the first step."""
         acc = self.accelerator
-        acc.load_state(str(path))
-        if ema is not None and (path / "ema.safetensors").is_file():
-            ema.load_state_dict(load_file(str(path / "ema.safetensors"), device="cpu"))
-        state_file = path / f"trainer_rank{acc.process_index}.json"
-        if not state_file.is_file():
-            raise ConfigError(f"checkpoint {path} has no {state_file.name}: it was written by a run with fewer "
-                              f"processes; resume with the same number of processes or set train.resume=never")
-        return json.loads(state_file.read_text())
+        manifest = json.loads((path / MANIFEST).read_text())
+        saved_world = int(manifest["world_size"])
+        state = _load_tensors(path / "model.safetensors")
+        parts.load_model_state(state, path)
+        if parts.ema is not None:
+            if (path / "ema.safetensors").is_file():
+                parts.ema.load_state_dict(_load_tensors(path / "ema.safetensors"))
+            else:  # EMA switched on for a run that trained without it: start it from the weights
+                parts.ema.module.load_state_dict(parts.vae.state_dict())
+        optimizer_state = decode_state(json.loads((path / "optimizer.json").read_text()),
+                                       _load_tensors(path / "optimizer.safetensors"))
+        try:
+            parts.optimizer.load_state_dict(optimizer_state)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise ConfigError(f"checkpoint {path}: the optimizer state does not fit this run's parameters ({e}); "
+                              f"resume with the recipe the run was trained with") from None
+        if acc.scaler is not None and (path / "scaler.json").is_file():
+            acc.scaler.load_state_dict(json.loads((path / "scaler.json").read_text()))
+        same = saved_world == acc.num_processes
+        rank = acc.process_index if same else 0
+        trainer = json.loads((path / f"trainer_rank{rank}.json").read_text())
+        rng = (trainer.pop("rng"), _load_tensors(path / f"rng_rank{rank}.safetensors")) if same else None
+        trainer.pop("rng", None)
+        return Resumed(path=path, step=int(manifest["step"]), trainer=trainer, same_world_size=same, rng=rng)
+
+
+@dataclass
+class Parts:
+    """The objects a checkpoint holds, as the trainer has them."""
+
+    vae: torch.nn.Module  # the bare model (not DDP, not compiled)
+    loss: torch.nn.Module  # the loss, whose learned log-variance is a parameter
+    optimizer: Any  # the prepared optimizer (state_dict / load_state_dict)
+    ema: torch.nn.Module | None
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        return {**{f"vae.{k}": v for k, v in self.vae.state_dict().items()},
+                **{f"loss.{k}": v for k, v in self.loss.state_dict().items()}}
+
+    def load_model_state(self, state: dict[str, torch.Tensor], path: Path) -> None:
+        vae = {k[4:]: v for k, v in state.items() if k.startswith("vae.")}
+        loss = {k[5:]: v for k, v in state.items() if k.startswith("loss.")}
+        for name, module, part in (("model", self.vae, vae), ("loss", self.loss, loss)):
+            try:
+                module.load_state_dict(part, strict=True)
+            except RuntimeError as e:
+                first = str(e).split("\n\t", 1)[-1].split("\n")[0]
+                raise ConfigError(f"checkpoint {path} does not fit this run's {name} ({first}); resume with the "
+                                  f"recipe the run was trained with, or start over with train.resume=never") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Completeness
+# --------------------------------------------------------------------------------------------
+
+
+def incomplete_reason(path: Path) -> str | None:
+    """None when `path` is a complete checkpoint; else what is wrong, as a phrase."""
+    manifest = path / MANIFEST
+    if not path.is_dir():
+        return f"{path} does not exist"
+    if not manifest.is_file():
+        if any(path.glob("random_states_*.pkl")):
+            return f"{path} was written by an older version of this pipeline (pickled Accelerate state)"
+        return f"{path} has no {MANIFEST}"
+    try:
+        m = json.loads(manifest.read_text())
+        files = {str(k): int(v) for k, v in m["files"].items()}
+        if int(m["format"]) != FORMAT:
+            return f"{path} has checkpoint format {m['format']}, this version reads {FORMAT}"
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return f"{manifest} is not valid"
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def _step_of(path: Path) -> int:
+    m = re.fullmatch(r"step-(\d+)", path.name)
+    return int(m.group(1)) if m else -1
+
+
+# --------------------------------------------------------------------------------------------
+# RNG states
+# --------------------------------------------------------------------------------------------
+
+
+def rng_state(device: torch.device) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(Python and numpy generator states as JSON data, torch generator states as uint8 tensors)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    python_numpy = {"python": [version, list(internal), gauss],
+                    "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        tensors["torch_cuda"] = torch.cuda.get_rng_state(device)
+    return python_numpy, tensors
+
+
+def restore_rng(saved: tuple[dict, dict[str, torch.Tensor]], device: torch.device, where: Path) -> None:
+    """Apply states from rng_state(); any mismatch is an error naming the checkpoint."""
+    python_numpy, tensors = saved
+    try:
+        version, internal, gauss = python_numpy["python"]
+        random.setstate((version, tuple(internal), gauss))
+        kind, keys, pos, has_gauss, cached = python_numpy["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+        torch.set_rng_state(tensors["torch_cpu"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["torch_cuda"], device)
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise RuntimeError(f"checkpoint {where}: could not restore the random-number generators ({e!r}); the "
+                           f"resumed run would not repeat the uninterrupted one. Resume on the same kind of "
+                           f"device, or start over with train.resume=never") from None
+
+
+@contextlib.contextmanager
+def preserved_rng(device: torch.device):
+    """Run a block (media, validation) without moving any generator the training step draws from."""
+    saved = rng_state(device)
+    try:
+        yield
+    finally:
+        restore_rng(saved, device, Path("(in memory)"))
+
+
+def seed_rng(device: torch.device, *key) -> None:
+    """Seed Python, numpy and torch (CPU and `device`) from a hash of `key` (e.g. seed, rank)."""
+    seed = int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little") % 2**63
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------
+# State dicts without pickle: tensors to safetensors, everything else to JSON
+# --------------------------------------------------------------------------------------------
+
+
+def encode_state(obj: Any) -> tuple[dict[str, torch.Tensor], Any]:
+    """A state dict -> (tensors by path, JSON data with {"__tensor__": path} in their places).
+    Dicts with non-string keys and tuples are tagged so decode_state rebuilds them exactly."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def enc(value: Any, path: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            tensors[path] = value
+            return {"__tensor__": path}
+        if isinstance(value, dict):
+            return {"__dict__": [[k, enc(v, f"{path}/{k}")] for k, v in value.items()]}
+        if isinstance(value, tuple):
+            return {"__tuple__": [enc(v, f"{path}/{i}") for i, v in enumerate(value)]}
+        if isinstance(value, list):
+            return [enc(v, f"{path}/{i}") for i, v in enumerate(value)]
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        raise TypeError(f"cannot store {type(value).__name__} at {path} in a checkpoint")
+
+    return tensors, enc(obj, "")
+
+
+def decode_state(data: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(data, dict):
+        if "__tensor__" in data:
+            return tensors[data["__tensor__"]]
+        if "__dict__" in data:
+            return {k: decode_state(v, tensors) for k, v in data["__dict__"]}
+        if "__tuple__" in data:
+            return tuple(decode_state(v, tensors) for v in data["__tuple__"])
+    if isinstance(data, list):
+        return [decode_state(v, tensors) for v in data]
+    return data
+
+
+# --------------------------------------------------------------------------------------------
+# Durable files
+# --------------------------------------------------------------------------------------------
 
 
 def _name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def _write_json(path: Path, data: dict) -> None:
-    _write_text(path, json.dumps(data))
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's entries to disk (a folder: the names in it, e.g. after a rename)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    # clone(): safetensors refuses tensors that share memory (views of one buffer)
+    save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, str(path))
+    _fsync(path)
+    return {path.name: path.stat().st_size}
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"checkpoint file {path} cannot be read ({e}); resume from another checkpoint "
+                          f"(train.resume=<folder>) or start over with train.resume=never") from None
+
+
+def _save_json(path: Path, data: Any) -> dict[str, int]:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(data))
+        f.flush()
+        os.fsync(f.fileno())
+    return {path.name: path.stat().st_size}
 
 
 def _write_text(path: Path, text: str) -> None:
+    """Replace `path` atomically and durably: write a temporary file, fsync, rename, fsync the folder."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def _discard(path: Path) -> None:
+    """Remove a checkpoint folder so that it is never seen half-deleted: rename it away, then delete."""
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)

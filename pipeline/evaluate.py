@@ -57,7 +57,7 @@ import torch
 
 from accelerate import Accelerator
 
-from pipeline import media
+from pipeline import faults, media
 from pipeline.config import ConfigError, exit_on_config_error
 from pipeline.inference import check_shards, key_noise, load_run, split_batches
 from pipeline.losses import (GAUSSIAN_LOGVAR_RANGE, LN2, PerceptualDistance, fixed_log_scale, kl_per_dim,
@@ -129,6 +129,7 @@ def validate(model, loss_fn, augment, batches: Iterable, accelerator, step: int)
         mu_sq_sum = mu.pow(2).sum(0) if mu_sq_sum is None else mu_sq_sum + mu.pow(2).sum(0)
         kl_dim_sum = kl_dim.sum(0) if kl_dim_sum is None else kl_dim_sum + kl_dim.sum(0)
         count += n
+        faults.kill_at("validation", step, accelerator.is_main_process)  # tests: a kill mid-validation
 
     if mu_sum is None:  # this rank got no samples: contribute zeros of the right shape
         dims = math.prod(model.latent_shape)

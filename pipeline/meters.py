@@ -1,4 +1,4 @@
-"""Loss-term averages between logging steps, accumulated on the device (no host sync until read)."""
+"""What is logged between two logging steps, accumulated on the device (no host sync until read)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,13 @@ import torch
 
 
 class IntervalMeter:
-    """Sums each term over the optimizer steps whose update was applied, and counts, per term, the steps
-    where it was non-finite. `read()` is the one host sync of a logging step."""
+    """Sums each loss term over the optimizer steps that were applied, counts the skipped (non-finite)
+    steps, and per term the steps where it was non-finite. `read()` is the one host sync of a
+    logging step.
+
+    The non-finite flags come from train_step already reduced over ranks (a step is skipped on every
+    rank or on none), so the counts are exact whole steps, the same on every rank. The loss sums are
+    this rank's; read() averages them over ranks. Corrupt samples are counted per rank and summed."""
 
     def __init__(self) -> None:
         self.reset()
@@ -16,26 +21,43 @@ class IntervalMeter:
         self.sums: dict[str, torch.Tensor] = {}
         self.steps = 0
 
-    def add(self, terms: dict[str, torch.Tensor], ok: torch.Tensor) -> None:
+    def add(self, terms: dict[str, torch.Tensor], nonfinite: dict[str, torch.Tensor], ok: torch.Tensor) -> None:
+        """terms: each loss term's mean over the step's micro-batches; nonfinite: per term (and
+        "grad_norm") a 0/1 flag, the same on every rank; ok: no flag set (the update was applied)."""
         okf = ok.float()
         for name, value in terms.items():
             value = value.detach().float()
-            finite = torch.isfinite(value)
-            self._acc(f"loss/{name}", torch.where(finite, value, 0.0) * okf)
-            self._acc(f"nonfinite/{name}", (~finite).float())
+            self._acc(f"loss/{name}", torch.where(torch.isfinite(value), value, 0.0) * okf)
+        for name, flag in nonfinite.items():
+            self._acc(f"nonfinite/{name}", flag.float())
         self._acc("ok_steps", okf)
+        self._acc("skipped_steps", 1.0 - okf)
         self.steps += 1
 
     def _acc(self, key: str, value: torch.Tensor) -> None:
         self.sums[key] = self.sums[key] + value if key in self.sums else value
 
-    def read(self, accelerator) -> tuple[dict[str, float], dict[str, float]]:
-        """(means of the terms over good steps, averaged over ranks; non-finite step counts per term)."""
+    def read(self, accelerator, skipped_samples: int = 0) -> tuple[dict[str, float], dict[str, int], int, int]:
+        """(means of the terms over applied steps and over ranks, {term: steps it was non-finite},
+        steps skipped, corrupt samples met by all ranks) for the interval; then starts a new interval."""
         names = sorted(self.sums)
-        values = accelerator.reduce(torch.stack([self.sums[k] for k in names]), "mean").tolist()
-        raw = dict(zip(names, values))
-        good = max(raw.pop("ok_steps", 0.0), 1e-9)
-        means = {k: v / good for k, v in raw.items() if k.startswith("loss/")}
-        bad = {k.split("/", 1)[1]: v for k, v in raw.items() if k.startswith("nonfinite/") and v > 0}
+        device = next(iter(self.sums.values())).device if self.sums else accelerator.device
+        local = torch.stack([self.sums[k].float().reshape(()) for k in names]
+                            + [torch.tensor(float(skipped_samples), device=device)])
+        total = accelerator.reduce(local, "sum").tolist() if accelerator.num_processes > 1 else local.tolist()
+        world = accelerator.num_processes
+        raw = dict(zip(names, total[:-1]))
+        good = raw.pop("ok_steps", 0.0) / world  # the same on every rank
+        skipped = round(raw.pop("skipped_steps", 0.0) / world)
+        means = {k: v / world / good for k, v in raw.items() if k.startswith("loss/") and good > 0}
+        bad = {k.split("/", 1)[1]: round(v / world) for k, v in raw.items() if k.startswith("nonfinite/") and v > 0}
         self.reset()
-        return means, bad
+        return means, bad, skipped, round(total[-1])
+
+    def state_dict(self) -> dict:
+        """The interval's partial sums as plain numbers (exact: float32 values are exact in JSON)."""
+        return {"steps": self.steps, "sums": {k: float(v) for k, v in self.sums.items()}}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        self.steps = int(state["steps"])
+        self.sums = {k: torch.tensor(v, dtype=torch.float32, device=device) for k, v in state["sums"].items()}

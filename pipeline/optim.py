@@ -54,12 +54,25 @@ class EMA(torch.nn.Module):
         return min(self.decay, (1 + step) / (10 + step))
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
-        ema, current = [], []
+    def update(self, model: torch.nn.Module, step: int, ok: torch.Tensor | None = None) -> None:
+        """Move the average toward `model`. `ok` (a 0-dim bool tensor on the device) False leaves the
+        average exactly as it was — a skipped non-finite step must not move it — without a host sync."""
+        ema, current, ints, int_current = [], [], [], []
         for (name, e), c in zip(self.module.state_dict().items(), model.state_dict().values()):
             if e.is_floating_point():
                 ema.append(e)
                 current.append(c.detach())
             else:
-                e.copy_(c)  # integer buffers such as BatchNorm's num_batches_tracked
-        torch._foreach_lerp_(ema, current, 1.0 - self.decay_at(step))
+                ints.append(e)  # integer buffers such as BatchNorm's num_batches_tracked
+                int_current.append(c)
+        weight = 1.0 - self.decay_at(step)
+        if ok is None:
+            torch._foreach_lerp_(ema, current, weight)
+            for e, c in zip(ints, int_current):
+                e.copy_(c)
+            return
+        # A skipped step left the weights and buffers as they were (finite), so a weight of exactly 0
+        # gives e + 0 * (c - e) = e: the average does not move. No host sync, no extra copies.
+        torch._foreach_lerp_(ema, current, ok.to(ema[0].dtype) * weight if ema else weight)
+        for e, c in zip(ints, int_current):
+            e.copy_(torch.where(ok, c, e))

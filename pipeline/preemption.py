@@ -9,6 +9,7 @@ answer after the same step, then all save one checkpoint together and exit with 
 
 from __future__ import annotations
 
+import os
 import signal
 
 import torch
@@ -18,6 +19,9 @@ EXIT_PREEMPTED = 75
 """Exit code after a signal-triggered checkpoint (EX_TEMPFAIL: run the same command again to resume)."""
 
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+MARGIN_ENV = "VAE_SIGNAL_MARGIN_SECONDS"
+"""Seconds between the scheduler's warning signal and the hard kill (slurm/*.sbatch set it from their
+`#SBATCH --signal=B:USR1@<seconds>` line; Slurm does not tell a job its own --signal)."""
 
 
 class StopFlag:
@@ -29,6 +33,9 @@ class StopFlag:
         # A dedicated gloo group keeps this off the GPU even when the main backend is NCCL.
         self._group = dist.new_group(backend="gloo") if distributed else None
         self._pending: tuple[torch.Tensor, dist.Work] | None = None
+        margin = os.environ.get(MARGIN_ENV, "")
+        self.margin_seconds = float(margin) if margin.replace(".", "", 1).isdigit() else None
+        self._warned = False
 
     def _handle(self, signum, frame) -> None:
         self.received = signal.Signals(signum).name
@@ -46,3 +53,15 @@ class StopFlag:
         if not decided:
             self._pending = (local, dist.all_reduce(local, op=dist.ReduceOp.MAX, group=self._group, async_op=True))
         return decided
+
+    def check_checkpoint_time(self, seconds: float, accelerator) -> None:
+        """Warn (once) when a checkpoint takes more than half of the time a warning signal leaves: a job
+        stopped at its time limit would then risk being killed before its checkpoint is complete."""
+        if self.margin_seconds is None or seconds <= self.margin_seconds / 2 or self._warned:
+            return
+        self._warned = True
+        accelerator.print(
+            f"warning: saving a checkpoint took {seconds:.0f} s, more than half of the {self.margin_seconds:.0f} s "
+            f"between the scheduler's warning signal and the time limit ({MARGIN_ENV}); a job stopped at its "
+            f"limit may be killed before its checkpoint is complete: submit with a larger margin "
+            f"(sbatch --signal=B:USR1@<seconds>, and {MARGIN_ENV} to match) or make checkpoints smaller")

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipeline import media
+from pipeline import faults, media
 from pipeline.config import Config, ConfigError, to_dict
 from pipeline.preemption import EXIT_PREEMPTED
 
@@ -92,12 +92,14 @@ def load_or_create_run_id(run_dir: Path) -> str:
 class Tracker:
     """Scalars, media, evaluation figures and the summary of one run; a no-op off the main process.
 
-    Files (main process): run_dir/metrics.jsonl (one JSON object per call: {"step": s, key: value}),
+    Files (main process): run_dir/metrics.jsonl (one JSON object per call: {"step": s, "segment": n,
+    key: value}; n counts the starts of the run folder, so rows re-logged after a restart are told apart),
     run_dir/media/<kind>-<step:06d>.png, run_dir/wandb_run_id, run_dir/wandb/ (offline/online).
     """
 
-    def __init__(self, cfg: Config, run_dir: str | Path, accelerator: Any = None):
+    def __init__(self, cfg: Config, run_dir: str | Path, accelerator: Any = None, segment: int = 0):
         self.cfg = cfg
+        self.segment = segment  # which start of the run folder this is (runs.RunLock.record_start)
         self.run_dir = Path(run_dir)
         self.accelerator = accelerator
         self.active = accelerator is None or bool(accelerator.is_main_process)
@@ -173,7 +175,8 @@ class Tracker:
 
     def _write_metrics(self, step: int, row: Mapping[str, Any]) -> None:
         self.last_scalars.update(row)
-        line = json.dumps({"step": int(step), **row}, allow_nan=True)
+        head = {"step": int(step), "segment": self.segment} if self.segment else {"step": int(step)}
+        line = json.dumps({**head, **row}, allow_nan=True)
         self._metrics.write(line + "\n")  # one write per line: a kill tears at most the last line
         self._metrics.flush()
 
@@ -240,8 +243,11 @@ class Tracker:
 
     def _log_pictures(self, step: int, pictures: Mapping[str, tuple[np.ndarray, str]],
                       prefix: str = "media") -> dict[str, Path]:
-        paths = {kind: media.save_png(arr, self.run_dir / "media" / f"{kind}-{step:06d}.png")
-                 for kind, (arr, _) in pictures.items()}
+        paths = {}
+        for kind, (arr, _) in pictures.items():
+            paths[kind] = media.save_png(arr, self.run_dir / "media" / f"{kind}-{step:06d}.png")
+            if prefix == "media":
+                faults.kill_at("media", step, main_process=True)  # tests: a kill while drawing media
         if self.run is not None:
             import wandb
 

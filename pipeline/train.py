@@ -6,10 +6,13 @@
     sbatch --nodes 4 slurm/multinode.sbatch recipes/flowers.yaml               # README: Running on SLURM
 
 Everything lands in runs/<run.name>/: config.yaml, metrics.jsonl, checkpoints/, media/, wandb/,
-summary.json. Running the same command again resumes from the latest complete checkpoint
-(train.resume=auto) with model, optimizer, scaler, EMA, RNG and the exact data-stream position, so the
-resumed run sees exactly the batches the uninterrupted one would have. SIGUSR1/SIGTERM: every rank
-finishes its step, one checkpoint is saved, and the process exits with code 75 (EXIT_PREEMPTED).
+starts.jsonl, summary.json. Running the same command again resumes from the latest complete checkpoint
+(train.resume=auto): weights, optimizer, scaler, EMA, RNG states and the global data position. On the
+same number of processes the resumed run repeats the uninterrupted one bit for bit (tests/test_resume.py
+kills runs at every kind of moment); on another number it continues the same data order from the same
+position, with fresh random streams. One live trainer per run folder (a lock); under a launcher the
+workers die with it. SIGUSR1/SIGTERM: every rank finishes its step, one checkpoint is saved, and the
+process exits with code 75 (EXIT_PREEMPTED).
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (`python pipeline/train.py`, `accelerate launch ...`)
@@ -28,85 +30,32 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from pipeline.checkpoint import Checkpointer
+from pipeline import faults
+from pipeline.checkpoint import Checkpointer, preserved_rng, restore_rng, seed_rng
 from pipeline.config import Config, ConfigError, cli_config, exit_on_config_error, save_config
-from pipeline.data import DeviceAugment, TrainStream, read_manifest, val_batches
+from pipeline.data import TrainStream, read_manifest, val_batches
 from pipeline.evaluate import validate
 from pipeline.meters import IntervalMeter
-from pipeline.losses import VAELoss
-from pipeline.models import build_model, training_flops_per_image
-from pipeline.optim import EMA, build_optimizer, lr_at, set_lr
+from pipeline.models import training_flops_per_image
+from pipeline.optim import lr_at, set_lr
 from pipeline.preemption import EXIT_PREEMPTED, StopFlag
+from pipeline.runs import die_with_parent, launched_by_torchrun, own_run_folder
+from pipeline.step import Training, build_training, train_step
 from pipeline.tracking import Tracker
 
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU; a GPU not listed reports no MFU rather than a guess.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
 
 
-class TrainModule(torch.nn.Module):
-    """The VAE and its loss as one module, so DDP also averages the loss's own parameters (the learned
-    log-variance of the gaussian likelihood) and one forward returns everything the step needs."""
-
-    def __init__(self, vae: torch.nn.Module, loss: VAELoss):
-        super().__init__()
-        self.vae, self.loss = vae, loss
-
-    def forward(self, images: torch.Tensor, step: int):
-        out = self.vae(images)
-        return self.loss(out, images, step)
-
-
-def train_step(module, optimizer, accelerator, micro_batches, step: int, cfg: Config):
-    """One optimizer step over `grad_accum_steps` micro-batches. Returns (loss terms, grad norm, ok), all
-    device tensors: nothing here waits for the device. A non-finite gradient norm (identical on every rank
-    after the all-reduce) skips the update on the device through the fused optimizer's found_inf."""
-    for images in micro_batches:
-        with accelerator.accumulate(module):
-            result = module(images, step)
-            accelerator.backward(result.total)
-    clip = cfg.optim.grad_clip_norm or float("inf")  # inf: measure the norm, change nothing
-    grad_norm = accelerator.clip_grad_norm_(module.parameters(), clip)
-    ok = torch.isfinite(grad_norm)
-    if accelerator.scaler is None:  # with fp16 the GradScaler sets found_inf itself
-        optimizer.optimizer.found_inf = (~ok).float()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return result, grad_norm, ok
-
-
-@dataclass
-class Training:
-    """Everything a training step needs. Built by build_training for train.py, pipeline.batchsize and
-    benchmarks/bench_train.py alike, so the three always measure the same step."""
-
-    vae: torch.nn.Module
-    augment: DeviceAugment
-    ema: EMA | None
-    module: torch.nn.Module  # TrainModule(vae, loss), prepared (DDP on several processes)
-    optimizer: torch.optim.Optimizer
-    memory_format: torch.memory_format
-
-
-def build_training(cfg: Config, accelerator: Accelerator, image_size: int) -> Training:
-    vae = build_model(cfg.model, image_size)
-    loss_fn = VAELoss(cfg.loss, vae.output_range, cfg.model.in_channels)
-    augment = DeviceAugment(cfg.data, vae.output_range).to(accelerator.device)
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    vae = vae.to(accelerator.device, memory_format=memory_format)
-    ema = EMA(vae, cfg.optim.ema_decay).to(accelerator.device) if cfg.optim.ema_decay > 0 else None
-    module = TrainModule(torch.compile(vae) if cfg.train.compile else vae, loss_fn)
-    # The loss's own parameters (the gaussian log-variance) get no weight decay.
-    optimizer = build_optimizer(vae.parameters(), [p for p in loss_fn.parameters() if p.requires_grad], cfg.optim)
-    module, optimizer = accelerator.prepare(module, optimizer)
-    return Training(vae, augment, ema, module, optimizer, memory_format)
-
-
 def main(cfg: Config) -> int:
+    if launched_by_torchrun():  # the elastic agent starts workers in their own session: die with it
+        die_with_parent()
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
                               gradient_accumulation_steps=cfg.train.grad_accum_steps)
+    main_process, device = accelerator.is_main_process, accelerator.device
     run_dir = Path(cfg.run.dir) / (cfg.run.name or cfg.name)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    lock = own_run_folder(run_dir, accelerator)  # before anything is written there
+    if main_process:
         save_config(cfg, run_dir / "config.yaml")
     set_seed(cfg.train.seed)  # identical initial weights on every rank
 
@@ -116,35 +65,45 @@ def main(cfg: Config) -> int:
 
     # Model, loss, optimizer (+ EMA of the weights for media and evaluation), prepared by Accelerate.
     t = build_training(cfg, accelerator, manifest["size"])
-    vae, augment, ema, module, optimizer, memory_format = t.vae, t.augment, t.ema, t.module, t.optimizer, t.memory_format
-    flops_per_image = training_flops_per_image(vae, manifest["size"])
-    if accelerator.is_main_process:  # lets evaluate/sample load the run even after its shards are gone
+    flops_per_image = training_flops_per_image(t.vae, manifest["size"])
+    if main_process:  # lets evaluate/sample load the run even after its shards are gone
         (run_dir / "model_info.json").write_text(json.dumps(
             {"image_size": manifest["size"], "classes": manifest["classes"], "image_format": manifest["image_format"]}))
 
-    # Resume (model, optimizer, scaler, RNG, EMA, step, data position) from the run folder.
+    # Resume weights, optimizer, scaler, EMA, step and data position from the run folder.
     checkpointer = Checkpointer(run_dir, accelerator, cfg.train.checkpoint_every_steps, cfg.train.keep_checkpoints)
-    step, images_seen = 0, 0
+    meter = IntervalMeter()  # loss terms summed on the device; read (one sync) on logging steps
+    step, nonfinite = 0, {"run": 0, "total": 0}  # consecutive and total skipped (non-finite) steps
     resume_from = checkpointer.resolve(cfg.train.resume)
-    if resume_from is not None:
-        state = checkpointer.load(resume_from, ema)
-        step, images_seen = state["step"], state["images_seen"]
-        stream.load_state_dict(state["stream"])
-        accelerator.print(f"resumed from {resume_from} at step {step}")
+    resumed = checkpointer.load(resume_from, t.parts) if resume_from is not None else None
+    if resumed is not None:
+        step, state = resumed.step, resumed.trainer
+        nonfinite = state["nonfinite"]
+        try:
+            note = stream.load_state_dict(state["stream"])
+        except ValueError as e:
+            raise ConfigError(f"checkpoint {resume_from}: {e}") from None
+        if resumed.same_world_size:
+            meter.load_state_dict(state["meter"], device)
+        else:
+            note = (f"the checkpoint was written by {resumed.trainer['world_size']} processes and this run has "
+                    f"{accelerator.num_processes}: weights, optimizer, EMA, step, schedule and data position "
+                    f"continue, the random streams are reseeded, so losses are not bitwise those of an "
+                    f"uninterrupted run") + (f"; {note}" if note else "")
+        accelerator.print(f"resumed from {resume_from} at step {step}" + (f" ({note})" if note else ""))
+    segment = lock.record_start({"step": step, "world_size": accelerator.num_processes}) if main_process else 0
 
-    tracker = Tracker(cfg, run_dir, accelerator)
-    tracker.log_model_info(vae, flops_per_image)
+    tracker = Tracker(cfg, run_dir, accelerator, segment=segment)
+    tracker.log_model_info(t.vae, flops_per_image)
     stop = StopFlag()
     if manifest["splits"]["val"]["count"] == 0:  # decided from the manifest, identically on every rank
         raise ConfigError(f"data.shards {cfg.data.shards} has no validation images; rebuild it with "
                           f"`python -m pipeline.shards ... --val-fraction 0.1`")
     # Fixed validation images for the media panels; only the main process logs media.
-    media_images = _first_images(cfg, cfg.tracking.media_images) if accelerator.is_main_process else None
+    media_images = _first_images(cfg, cfg.tracking.media_images) if main_process else None
     images_per_step = cfg.data.batch_size_per_device * cfg.train.grad_accum_steps * accelerator.num_processes
-    peak = _peak_flops(accelerator.device)
-    meter = IntervalMeter()  # loss terms summed on the device; read (one sync) on logging steps
-    nonfinite_run = torch.zeros((), device=accelerator.device)  # consecutive skipped steps
-    nonfinite_total = 0.0
+    peak = _peak_flops(device)
+    nonfinite_run = torch.tensor(nonfinite["run"], device=device)
     # Interval timing for images/s; the time spent in media, evaluation and checkpoints is left out.
     data_seconds, other_seconds, interval_start, interval_steps, start_step = 0.0, 0.0, time.perf_counter(), 0, step
     loop_start = time.perf_counter()
@@ -152,52 +111,59 @@ def main(cfg: Config) -> int:
                dynamic_ncols=True)
     exit_code = 0
 
+    # The very last thing before the first step: the random streams (noise, augmentation). Restored
+    # here, after all the setup above, so nothing in it can shift them; seeded per rank otherwise.
+    if resumed is not None and resumed.rng is not None:
+        restore_rng(resumed.rng, device, resumed.path)
+    else:
+        seed_rng(device, "train", cfg.train.seed, accelerator.process_index, step)
+
     stream_iter = iter(stream)
     while step < cfg.train.max_steps:
         t0 = time.perf_counter()
-        micro = [next(stream_iter).images.to(accelerator.device, non_blocking=True)
-                 for _ in range(cfg.train.grad_accum_steps)]
+        micro = [next(stream_iter).images.to(device, non_blocking=True) for _ in range(cfg.train.grad_accum_steps)]
         data_seconds += time.perf_counter() - t0
-        micro = [augment(m, train=True).contiguous(memory_format=memory_format) for m in micro]
-        if step + 1 in cfg.train.inject_nan_at_steps:  # fault injection for the non-finite guard's test
-            micro = [m * float("nan") for m in micro]
-        set_lr(optimizer, lr_at(step, cfg.optim, cfg.train.max_steps))
-        result, grad_norm, ok = train_step(module, optimizer, accelerator, micro, step, cfg)
+        micro = [t.augment(m, train=True).contiguous(memory_format=t.memory_format) for m in micro]
+        if step + 1 in cfg.train.inject_nan_at_steps and cfg.train.inject_nan_rank in (-1, accelerator.process_index):
+            micro = [m * float("nan") for m in micro]  # fault injection for the non-finite guard's tests
+        set_lr(t.optimizer, lr_at(step, cfg.optim, cfg.train.max_steps))
+        result = train_step(t, accelerator, micro, step, cfg)
         step += 1
-        images_seen += images_per_step
-        if ema is not None:
-            ema.update(accelerator.unwrap_model(module).vae, step)
-        nonfinite_run = torch.where(ok, torch.zeros_like(nonfinite_run), nonfinite_run + 1)
-        meter.add({**result.terms, "total": result.total, "grad_norm": grad_norm}, ok)
+        if t.ema is not None:
+            t.ema.update(t.vae, step, result.ok)
+        nonfinite_run = torch.where(result.ok, torch.zeros_like(nonfinite_run), nonfinite_run + 1)
+        meter.add({**result.terms, "grad_norm": result.grad_norm}, result.nonfinite, result.ok)
+        faults.kill_at("step", step, main_process)
         interval_steps += 1
         bar.update(1)
 
         last = step == cfg.train.max_steps
         if tracker.is_due("scalars", step, final=last):
-            means, bad = meter.read(accelerator)  # the one sync of a logging step
+            means, bad, skipped, corrupt = meter.read(accelerator, stream.skipped_samples)  # the one sync
             seconds = time.perf_counter() - interval_start - other_seconds
             ips = images_per_step * interval_steps / seconds
-            nonfinite_total += max(bad.values(), default=0.0)
+            nonfinite["total"] += skipped
+            grad_norm = means.pop("loss/grad_norm", float("nan"))
             scalars = {**means,
-                       "train/grad_norm": means.pop("loss/grad_norm", float("nan")),
+                       "train/grad_norm": grad_norm,
                        "train/lr": lr_at(step - 1, cfg.optim, cfg.train.max_steps),
                        "train/images_per_second": ips,
                        "train/images_per_second_per_device": ips / accelerator.num_processes,
                        "train/data_wait_fraction": data_seconds / seconds,
-                       "train/nonfinite_steps": nonfinite_total,
-                       "train/skipped_samples": stream.skipped_samples,
-                       "train/memory_gb": _memory_gb(accelerator.device),
-                       "train/epoch": images_seen / max(1, stream.samples_per_epoch)}
+                       "train/nonfinite_steps": nonfinite["total"],
+                       "train/skipped_samples": corrupt,
+                       "train/checkpoint_seconds": checkpointer.last_save_seconds,
+                       "train/memory_gb": _memory_gb(device),
+                       "train/epoch": stream.position / stream.samples_per_epoch}
             scalars.update({f"train/nonfinite/{k}": v for k, v in bad.items()})
-            scalars.pop("loss/grad_norm", None)
             if peak:
                 scalars["train/mfu"] = flops_per_image * ips / accelerator.num_processes / peak
             tracker.log_scalars(step, scalars)
             bar.set_postfix(loss=f"{scalars.get('loss/total', float('nan')):.4f}", ips=f"{ips:.0f}")
             if bad:
-                accelerator.print(f"step {step}: skipped non-finite steps (term: count) {bad}")
+                accelerator.print(f"step {step}: skipped non-finite steps (term: steps) {bad}")
             if nonfinite_run.item() >= cfg.train.max_nonfinite_steps:  # checked on logging steps only
-                terms = ", ".join(k for k in bad if k != "total") or "the gradients"
+                terms = ", ".join(k for k in bad if k not in ("total", "grad_norm")) or "the gradients"
                 bar.close()
                 tracker.finish(exit_code=1)
                 raise SystemExit(f"error: stopped at step {step}: {cfg.train.max_nonfinite_steps} consecutive steps "
@@ -205,19 +171,24 @@ def main(cfg: Config) -> int:
                                  f"use bf16 instead of fp16, or check the data")
             data_seconds, other_seconds, interval_start, interval_steps = 0.0, 0.0, time.perf_counter(), 0
 
-        # Components own their cadence. Evaluation and media must not consume the training RNG stream.
+        # Components own their cadence. Evaluation and media must not consume the training RNG streams.
         t_other = time.perf_counter()
-        with torch.random.fork_rng(devices=_rng_devices(accelerator)):
-            if tracker.is_due("media", step, final=last):
-                tracker.log_media(step, _eval_model(ema, accelerator, module), media_images)
-            if tracker.is_due("eval", step, final=last):
-                metrics = validate(_eval_model(ema, accelerator, module), accelerator.unwrap_model(module).loss,
-                                   augment, val_batches(cfg, accelerator.process_index, accelerator.num_processes),
+        if tracker.is_due("media", step, final=last):
+            with preserved_rng(device):
+                tracker.log_media(step, _eval_model(t), media_images)
+        if tracker.is_due("eval", step, final=last):
+            with preserved_rng(device):
+                metrics = validate(_eval_model(t), t.loss, t.augment,
+                                   val_batches(cfg, accelerator.process_index, accelerator.num_processes),
                                    accelerator, step)
-                tracker.log_eval(step, metrics)
+            tracker.log_eval(step, metrics)
         stopping = stop.should_stop()
-        checkpointer.maybe_save(step, ema, lambda: {"step": step, "images_seen": images_seen,
-                                                    "stream": stream.state_dict()}, force=stopping or last)
+        saved = checkpointer.maybe_save(step, t.parts, lambda: {
+            "step": step, "images_seen": stream.position, "world_size": accelerator.num_processes,
+            "stream": stream.state_dict(), "meter": meter.state_dict(),
+            "nonfinite": {"run": int(nonfinite_run.item()), "total": nonfinite["total"]}}, force=stopping or last)
+        if saved:
+            stop.check_checkpoint_time(checkpointer.last_save_seconds, accelerator)
         if stopping:
             accelerator.print(f"received {stop.received or 'a stop signal on another rank'}: "
                               f"saved step {step}, exiting with {EXIT_PREEMPTED}")
@@ -227,7 +198,7 @@ def main(cfg: Config) -> int:
 
     bar.close()
     wall = time.perf_counter() - loop_start
-    summary = {"step": step, "images_seen": images_seen, "wall_seconds": wall,
+    summary = {"step": step, "images_seen": stream.position, "wall_seconds": wall,
                "images_per_second": images_per_step * (step - start_step) / max(wall, 1e-9),
                "flops_per_image": flops_per_image, "world_size": accelerator.num_processes,
                "exit_code": exit_code}
@@ -235,12 +206,12 @@ def main(cfg: Config) -> int:
         summary["mfu"] = flops_per_image * summary["images_per_second"] / accelerator.num_processes / peak
     if exit_code == 0:
         summary.update({k: v for k, v in tracker.last_scalars.items() if k.startswith(("loss/", "val/"))})
-        if accelerator.is_main_process:
+        if main_process:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     tracker.set_summary(summary)
     wandb_dir = tracker.wandb_dir
     tracker.finish(exit_code)
-    if accelerator.is_main_process and exit_code == 0:
+    if main_process and exit_code == 0:
         print(f"\nrun folder: {run_dir}  (metrics.jsonl, summary.json, checkpoints/)\n"
               f"images:     {run_dir / 'media'}")
         if wandb_dir is not None and cfg.tracking.mode == "offline":
@@ -249,8 +220,8 @@ def main(cfg: Config) -> int:
     return exit_code
 
 
-def _eval_model(ema, accelerator, module):
-    return ema.module if ema is not None else accelerator.unwrap_model(module).vae
+def _eval_model(t: Training) -> torch.nn.Module:
+    return t.ema.module if t.ema is not None else t.vae
 
 
 def _first_images(cfg: Config, n: int) -> torch.Tensor:
@@ -261,10 +232,6 @@ def _first_images(cfg: Config, n: int) -> torch.Tensor:
         if sum(len(x) for x in images) >= n:
             break
     return torch.cat(images)[:n]
-
-
-def _rng_devices(accelerator) -> list:
-    return [accelerator.device] if accelerator.device.type == "cuda" else []
 
 
 def _peak_flops(device: torch.device) -> float | None:

@@ -4,14 +4,18 @@ the non-finite guard, a two-"machine" launch, and what reaches W&B (read back fr
 from __future__ import annotations
 
 import json
-import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
 
 from conftest import ROOT, TEST_ENV, free_port
 
@@ -84,29 +88,6 @@ def test_two_process_ddp_really_has_world_size_two(ddp_run):
     assert sum(losses[s] for s in range(26, 31)) < sum(losses[s] for s in range(1, 6))
 
 
-def test_exact_resume_after_sigkill_is_bitwise_identical(ddp_run, tiny_shards, tmp_path):
-    run_dir = tmp_path / "killed"
-    cmd = command(2, tiny_args(tiny_shards, run_dir, "train.max_steps=30"))
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=TEST_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        wait_for_step(run_dir, proc, 17)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # no chance to save: resume must come from step 15's checkpoint
-        proc.wait()
-    killed_at = max(loss_by_step(run_dir))
-    assert 17 <= killed_at < 30
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() in ("step-000015", "step-000020", "step-000025")
-
-    r = run(cmd)
-    assert (run_dir / "summary.json").exists(), r.stderr[-4000:]
-    assert "resumed from" in r.stdout + r.stderr
-    reference, resumed = loss_by_step(ddp_run), loss_by_step(run_dir)
-    assert sorted(resumed) == list(range(1, 31))
-    mismatches = {s: (reference[s], resumed[s]) for s in reference if reference[s] != resumed[s]}
-    assert not mismatches, f"resumed losses differ from the uninterrupted run: {mismatches}"
-
-
 def test_sigusr1_checkpoints_and_exits_75_then_resumes(tiny_shards, tmp_path):
     run_dir = tmp_path / "usr1"
     cmd = command(1, tiny_args(tiny_shards, run_dir, "train.max_steps=500", "train.checkpoint_every_steps=1000"))
@@ -125,15 +106,47 @@ def test_sigusr1_checkpoints_and_exits_75_then_resumes(tiny_shards, tmp_path):
     assert json.loads((run_dir / "summary.json").read_text())["step"] == stopped + 3
 
 
-def test_nonfinite_step_is_skipped_counted_and_training_continues(tiny_shards, tmp_path):
+def test_a_nonfinite_step_changes_nothing_and_is_counted(tiny_shards, tmp_path):
+    """NaN images at step 3 of a BatchNorm recipe: the checkpoint after step 3 equals the one after step 2
+    in every tensor (weights, BatchNorm statistics, optimizer moments and step counts, EMA), training
+    goes on, and validation and media afterwards are finite."""
     run_dir = tmp_path / "nan"
-    r = run(command(1, tiny_args(tiny_shards, run_dir, "train.max_steps=6", "train.inject_nan_at_steps=[3]")))
+    r = run(command(1, tiny_args(tiny_shards, run_dir, "train.max_steps=6", "train.inject_nan_at_steps=[3]",
+                                 "train.checkpoint_every_steps=1", "train.keep_checkpoints=10",
+                                 "tracking.media_every_steps=6", "tracking.eval_every_steps=6")))
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = {m["step"]: m for m in metrics(run_dir) if "loss/total" in m}
-    assert rows[3]["train/nonfinite/recon"] == 1.0
-    assert rows[6]["train/nonfinite_steps"] == 1.0
-    assert all(v == v for m in rows.values() for k, v in m.items() if k.startswith("loss/"))  # no NaN logged
-    assert json.loads((run_dir / "summary.json").read_text())["step"] == 6
+    ckpts = run_dir / "checkpoints"
+    for name in ("model.safetensors", "ema.safetensors", "optimizer.safetensors"):
+        before, after = load_file(str(ckpts / "step-000002" / name)), load_file(str(ckpts / "step-000003" / name))
+        assert before.keys() == after.keys()
+        changed = [k for k in before if not torch.equal(before[k], after[k])]
+        assert not changed, f"{name}: the skipped step changed {changed[:5]}"
+    bn = load_file(str(ckpts / "step-000003" / "model.safetensors"))
+    assert any(k.endswith("running_var") for k in bn)  # the recipe really has BatchNorm
+    moved = load_file(str(ckpts / "step-000004" / "model.safetensors"))
+    assert any(not torch.equal(bn[k], moved[k]) for k in bn)  # ... and step 4 trained again
+
+    rows = {m["step"]: m for m in metrics(run_dir) if "train/nonfinite_steps" in m}
+    assert rows[3]["train/nonfinite/recon"] == 1 and rows[3]["train/nonfinite/total"] == 1
+    assert "loss/total" not in rows[3]  # nothing to average: the one step of the interval was skipped
+    assert [rows[s]["train/nonfinite_steps"] for s in range(1, 7)] == [0, 0, 1, 1, 1, 1]
+    val = {k: v for m in metrics(run_dir) for k, v in m.items() if k.startswith("val/")}
+    assert val and all(np.isfinite(v) for v in val.values()), val
+    recon = np.asarray(Image.open(run_dir / "media" / "recon-000006.png").convert("RGB"), dtype=np.float32)
+    h = recon.shape[0] // 2
+    assert recon[h:].std() > 5  # the reconstructions row is an image, not a NaN-black band
+
+
+def test_nonfinite_counts_are_exact_steps_under_ddp(tiny_shards, tmp_path):
+    """NaN on rank 1 only: both ranks skip the step (their weights stay identical) and count one step, not
+    the average 0.5 of a per-rank count."""
+    run_dir = tmp_path / "nan2"
+    r = run(command(2, tiny_args(tiny_shards, run_dir, "train.max_steps=4", "train.inject_nan_at_steps=[2]",
+                                 "train.inject_nan_rank=1")))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {m["step"]: m for m in metrics(run_dir) if "train/nonfinite_steps" in m}
+    assert rows[2]["train/nonfinite/recon"] == 1 and rows[4]["train/nonfinite_steps"] == 1
+    assert isinstance(rows[4]["train/nonfinite_steps"], int)
 
 
 def test_consecutive_nonfinite_steps_stop_with_one_sentence(tiny_shards, tmp_path):
@@ -187,3 +200,85 @@ def test_wandb_offline_run_holds_losses_config_and_media(ddp_run):
         assert pixels.std() > 5 and pixels.mean() > 5, f"{key} at step {step} is blank"
     for kind in ("media/recon", "media/samples", "media/interpolations", "media/traversals"):
         assert kinds.get(kind) == [10, 20, 30], (kind, kinds)
+
+
+# --------------------------------------------------------------------------------------------
+# train_step in this process: what is counted and what is logged
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def step_setup(tiny_shards):
+    from accelerate import Accelerator
+
+    from pipeline.config import load_config
+    from pipeline.step import build_training
+
+    cfg = load_config("recipes/demo.yaml", [f"data.shards={tiny_shards}", "model.arch=resnet", "model.channels=[8,16]",
+                                            "model.latent=spatial", "model.latent_channels=2", "train.grad_accum_steps=2"])
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    return cfg, accelerator, build_training(cfg, accelerator, 32)
+
+
+def test_an_infinite_gradient_with_finite_losses_is_skipped_and_counted(step_setup):
+    from pipeline.step import train_step
+
+    cfg, accelerator, t = step_setup
+    before = {k: v.clone() for k, v in t.vae.state_dict().items()}
+    param = next(t.vae.parameters())
+    hook = param.register_hook(lambda g: torch.full_like(g, float("inf")))
+    try:
+        x = [torch.rand(4, 3, 32, 32) * 2 - 1 for _ in range(2)]
+        result = train_step(t, accelerator, x, 0, cfg)
+    finally:
+        hook.remove()
+    assert all(torch.isfinite(v) for v in result.terms.values())
+    assert result.nonfinite["grad_norm"] == 1 and not result.ok
+    assert all(result.nonfinite[k] == 0 for k in result.terms)
+    assert all(torch.equal(before[k], v) for k, v in t.vae.state_dict().items())
+
+
+def test_logged_terms_are_the_mean_over_the_micro_batches(step_setup):
+    from pipeline.step import train_step
+
+    cfg, accelerator, t = step_setup
+    x = [torch.rand(4, 3, 32, 32) * 2 - 1, torch.zeros(4, 3, 32, 32)]  # two very different micro-batches
+    weights = {k: v.clone() for k, v in t.module.state_dict().items()}
+    torch.manual_seed(0)
+    result = train_step(t, accelerator, x, 10, cfg)
+    t.module.load_state_dict(weights)
+    torch.manual_seed(0)  # the same reparameterisation noise, micro-batch by micro-batch
+    with torch.no_grad():
+        each = [t.module(m, 10) for m in x]
+    for name in ("recon", "kl", "tv"):
+        expected = (each[0].terms[name] + each[1].terms[name]) / 2
+        assert torch.allclose(result.terms[name], expected, rtol=1e-5), name
+        assert not torch.allclose(result.terms[name], each[1].terms[name], rtol=1e-3), name
+    assert torch.allclose(result.terms["total"], (each[0].total + each[1].total) / 2, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# One owner per run folder
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_second_trainer_on_a_live_run_folder_refuses_naming_the_holder(tiny_shards, tmp_path):
+    run_dir = tmp_path / "busy"
+    args = tiny_args(tiny_shards, run_dir, "train.max_steps=5000", "train.checkpoint_every_steps=1000")
+    first = subprocess.Popen(command(1, args), cwd=ROOT, env=TEST_ENV, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_step(run_dir, first, 2)
+        config = (run_dir / "config.yaml").read_bytes()
+        r = run(command(1, tiny_args(tiny_shards, run_dir, "train.max_steps=10")))
+        assert r.returncode == 2
+        assert r.stderr.strip().splitlines() == [
+            f"error: run folder {run_dir} is in use by pid {first.pid} on {socket.gethostname()}, started "
+            f"{json.loads((run_dir / '.lock').read_text())['started']}; wait for that run to finish or stop it "
+            f"(kill {first.pid}), or train in another folder with run.name=..."]
+        assert (run_dir / "config.yaml").read_bytes() == config  # nothing of the live run was touched
+        assert len((run_dir / "starts.jsonl").read_text().splitlines()) == 1
+    finally:
+        first.send_signal(signal.SIGUSR1)
+        first.communicate(timeout=120)
+    assert first.returncode == 75

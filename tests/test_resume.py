@@ -1,0 +1,174 @@
+"""Exact resume after SIGKILL, in real processes, for every architecture family, 1 and 2 processes and
+0, 1 and 2 data workers, with kills at every kind of moment (issue 14).
+
+Each case trains a tiny model for 16 steps (checkpoints every 4, validation and media every 5; with
+86 training images at 8 per device an epoch is ~11 steps on one process and ~5 on two, so every
+resumed segment crosses an epoch boundary). The run is SIGKILLed — every process of it, found by
+pid, not just the launcher's group — and started again with the same command. Then:
+- no process of the first launch is alive;
+- the rows of metrics.jsonl after the checkpoint come from the second start (its segment number
+  and pid), so the restarted process did the work, not a survivor of the first;
+- every logged loss term of those steps is bitwise equal to the uninterrupted run's.
+
+Kill points: "external" (the test kills everything at a step between checkpoints), "group" (kill -9
+of the launcher's process group after a checkpoint: the workers must die with their launcher), and
+points inside the trainer reached through VAE_KILL_AT=<point>@<step> (pipeline/faults.py): while a
+checkpoint is being written, right after one, during validation, during media.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, TEST_ENV, free_port
+from processes import Launch
+
+pytestmark = pytest.mark.slow
+
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+STEPS = 16
+
+ARCHS = {
+    "conv": ["model.arch=conv", "model.channels=[8,16]", "model.latent_dim=8"],  # BatchNorm
+    "dcgan": ["model.arch=dcgan", "model.channels=[8,16]", "model.latent=spatial", "model.latent_channels=2",
+              "model.samples_per_input=2"],  # BatchNorm, several draws of z per input
+    "resnet": ["model.arch=resnet", "model.channels=[8,16]", "model.latent=spatial", "model.latent_channels=2",
+               "model.attention_levels=[1]"],  # GroupNorm + attention
+}
+
+
+def args(shards: Path, run_dir: Path, arch: str, workers: int, *extra: str) -> list[str]:
+    return ["recipes/demo.yaml", f"data.shards={shards}", f"run.dir={run_dir.parent}", f"run.name={run_dir.name}",
+            *ARCHS[arch], "data.batch_size_per_device=8", f"data.num_workers={workers}",
+            "data.val_batch_size_per_device=8", "tracking.log_every_steps=1", "tracking.media_every_steps=5",
+            "tracking.eval_every_steps=5", "tracking.media_images=4", "tracking.mode=disabled",
+            "train.checkpoint_every_steps=4", "train.keep_checkpoints=10", f"train.max_steps={STEPS}",
+            "optim.warmup_steps=2", "loss.kl.warmup_steps=5", "data.rotation_degrees=10", *extra]
+
+
+def command(nproc: int, argv: list[str]) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "pipeline/train.py", *argv]
+    return [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(nproc), "--num_machines", "1",
+            "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+            "--dynamo_backend", "no", "pipeline/train.py", *argv]
+
+
+def rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    complete = path.read_text().split("\n")[:-1]  # not a line being written
+    return [json.loads(line) for line in complete if line.strip()]
+
+
+def train_rows(run_dir: Path) -> list[dict]:
+    return [r for r in rows(run_dir) if "loss/total" in r]
+
+
+def latest(run_dir: Path) -> int:
+    pointer = run_dir / "checkpoints" / "latest"
+    return int(pointer.read_text().strip().split("-")[1]) if pointer.exists() else 0
+
+
+_references: dict[tuple, Path] = {}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_shards, tmp_path_factory):
+    """The uninterrupted run of a configuration (made once per configuration per module)."""
+
+    def get(arch: str, nproc: int, workers: int) -> Path:
+        key = (arch, nproc, workers)
+        if key not in _references:
+            run_dir = tmp_path_factory.mktemp("ref") / f"{arch}-{nproc}p-w{workers}"
+            launch = Launch(command(nproc, args(tiny_shards, run_dir, arch, workers)), TEST_ENV, ROOT)
+            assert launch.wait(300) == 0, launch.output()[-4000:]
+            assert json.loads((run_dir / "summary.json").read_text())["world_size"] == nproc
+            _references[key] = run_dir
+        return _references[key]
+
+    return get
+
+
+CASES = [
+    # arch, processes, workers, kill point, step
+    ("conv", 1, 1, "external", 7),        # between checkpoints (latest: 4)
+    ("conv", 1, 0, "checkpoint", 8),      # while step 8's checkpoint is being written
+    ("dcgan", 1, 2, "media", 10),         # while drawing the media panels at step 10
+    ("resnet", 1, 1, "validation", 10),   # in the middle of the validation pass at step 10
+    ("conv", 2, 1, "group", 8),           # kill -9 of the launcher's group right after a checkpoint
+    ("dcgan", 2, 2, "after-checkpoint", 8),
+    ("resnet", 2, 0, "checkpoint", 12),
+]
+
+
+@pytest.mark.parametrize("arch, nproc, workers, point, step", CASES,
+                         ids=[f"{a}-{n}p-w{w}-{p}@{s}" for a, n, w, p, s in CASES])
+def test_sigkill_anywhere_then_same_command_resumes_bitwise(tiny_shards, tmp_path, reference, arch, nproc, workers,
+                                                            point, step):
+    run_dir = tmp_path / "run"
+    cmd = command(nproc, args(tiny_shards, run_dir, arch, workers))
+    env = dict(TEST_ENV)
+    if point not in ("external", "group"):
+        env["VAE_KILL_AT"] = f"{point}@{step}"  # the trainer SIGKILLs its launcher and itself there
+    first = Launch(cmd, env, ROOT)
+    if point == "external":
+        first.wait_until(lambda: len(train_rows(run_dir)) >= step, 180, f"step {step}")
+        first.kill_all()
+    elif point == "group":
+        first.wait_until(lambda: latest(run_dir) >= step, 180, f"checkpoint {step}")
+        first.kill_group()  # only the launcher's group: its workers must follow it
+    else:
+        first.wait(180)
+    assert first.survivors() == [], "processes of the killed run are still alive"
+    first.kill_all()  # (a no-op when the assertion above holds)
+    killed_at = max((r["step"] for r in train_rows(run_dir)), default=0)
+    checkpoint = latest(run_dir)
+    assert 0 < checkpoint <= step <= killed_at < STEPS, (checkpoint, step, killed_at, first.output()[-3000:])
+
+    second = Launch(cmd, TEST_ENV, ROOT)
+    assert second.wait(300) == 0, second.output()[-4000:]
+    out = second.output()
+    assert f"resumed from {run_dir / 'checkpoints' / f'step-{checkpoint:06d}'} at step {checkpoint}" in out
+
+    # The restarted process trained every step after the checkpoint (not a survivor of the first start):
+    # those rows carry segment 2, and starts.jsonl says segment 2 is a process of the second launch.
+    starts = [json.loads(line) for line in (run_dir / "starts.jsonl").read_text().splitlines()]
+    assert [s["segment"] for s in starts] == [1, 2] and starts[1]["step"] == checkpoint
+    assert starts[1]["pid"] in second.seen and starts[1]["pid"] not in first.seen
+    resumed = {r["step"]: r for r in train_rows(run_dir) if r["step"] > checkpoint and r["segment"] == 2}
+    assert sorted(resumed) == list(range(checkpoint + 1, STEPS + 1)), sorted(resumed)
+    # ... and reproduced the uninterrupted run bit for bit.
+    ref = {r["step"]: r for r in train_rows(reference(arch, nproc, workers))}
+    diffs = {(s, k): (ref[s][k], r[k]) for s, r in resumed.items() for k in ref[s]
+             if k.startswith("loss/") and ref[s][k] != r[k]}
+    assert not diffs, f"resumed losses differ from the uninterrupted run: {dict(list(diffs.items())[:8])}"
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == STEPS
+
+
+def test_resume_on_fewer_processes_continues_the_run(tiny_shards, tmp_path):
+    """A 2-process run killed after its step-8 checkpoint, continued by 1 process (a job requeued onto
+    fewer nodes): same run folder, step, schedule and data position; the world size change is said."""
+    run_dir = tmp_path / "shrink"
+    argv = args(tiny_shards, run_dir, "conv", 1)
+    first = Launch(command(2, argv), {**TEST_ENV, "VAE_KILL_AT": "after-checkpoint@8"}, ROOT)
+    first.wait(180)
+    assert first.survivors() == [] and latest(run_dir) == 8
+
+    second = Launch(command(1, argv), TEST_ENV, ROOT)
+    assert second.wait(300) == 0, second.output()[-4000:]
+    out = second.output()
+    assert "resumed from" in out and "the checkpoint was written by 2 processes and this run has 1" in out
+    assert "losses are not bitwise" in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["step"] == STEPS and summary["world_size"] == 1
+    assert summary["images_seen"] == 8 * 2 * 8 + (STEPS - 8) * 8  # the global data position continued
+    rows = train_rows(run_dir)
+    assert sorted(r["step"] for r in rows if r["segment"] == 2) == list(range(9, STEPS + 1))
+    epoch = {r["step"]: r["train/epoch"] for r in rows}
+    assert epoch[9] == pytest.approx((8 * 16 + 8) / 86)
