@@ -61,7 +61,7 @@ class StopFlag:
             return
         self._warned = True
         accelerator.print(
-            f"warning: saving a checkpoint took {seconds:.0f} s, more than half of the {self.margin_seconds:.0f} s "
+            f"warning: saving a checkpoint took {seconds:.1f} s, more than half of the {self.margin_seconds:g} s "
             f"between the scheduler's warning signal and the time limit ({MARGIN_ENV}); a job stopped at its "
             f"limit may be killed before its checkpoint is complete: submit with a larger margin "
             f"(sbatch --signal=B:USR1@<seconds>, and {MARGIN_ENV} to match) or make checkpoints smaller")

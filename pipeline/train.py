@@ -211,6 +211,9 @@ def main(cfg: Config) -> int:
     tracker.set_summary(summary)
     wandb_dir = tracker.wandb_dir
     tracker.finish(exit_code)
+    # Exit together, after the main process has flushed W&B: under `srun --kill-on-bad-exit` a rank
+    # leaving early with 75 would get the main process killed mid-flush.
+    accelerator.wait_for_everyone()
     if main_process and exit_code == 0:
         print(f"\nrun folder: {run_dir}  (metrics.jsonl, summary.json, checkpoints/)\n"
               f"images:     {run_dir / 'media'}")

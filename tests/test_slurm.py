@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import sys
 import time
 from pathlib import Path
@@ -80,6 +81,7 @@ def test_multinode_sbatch_trains_on_two_nodes(cluster, tiny_shards, tmp_path):
     assert record.run_id == (run_dir / "wandb_run_id").read_text().strip()
     assert exit_codes(run_dir) == [0]
     assert "SLURM_RESTART_COUNT=0 nodes=" in log and "processes=2 (1 per node, 0 GPUs)" in log
+    assert "signal_margin=300s" in log  # read from the script's own #SBATCH --signal line
 
 
 def test_train_sbatch_runs_procs_per_node_processes_on_one_node(cluster, tiny_shards, tmp_path):
@@ -128,3 +130,33 @@ def test_usr1_checkpoints_requeues_and_resumes_the_same_run(cluster, tiny_shards
     records = run_records(run_dir)
     assert len(records) == 2 and {r.run_id for r in records} == {(run_dir / "wandb_run_id").read_text().strip()}
     assert exit_codes(run_dir) == [75, 0]
+
+
+def test_a_failed_node_ends_the_whole_job_at_once(cluster, tiny_shards, tmp_path):
+    """The head node's rendezvous port is taken: its task fails at once. Without srun --kill-on-bad-exit
+    the other node's launcher would wait for the rendezvous timeout (measured: still running after
+    120 s); with it srun ends the step within seconds and the job fails."""
+    with socket.socket() as busy:
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        busy.bind(("0.0.0.0", 0))
+        busy.listen(8)
+        port = busy.getsockname()[1]
+        job = submit(cluster, "slurm/multinode.sbatch", tiny_shards, tmp_path, "train.max_steps=4",
+                     env_extra={"MAIN_PROCESS_PORT": str(port)})
+        started = time.monotonic()
+        cluster.wait_done(job, timeout_s=90)
+    assert time.monotonic() - started < 60
+    log = job_log(tmp_path / f"slurm-{job}", job)
+    assert "another process is utilizing it" in log and "Terminating StepId" in log, log[-3000:]
+    assert "JobState=FAILED" in cluster.scontrol("show", "job", job)
+
+
+def test_a_slow_checkpoint_is_warned_about(cluster, tiny_shards, tmp_path):
+    job = submit(cluster, "slurm/train.sbatch", tiny_shards, tmp_path, "train.max_steps=2", "run.name=slow",
+                 env_extra={"VAE_SIGNAL_MARGIN_SECONDS": "0.001"})  # any real save takes longer than 0.5 ms
+    cluster.wait_done(job, timeout_s=180)
+    log = job_log(tmp_path / "slow", job)
+    assert "signal_margin=0.001s" in log
+    assert re.search(r"warning: saving a checkpoint took [\d.]+ s, more than half of the 0.001 s between the "
+                     r"scheduler's warning signal and the time limit", log), log[-3000:]
+    assert (tmp_path / "slow" / "summary.json").exists()  # a warning, not a failure
