@@ -8,8 +8,10 @@
    (a) torchvision ImageFolder + DataLoader doing resize + centre crop + ToTensor at load time;
    (b) the raw decode rate of the stored shard images in a tight loop (pipeline.images.decode_image
        in N processes, bytes already in memory): the practical limit for any reader;
-   (c) our TrainStream: tar reading, shuffle buffer, decode, batching, transfer to the main process.
-The readers run in alternating rounds (b c b a, b c b a, ...); each ratio is taken within a round
+   (c) our TrainStream, data.order=permutation (the default): a global shuffle per epoch, each sample
+       read by position (tar index + one pread), decode, batching, transfer to the main process;
+   (d) our TrainStream, data.order=resampled: whole shards read sequentially through a shuffle buffer.
+The readers run in alternating rounds (b c d b a, b c d b a, ...); each ratio is taken within a round
 and the median over rounds is reported, so drifts of the machine's speed (other programs) cancel. Rates are steady state (worker start-up
 and the first batches are excluded). Each reader's CPU time per image over the same steady state
 (all its processes, main and workers; for (b) inside the decode loop) is printed too: unlike
@@ -125,8 +127,8 @@ def raw_decode(blobs: list[bytes], ext: str, workers: int, seconds: float) -> tu
     return sum(n / s for n, s, _ in results), sum(c for _, _, c in results) / images * 1e6
 
 
-def stream_batches(shards: Path, workers: int):
-    cfg = Config(data=DataConfig(shards=str(shards), batch_size_per_device=BATCH, num_workers=workers),
+def stream_batches(shards: Path, workers: int, order: str):
+    cfg = Config(data=DataConfig(shards=str(shards), batch_size_per_device=BATCH, num_workers=workers, order=order),
                  train=TrainConfig(seed=0))
     stream = iter(TrainStream(cfg, rank=0, world_size=1))
     try:
@@ -168,17 +170,20 @@ def main() -> None:
     # Each round: raw, ours, raw again, ImageFolder. Ratios are taken within a round (ours against
     # the mean of the raw runs around it, and against the ImageFolder run beside it), then the median
     # over rounds, so slow drifts of the machine's speed cancel.
-    results: dict[str, list[tuple[float, float]]] = {"folder": [], "raw": [], "ours": []}
-    to_raw, to_folder = [], []
+    results: dict[str, list[tuple[float, float]]] = {"folder": [], "raw": [], "ours": [], "resampled": []}
+    to_raw, to_folder, resampled_to_raw = [], [], []
     warmup = 2 * max(1, workers)
     for _ in range(args.rounds):
         raw_a = raw_decode(blobs, args.format, workers, seconds=args.images / 4000)
-        ours = measure(stream_batches(shards, workers), warmup, args.images)
+        ours = measure(stream_batches(shards, workers, "permutation"), warmup, args.images)
+        resampled = measure(stream_batches(shards, workers, "resampled"), warmup, args.images)
         raw_b = raw_decode(blobs, args.format, workers, seconds=args.images / 4000)
         folder = measure(imagefolder_batches(src, args.size, workers), warmup, args.images // 3)
         results["raw"] += [raw_a, raw_b]
         results["ours"].append(ours)
+        results["resampled"].append(resampled)
         results["folder"].append(folder)
+        resampled_to_raw.append(resampled[0] / ((raw_a[0] + raw_b[0]) / 2))
         to_raw.append((ours[0] / ((raw_a[0] + raw_b[0]) / 2), ((raw_a[1] + raw_b[1]) / 2) / ours[1]))
         to_folder.append((ours[0] / folder[0], folder[1] / ours[1]))
     rate = {k: statistics.median(r for r, _ in v) for k, v in results.items()}
@@ -192,7 +197,8 @@ def main() -> None:
     print(f"{f'shard writing, {workers} workers':<46} {write_n:>10,.0f}   ({write_n / workers:,.0f} per core)")
     rows = [("folder", f"(a) ImageFolder + DataLoader, {workers} workers"),
             ("raw", f"(b) raw decode of stored images, {workers} procs"),
-            ("ours", f"(c) TrainStream, {workers} workers")]
+            ("ours", f"(c) TrainStream (permutation), {workers} workers"),
+            ("resampled", f"(d) TrainStream (resampled), {workers} workers")]
     for key, name in rows:
         each = ", ".join(f"{r:,.0f}" for r, _ in results[key])
         print(f"{name:<46} {rate[key]:>10,.0f} {cpu[key]:>13,.0f}   runs: {each}")
@@ -204,6 +210,7 @@ def main() -> None:
           f"by CPU per image {folder_cpu:.2f}x")
     print(f"reader / raw decode    {100 * raw_ratio:6.1f} %  (goal >= 90 %: {goal(raw_ratio >= 0.9)}); "
           f"by CPU per image {100 * raw_cpu:.1f} %")
+    print(f"resampled / raw decode {100 * statistics.median(resampled_to_raw):6.1f} %  (data.order=resampled)")
     print(f"writing per core       {per_core:6,.0f} images/s (goal >= 1,000: {goal(per_core >= 1000)}); "
           f"1 worker {write_1:,.0f}/s, {workers} workers {write_n / workers:,.0f}/s per core")
     print("(ratios: median over rounds of within-round ratios; round by round, reader / raw decode: "

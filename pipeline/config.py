@@ -195,7 +195,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     """How many complete checkpoints to keep."""
     resume: str = "auto"
-    """auto (continue from the run folder's latest checkpoint if any) | never | a checkpoint folder path."""
+    """auto (continue from the run folder's newest complete checkpoint, if any) | never | a checkpoint folder."""
     max_nonfinite_steps: int = 20
     """Stop after this many consecutive steps with a non-finite loss or gradient."""
     inject_nan_at_steps: list[int] = field(default_factory=list)

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import itertools
 import json
 import logging
@@ -155,15 +154,15 @@ def _octal(field: bytes) -> int:
 
 
 def _tar_entries(f, path: str, read: frozenset[str]) -> Iterator[tuple[str, str, int, int, bytes | None]]:
-    """(key, extension, start, end, data) of the regular members of the tar open as `f`, read from its
-    current position: `start` is the offset of the member's first header block (a pax or GNU
-    long-name header included), `end` the offset past its padded data, both relative to where
-    reading began. `data` is read only for the extensions in `read`; other members are seeked over.
+    """(key, extension, offset, size, data) of the regular members of the tar open as `f`, read from
+    its current position: `offset` is where the member's data starts, relative to where reading
+    began, `size` its length. `data` is read only for the extensions in `read`; other members are
+    seeked over.
 
     A lean ustar/pax/GNU parser instead of `tarfile`, which costs ~100 us per sample here (a third
     of decoding a 128-px JPEG); this one ~9 us. Raises EOFError on a truncated member and
     ValueError on a header that fails its checksum."""
-    long_name, offset, start = None, 0, None
+    long_name, offset = None, 0
     while True:
         header = f.read(512)
         if len(header) < 512:
@@ -179,7 +178,6 @@ def _tar_entries(f, path: str, read: frozenset[str]) -> Iterator[tuple[str, str,
             raise ValueError(f"corrupt tar header (bad checksum) in {path}")
         size, kind = _octal(header[124:136]), header[156]
         padded = (size + 511) & ~511
-        start = offset if start is None else start
         offset += 512 + padded
         if kind in b"xL":  # pax extended header / GNU long name: applies to the next member
             data = f.read(padded)[:size]
@@ -197,7 +195,6 @@ def _tar_entries(f, path: str, read: frozenset[str]) -> Iterator[tuple[str, str,
         folder, _, base = name.rpartition("/")
         stem, dot, ext = base.partition(".")  # webdataset's rule: the key ends at the first dot
         ext = ext.lower()
-        member_start, start = start, None
         if kind not in b"0\x007" or not dot or stem.startswith("__"):
             f.seek(padded, 1)
             continue
@@ -209,7 +206,7 @@ def _tar_entries(f, path: str, read: frozenset[str]) -> Iterator[tuple[str, str,
             f.seek(padded - size, 1)
         else:
             f.seek(padded, 1)
-        yield (f"{folder}/{stem}" if folder else stem), ext, member_start, offset, data
+        yield (f"{folder}/{stem}" if folder else stem), ext, offset - padded, size, data
 
 
 def _tar_members(path: str, wanted: frozenset[str]) -> Iterator[tuple[str, str, bytes]]:
@@ -556,40 +553,56 @@ def epoch_order(positions: np.ndarray, counts: list[int], seed: int) -> tuple[np
 class _RandomAccess:
     """Single samples of a shard set by (shard, index in shard): one pread of the sample's members.
 
-    Each shard's sample spans come from one pass over its tar headers (data is seeked over, ~1 us a
-    member from the page cache), made when the shard is first read and kept (16 bytes a sample).
-    A shard that ends early or breaks has fewer spans than its manifest count: the rest are missing.
-    Open files are kept in a small LRU, so a set of thousands of shards needs no more descriptors."""
+    Each shard is indexed by one pass over its tar headers (data is seeked over), made when the shard
+    is first read and kept: per sample its key, where its image and class members lie, and whether a
+    member appears twice (~50 bytes a sample). Reading a sample is then one pread of the bytes from
+    its first wanted member to its last, with no header parsing. A shard that ends early or breaks
+    has fewer entries than its manifest count: the rest are missing. Open files are kept in a small
+    LRU, so a set of thousands of shards needs no more descriptors."""
 
     MAX_OPEN = 64
 
-    def __init__(self, shards: tuple[tuple[str, int], ...]):
+    def __init__(self, shards: tuple[tuple[str, int], ...], image_ext: str):
         self.shards = shards
-        self.spans: dict[int, np.ndarray] = {}
+        # The manifest's image format first; other whitelisted image members are accepted as well.
+        self.image_exts = (image_ext,) + tuple(e for e in IMAGE_EXTS if e != image_ext)
+        self.index: dict[int, tuple[np.ndarray, list[str]]] = {}  # shard -> (entries, keys)
         self.files: dict[int, int] = {}  # shard -> fd, in least-recently-used order
 
-    def _index(self, shard: int) -> np.ndarray:
-        if shard not in self.spans:
+    def _entry(self, members: dict[str, tuple[int, int]], bad: bool) -> tuple[int, ...]:
+        """(image offset, image size, image format index, cls offset, cls size, bad); -1 for absent."""
+        ext = next((e for e in self.image_exts if e in members), None)
+        img = members[ext] if ext else (-1, -1)
+        cls = members.get("cls", (-1, -1))
+        return (*img, self.image_exts.index(ext) if ext else -1, *cls, int(bad))
+
+    def _index(self, shard: int) -> tuple[np.ndarray, list[str]]:
+        if shard not in self.index:
             path, count = self.shards[shard]
-            spans: list[tuple[int, int]] = []
-            key = None
+            rows, keys = [], []
+            key, members, bad = None, {}, False
             try:
                 with open(path, "rb", buffering=1 << 16) as f:
-                    for k, ext, start, end, _ in _tar_entries(f, path, frozenset()):
+                    for k, ext, offset, size, _ in _tar_entries(f, path, frozenset()):
                         if ext not in READ_EXTS:
                             continue
-                        if k == key:
-                            spans[-1] = (spans[-1][0], end)
-                        elif len(spans) < count:
-                            spans.append((start, end))
-                            key = k
-                        else:
-                            break  # members past the manifest count are never read
+                        if k != key:
+                            if key is not None:
+                                rows.append(self._entry(members, bad))
+                                keys.append(key)
+                                if len(rows) == count:
+                                    key = None
+                                    break  # members past the manifest count are never read
+                            key, members, bad = k, {}, False
+                        bad = bad or ext in members  # the same member twice: which one is right is unknown
+                        members[ext] = (offset, size)
+                if key is not None:
+                    rows.append(self._entry(members, bad))
+                    keys.append(key)
             except (OSError, EOFError, ValueError, UnicodeError) as exn:
-                _warn_once(path, exn)
-                spans = spans[:-1]  # the sample being indexed when it broke may be incomplete
-            self.spans[shard] = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
-        return self.spans[shard]
+                _warn_once(path, exn)  # the sample being indexed when it broke may be incomplete: dropped
+            self.index[shard] = (np.array(rows, dtype=np.int64).reshape(-1, 6), keys)
+        return self.index[shard]
 
     def _fd(self, shard: int) -> int:
         fd = self.files.pop(shard, None)
@@ -601,23 +614,36 @@ class _RandomAccess:
         return fd
 
     def read(self, shard: int, index: int) -> dict:
-        """The raw sample {"__key__", "jpg": bytes, "cls": bytes, ...}; `__missing__` when unreadable."""
+        """The raw sample {"__key__", "jpg": bytes, "cls": bytes}; `__missing__` when unreadable,
+        `__bad__` when a member appears twice."""
         path = self.shards[shard][0]
-        spans = self._index(shard)
-        missing = {"__key__": f"{path}#{index}", "__missing__": True}
-        if index >= len(spans):
-            return missing
-        start, end = (int(v) for v in spans[index])
+        entries, keys = self._index(shard)
+        if index >= len(entries):
+            return {"__key__": f"{path}#{index}", "__missing__": True}
+        img_off, img_len, img_ext, cls_off, cls_len, bad = entries[index].tolist()
+        sample = {"__key__": keys[index]}
+        if bad:
+            return {**sample, "__bad__": True}
+        parts = {}
+        if img_ext >= 0:
+            parts[self.image_exts[img_ext]] = (img_off, img_len)
+        if cls_off >= 0:
+            parts["cls"] = (cls_off, cls_len)
+        if not parts:
+            return sample
+        lo = min(off for off, _ in parts.values())
+        hi = max(off + n for off, n in parts.values())
         try:
-            data = os.pread(self._fd(shard), end - start, start)
-            if len(data) < end - start:
-                raise EOFError(f"{path} is shorter than when it was indexed")
-            members = _tar_entries(io.BytesIO(data), path, READ_EXTS)
-            samples = list(_group_samples((k, e, d) for k, e, _, _, d in members))
-        except (OSError, EOFError, ValueError, UnicodeError) as exn:
+            data = os.pread(self._fd(shard), hi - lo, lo)
+        except OSError as exn:
             _warn_once(path, exn)
-            return missing
-        return samples[0] if len(samples) == 1 else missing
+            return {**sample, "__missing__": True}
+        if len(data) < hi - lo:
+            _warn_once(path, EOFError("shorter than when it was indexed"))
+            return {**sample, "__missing__": True}
+        for ext, (off, n) in parts.items():
+            sample[ext] = data[off - lo:off - lo + n]
+        return sample
 
     def close(self) -> None:
         for fd in self.files.values():
@@ -647,7 +673,7 @@ class _ReadByPosition:
 
     def __init__(self, plan: _TrainPlan, limit: int):
         self.plan, self.limit = plan, limit
-        self.reader = _RandomAccess(plan.shards)
+        self.reader = _RandomAccess(plan.shards, plan.image_ext)
         self.decoder = _Decoder(plan.image_ext, plan.size, 0, limit)
         self.counts = [c for _, c in plan.shards]
 
