@@ -69,10 +69,8 @@ bench-data: install  ## Benchmark shard writing and reading vs ImageFolder and r
 bench-train: install  ## Benchmark the training step vs a bare PyTorch loop (prints the overhead)
 	$(BIN)/python benchmarks/bench_train.py $(ARGS)
 
-sync: install  ## Upload offline W&B runs from a machine with internet: make sync [RUNS=runs]
-	@set -e; found=0; for d in $(or $(RUNS),runs)/*/wandb/offline-run-*; do \
-		[ -d "$$d" ] || continue; found=1; $(BIN)/wandb sync --skip-synced "$$d"; done; \
-		[ $$found = 1 ] || echo "no offline W&B runs under $(or $(RUNS),runs)/*/wandb/"
+sync: install  ## Upload offline W&B runs (one `wandb sync` per run, segments in order): make sync [RUNS=runs]
+	$(BIN)/python -m pipeline.wandb_log sync $(or $(RUNS),runs)
 
 clean:  ## Remove runs/, demo data and shards (keeps .venv)
 	rm -rf runs data/demo shards/demo

@@ -29,13 +29,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipeline import faults, media
+from pipeline import faults, media, wandb_log
 from pipeline.config import Config, ConfigError, to_dict
 from pipeline.preemption import EXIT_PREEMPTED
 
 RUN_ID_FILE = "wandb_run_id"
 METRICS_FILE = "metrics.jsonl"
 MAX_INTERPOLATION_PAIRS = 4
+MEDIA_KINDS = ("recon", "samples", "interpolations", "traversals")
+"""The panels log_media draws (media/<kind>-<step>.png, W&B key media/<kind>); other PNGs in media/
+are log_eval's bar charts (W&B key val/<name>)."""
 
 
 def _plain(value: Any) -> Any:
@@ -97,14 +100,17 @@ class Tracker:
     run_dir/media/<kind>-<step:06d>.png, run_dir/wandb_run_id, run_dir/wandb/ (offline/online).
     """
 
-    def __init__(self, cfg: Config, run_dir: str | Path, accelerator: Any = None, segment: int = 0):
+    def __init__(self, cfg: Config, run_dir: str | Path, accelerator: Any = None, segment: int = 0,
+                 resumed_step: int = 0):
         self.cfg = cfg
+        self.resumed_step = resumed_step  # the checkpoint step this start continues from (0: a fresh run)
         self.segment = segment  # which start of the run folder this is (runs.RunLock.record_start)
         self.run_dir = Path(run_dir)
         self.accelerator = accelerator
         self.active = accelerator is None or bool(accelerator.is_main_process)
         self.mode = cfg.tracking.mode
         self.run = None  # the wandb Run (offline/online, main process)
+        self.wandb_floor: int | None = None  # steps up to this one are in earlier segments' W&B history
         self._fixed_z: Tensor | None = None
         self._metrics = None
         self.last_scalars: dict[str, Any] = {}  # the latest value of every scalar logged (main process)
@@ -114,6 +120,7 @@ class Tracker:
         self._metrics = _open_metrics(self.run_dir / METRICS_FILE)
         if self.mode != "disabled":
             self.run = self._init_wandb()
+            self._backfill()
 
     # -- W&B --------------------------------------------------------------------------------
 
@@ -121,6 +128,10 @@ class Tracker:
         import wandb
 
         run_id = load_or_create_run_id(self.run_dir)
+        # A restarted run replays the steps after its checkpoint; W&B gets only the steps after the last
+        # one the earlier segments hold (read from their files), so segments never overlap in steps and
+        # `make sync` appends them as one history. metrics.jsonl keeps everything (with `segment`).
+        self.wandb_floor = wandb_log.last_step(self.run_dir, run_id)
         settings = wandb.Settings(
             console="off",  # the trainer's own output (tqdm) is for the terminal, not the run
             save_code=False,
@@ -148,6 +159,39 @@ class Tracker:
                 f"`wandb login`, or set tracking.mode=offline and upload later with `make sync`"
             ) from None
 
+    def _backfill(self) -> None:
+        """Give W&B the steps up to the checkpoint this start resumes from that no earlier segment's
+        file holds, from metrics.jsonl and media/ (both written line by line, file by file).
+
+        A killed process loses the W&B records wandb-core had not written yet: offline it writes the
+        transaction log in 32 KiB blocks and flushes only at the end (core/internal/stream/writer.go:
+        offline work is never handed on, so nothing asks for a flush), so a short killed segment's file
+        may hold no history at all. The steps after the checkpoint are trained again and logged live."""
+        if self.mode == "online" and self.run.resumed:  # the server knows what earlier starts sent
+            self.wandb_floor = max(self.wandb_floor or 0, self.run.starting_step - 1)
+        floor = self.wandb_floor or 0
+        if self.resumed_step <= floor:
+            if self.wandb_floor is not None:
+                print(f"W&B: run {self.run.id} holds steps up to {floor}; this start logs from step {floor + 1}")
+            return
+        import wandb
+
+        rows: dict[int, dict[int, dict]] = {}  # step -> segment -> what that segment logged for it
+        for row in read_metrics(self.run_dir / METRICS_FILE):
+            step, segment = int(row.pop("step")), int(row.pop("segment", 0))
+            if floor < step <= self.resumed_step:
+                rows.setdefault(step, {}).setdefault(segment, {}).update(row)
+        for step in sorted(rows):
+            data = dict(rows[step][max(rows[step])])  # the latest segment's values for that step
+            for png in sorted((self.run_dir / "media").glob(f"*-{step:06d}.png")):
+                kind = png.name[: -len(f"-{step:06d}.png")]
+                section = "media" if kind in MEDIA_KINDS else "val"
+                data[f"{section}/{kind}"] = wandb.Image(str(png), caption=f"{png.name} (from the run folder)")
+            self.run.log(data, step=step)
+        print(f"W&B: run {self.run.id} holds steps up to {floor}; logged {len(rows)} more up to step "
+              f"{self.resumed_step} from metrics.jsonl and media/, and logs from step {self.resumed_step + 1}")
+        self.wandb_floor = self.resumed_step
+
     @property
     def wandb_dir(self) -> Path | None:
         """This process's W&B run folder (run_dir/wandb/offline-run-<time>-<id>), or None."""
@@ -170,8 +214,12 @@ class Tracker:
             return
         row = {k: _plain(v) for k, v in values.items()}
         self._write_metrics(step, row)
-        if self.run is not None:
+        if self._to_wandb(step):
             self.run.log(row, step=step)
+
+    def _to_wandb(self, step: int) -> bool:
+        """Whether `step` goes to W&B: a run is open and no earlier segment logged this step."""
+        return self.run is not None and (self.wandb_floor is None or step > self.wandb_floor)
 
     def _write_metrics(self, step: int, row: Mapping[str, Any]) -> None:
         self.last_scalars.update(row)
@@ -248,7 +296,7 @@ class Tracker:
             paths[kind] = media.save_png(arr, self.run_dir / "media" / f"{kind}-{step:06d}.png")
             if prefix == "media":
                 faults.kill_at("media", step, main_process=True)  # tests: a kill while drawing media
-        if self.run is not None:
+        if self._to_wandb(step):
             import wandb
 
             # uint8 arrays: wandb.Image would cast floats to uint8 without scaling (black images)
@@ -276,7 +324,7 @@ class Tracker:
                    for k, v in named.items() if not _is_scalar(v)}
         row = {k: _plain(v) for k, v in named.items() if k not in vectors}
         self._write_metrics(step, row)
-        if self.run is not None:
+        if self._to_wandb(step):
             self.run.log(row, step=step)
         charts = {}
         for key, values in vectors.items():

@@ -93,7 +93,7 @@ def main(cfg: Config) -> int:
         accelerator.print(f"resumed from {resume_from} at step {step}" + (f" ({note})" if note else ""))
     segment = lock.record_start({"step": step, "world_size": accelerator.num_processes}) if main_process else 0
 
-    tracker = Tracker(cfg, run_dir, accelerator, segment=segment)
+    tracker = Tracker(cfg, run_dir, accelerator, segment=segment, resumed_step=step)
     tracker.log_model_info(t.vae, flops_per_image)
     stop = StopFlag()
     if manifest["splits"]["val"]["count"] == 0:  # decided from the manifest, identically on every rank

@@ -150,7 +150,7 @@ def test_evaluate_reports_every_metric_with_consistent_bounds(evaluated, trained
 
 @pytest.mark.slow
 def test_evaluate_writes_the_same_numbers_into_the_training_runs_wandb_summary(evaluated, trained):
-    import wandb_offline
+    from pipeline import wandb_log as wandb_offline
 
     summary = wandb_offline.summary(trained)
     assert summary["eval/psnr"] == pytest.approx(evaluated["psnr"])

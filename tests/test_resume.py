@@ -19,6 +19,7 @@ checkpoint is being written, right after one, during validation, during media.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -172,3 +173,63 @@ def test_resume_on_fewer_processes_continues_the_run(tiny_shards, tmp_path):
     assert sorted(r["step"] for r in rows if r["segment"] == 2) == list(range(9, STEPS + 1))
     epoch = {r["step"]: r["train/epoch"] for r in rows}
     assert epoch[9] == pytest.approx((8 * 16 + 8) / 86)
+
+
+def test_two_kills_leave_one_continuous_wandb_history_and_one_sync(tiny_shards, tmp_path):
+    """40 steps killed at step 26 (checkpoint 24) and at step 34 (checkpoint 32), then finished. The
+    offline segments of the one W&B run hold every step exactly once, and `make sync` uploads them in
+    one `wandb sync` call, in start order.
+
+    Both ways a step reaches W&B are exercised: wandb-core writes its file in 32 KiB blocks, so the
+    first segment's file holds the first ~20 steps and the second segment's (10 steps) nothing. The
+    second start therefore logs to W&B from metrics.jsonl the steps after what the first file holds up
+    to its checkpoint, then trains on; the third does the same from the first file's last step."""
+    from pipeline import wandb_log
+
+    steps = 40
+    run_dir = tmp_path / "wb"
+    cmd = command(1, args(tiny_shards, run_dir, "conv", 0, "tracking.mode=offline", f"train.max_steps={steps}"))
+    said = []
+    for kill in ("step@26", "step@34", None):
+        launch = Launch(cmd, {**TEST_ENV, **({"VAE_KILL_AT": kill} if kill else {})}, ROOT)
+        code = launch.wait(300)
+        assert code == (0 if kill is None else -9), launch.output()[-3000:]
+        launch.survivors(grace_s=30)  # wandb-core writes what it has and exits after its parent died
+        said += [line for line in launch.output().splitlines() if line.startswith("W&B: run ")]
+    floors = [int(line.split("holds steps up to ")[1].split(";")[0]) for line in said]
+    assert len(floors) == 2 and 0 < floors[0] < 24, said  # the first file held some steps, not all
+    assert all("more up to step" in line for line in said), said  # both restarts filled a gap from metrics.jsonl
+
+    segments = wandb_log.segments(run_dir)
+    assert len(segments) >= 2 and len({run_id for _, run_id, _, _ in segments}) == 1
+    logged = [row["_step"] for row in wandb_log.history(run_dir)]
+    assert sorted(logged) == list(range(1, steps + 1)), logged  # every step, none twice
+    media = {(key, step) for key, step, _ in wandb_log.media(run_dir)}
+    assert {("media/recon", s) for s in range(5, steps + 1, 5)} <= media  # panels of the gaps too
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "wandb").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'calls'}\n")
+    (fake / "wandb").chmod(0o755)
+    r = subprocess.run(["make", "--no-print-directory", "sync", f"RUNS={tmp_path}"], cwd=ROOT, capture_output=True,
+                       text=True, env={**TEST_ENV, "PATH": f"{fake}:{TEST_ENV['PATH']}"}, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls == ["sync " + " ".join(str(folder) for folder, _, _, _ in segments)]
+
+
+def test_a_restart_before_the_last_logged_step_does_not_log_those_steps_twice(tiny_shards, tmp_path):
+    """A finished 12-step run continued to 20 steps from its step-8 checkpoint: the second start trains
+    steps 9-12 again, but its W&B segment starts at step 13 (the first file holds 1-12)."""
+    from pipeline import wandb_log
+
+    run_dir = tmp_path / "again"
+    base = args(tiny_shards, run_dir, "conv", 0, "tracking.mode=offline")
+    assert Launch(command(1, [*base, "train.max_steps=12"]), TEST_ENV, ROOT).wait(300) == 0
+    resume = f"train.resume={run_dir / 'checkpoints' / 'step-000008'}"
+    second = Launch(command(1, [*base, "train.max_steps=20", resume]), TEST_ENV, ROOT)
+    assert second.wait(300) == 0, second.output()[-3000:]
+    assert f"holds steps up to 12; this start logs from step 13" in second.output()
+    logged = [row["_step"] for row in wandb_log.history(run_dir)]
+    assert sorted(logged) == list(range(1, 21)), logged
+    assert sorted(r["step"] for r in train_rows(run_dir) if r["segment"] == 2) == list(range(9, 21))

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import ROOT, TEST_ENV
 from slurm_cluster import SlurmCluster, unavailable_reason
-from wandb_offline import exit_codes, run_records
+from pipeline.wandb_log import exit_codes, run_records
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

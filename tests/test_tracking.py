@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-import wandb_offline as wo
+from pipeline import wandb_log as wo
 from pipeline.config import ConfigError, load_config, to_dict
 from pipeline.tracking import METRICS_FILE, RUN_ID_FILE, Tracker, read_metrics
 from test_media import TinyVAE

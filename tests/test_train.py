@@ -182,7 +182,7 @@ def test_wandb_offline_run_holds_losses_config_and_media(ddp_run):
     import numpy as np
     from PIL import Image
 
-    import wandb_offline
+    from pipeline import wandb_log as wandb_offline
 
     rows = wandb_offline.history(ddp_run)
     logged = {k for row in rows for k in row}

@@ -1,12 +1,16 @@
-"""Read W&B offline runs back from disk, for tests (wandb 0.31 has no public reader for them).
+"""W&B's run files on disk: read them back (wandb 0.31 has no public reader), and upload a run's
+segments as one run.
 
-    import wandb_offline as wo       # tests/ is on sys.path under pytest (no tests/__init__.py)
-    rows = wo.history(run_dir)       # [{"_step": 10, "loss/recon": 0.12, "media/recon": {...}}, ...]
-    assert wo.config(run_dir)["train"]["max_steps"] == 30
-    for key, step, png in wo.media(run_dir): ...   # ("media/recon", 200, Path(".../x.png"))
+    from pipeline import wandb_log
+    rows = wandb_log.history(run_dir)       # [{"_step": 10, "loss/recon": 0.12, "media/recon": {...}}, ...]
+    wandb_log.config(run_dir)["train"]["max_steps"]
+    for key, step, png in wandb_log.media(run_dir): ...   # ("media/recon", 200, Path(".../x.png"))
+    wandb_log.last_step(run_dir, run_id)    # the highest step earlier segments of the run logged
+    python -m pipeline.wandb_log sync [RUNS ...]         # `make sync`: one `wandb sync` per run
 
-Call these after Tracker.finish() (or the training process's exit): run.finish() alone returns
-before wandb-core has flushed the file; the Tracker waits for it with wandb.teardown().
+The trainer uses last_step() so that a restarted run logs to W&B only the steps after those its
+earlier segments hold; the tests use the readers to prove what was logged. Call the readers after
+the writing process finished (Tracker.finish() waits for wandb-core with wandb.teardown()).
 
 `run_dir` may be a training run folder (holding `wandb/`), a `wandb/` folder, one
 `offline-run-*` folder or a `run-<id>.wandb` file. A resumed run leaves one `offline-run-*`
@@ -240,3 +244,97 @@ def media(run_dir: str | Path) -> list[tuple[str, int, Path]]:
             if isinstance(value, dict) and value.get("_type") == "image-file":
                 out.append((key, step, f.parent / "files" / value["path"]))
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Segments of one run: what the earlier ones logged, and uploading them together
+# --------------------------------------------------------------------------------------------
+
+
+def segments(run_dir: str | Path) -> list[tuple[Path, str, float, bool]]:
+    """(folder, run id, start time, offline) of every process start under run_dir/wandb, in start order.
+    A file whose run record cannot be read (a process killed before writing it) is left out."""
+    out = []
+    base = Path(run_dir) / "wandb"
+    for f in sorted(base.glob("*run-*/run-*.wandb")) if base.is_dir() else []:
+        if f.parent.is_symlink():  # latest-run
+            continue
+        try:
+            run = next((r.run for r in read_records(f) if r.WhichOneof("record_type") == "run"), None)
+        except (CorruptLog, OSError):
+            run = None
+        if run is not None:
+            start = run.start_time.seconds + run.start_time.nanos / 1e9
+            out.append((f.parent, run.run_id, start, f.parent.name.startswith("offline-")))
+    return sorted(out, key=lambda s: (s[2], _start_order(s[0])))
+
+
+def last_step(run_dir: str | Path, run_id: str) -> int | None:
+    """The highest history step that the earlier segments of run `run_id` hold in their files (what
+    `wandb sync` would upload, or what an online segment already sent), or None when there is none.
+    Read, not guessed: a segment killed before its last rows reached the file does not claim them."""
+    steps = []
+    for folder, rid, _, _ in segments(run_dir):
+        if rid != run_id:
+            continue
+        try:
+            records = read_records(next(folder.glob("run-*.wandb")))
+        except (CorruptLog, OSError, StopIteration):
+            continue
+        steps += [r.history.step.num for r in records if r.WhichOneof("record_type") == "history"]
+    return max(steps) if steps else None
+
+
+def sync_commands(runs: list[str | Path]) -> list[list[str]]:
+    """One `wandb sync` command per run folder found under `runs` (a folder holding wandb/), naming its
+    offline segments in start order.
+
+    wandb 0.31's `wandb sync` hands all files of one call to wandb-core, which groups them by run and
+    syncs the files of one run one after another in ascending start time (core/internal/runsync/
+    runsyncoperation.go, initAndPlan); files given in separate calls would race or land in any
+    order. Segments already uploaded carry a `.wandb.synced` marker and are skipped by wandb itself,
+    so syncing again after another restart uploads only the new segment. Online segments are live
+    already and are left out. The trainer makes every segment's steps disjoint from the earlier
+    ones' (last_step), so appending them never overwrites history."""
+    commands = []
+    for root in runs:
+        root = Path(root)
+        # a run folder: holds wandb/ and the wandb_run_id the Tracker writes (sweeps nest them deeper)
+        run_dirs = sorted({p.parent for p in root.rglob("wandb_run_id") if (p.parent / "wandb").is_dir()})
+        for run_dir in run_dirs:
+            offline = [str(folder) for folder, _, _, is_offline in segments(run_dir) if is_offline]
+            if offline:
+                commands.append(["wandb", "sync", *offline])
+    return commands
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import shutil
+    import subprocess
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m pipeline.wandb_log",
+                                description="Upload offline W&B runs: one `wandb sync` per run, segments in start order.")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("sync", help="upload every run folder under RUNS (default: runs)")
+    s.add_argument("runs", nargs="*", default=["runs"])
+    s.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    args = p.parse_args(argv)
+    commands = sync_commands(args.runs)
+    # The wandb on PATH if there is one (an activated environment), else the one beside this Python.
+    wandb = shutil.which("wandb") or str(Path(sys.executable).with_name("wandb"))
+    commands = [[wandb, *cmd[1:]] for cmd in commands]
+    if not commands:
+        print(f"no offline W&B runs under {', '.join(args.runs)}")
+        return 0
+    failed = 0
+    for cmd in commands:
+        print(" ".join(cmd), flush=True)
+        if not args.dry_run:
+            failed += subprocess.run(cmd).returncode != 0
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
