@@ -239,6 +239,40 @@ class Parts:
                                   f"recipe the run was trained with, or start over with train.resume=never") from None
 
 
+class BestWeights:
+    """The weights with the best value of a validation metric so far, kept in run_dir/best/:
+    step-NNNNNN.safetensors (a plain state dict of the evaluated model) and best.json {"step",
+    "metric", "value", "file"}, the commit point, replaced atomically after the weights are durable.
+    A restarted run reads best.json, so a resumed run only replaces what it beats."""
+
+    def __init__(self, run_dir: Path, metric: str, mode: str):
+        self.dir = Path(run_dir) / "best"
+        self.metric, self.mode = metric, mode
+        pointer = self.dir / "best.json"
+        self.state: dict | None = json.loads(pointer.read_text()) if pointer.is_file() else None
+
+    def update(self, step: int, metrics: dict, model: torch.nn.Module) -> bool:
+        value = metrics.get(self.metric)
+        if not isinstance(value, (int, float)) or not np.isfinite(value):
+            return False
+        if self.state is not None:
+            best = self.state["value"]
+            if (value >= best) if self.mode == "min" else (value <= best):
+                return False
+        self.dir.mkdir(parents=True, exist_ok=True)
+        name = f"{_name(step)}.safetensors"
+        _save_tensors(self.dir / name, model.state_dict())
+        self.state = {"step": step, "metric": self.metric, "value": float(value), "file": name}
+        _write_text(self.dir / "best.json", json.dumps(self.state))
+        for old in self.dir.glob("step-*.safetensors"):  # earlier bests, and a file a kill left behind
+            if old.name != name:
+                old.unlink(missing_ok=True)
+        return True
+
+    def weights(self) -> dict[str, torch.Tensor] | None:
+        return _load_tensors(self.dir / self.state["file"]) if self.state is not None else None
+
+
 # --------------------------------------------------------------------------------------------
 # Completeness
 # --------------------------------------------------------------------------------------------

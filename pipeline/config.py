@@ -232,6 +232,10 @@ class TrackingConfig:
     """Points per latent interpolation strip (spherical interpolation)."""
     traverse_dims: int = 4
     """Latent dimensions (highest KL first) shown in traversal grids."""
+    best_metric: str = "val/neg_elbo_nats"
+    """Validation metric that picks the run's best weights (run_dir/best/, the W&B model artifact's `best`)."""
+    best_mode: str = "min"
+    """min | max: whether a lower or a higher best_metric is better."""
 
 
 @dataclass
@@ -261,6 +265,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.schedule": ("constant", "cosine", "exponential"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "tracking.mode": ("offline", "online", "disabled"),
+    "tracking.best_mode": ("min", "max"),
 }
 BLOCK_NAMES = ("resnet", "attention", "downsample", "upsample", "conv", "norm_act")
 
@@ -391,6 +396,9 @@ def validate(cfg: Config, source: str = "recipe", check_paths: bool = True) -> N
                 "model.samples_per_input", "train.max_nonfinite_steps"):
         if flat[key] < 1:
             raise ConfigError(f"{source}: {key} must be at least 1, got {flat[key]}")
+    if not cfg.tracking.best_metric.startswith("val/"):
+        raise ConfigError(f"{source}: tracking.best_metric must be a validation metric such as val/neg_elbo_nats "
+                          f"or val/psnr, got {cfg.tracking.best_metric!r}")
     if cfg.tracking.interpolation_steps < 2:
         raise ConfigError(f"{source}: tracking.interpolation_steps must be at least 2, got {cfg.tracking.interpolation_steps}")
     if cfg.data.num_workers < 0:

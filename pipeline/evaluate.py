@@ -62,7 +62,7 @@ from pipeline.config import ConfigError, exit_on_config_error
 from pipeline.inference import check_shards, key_noise, load_run, split_batches
 from pipeline.losses import (GAUSSIAN_LOGVAR_RANGE, LN2, PerceptualDistance, fixed_log_scale, kl_per_dim,
                              log_normal_diag, log_standard_normal)
-from pipeline.tracking import load_or_create_run_id
+from pipeline.tracking import dataset_artifact, load_or_create_run_id, model_artifact, staging_in, use_artifact
 
 PSNR_CAP_DB = 100.0
 """PSNR of a perfect reconstruction (MSE = 0) is reported as this value instead of infinity."""
@@ -408,6 +408,12 @@ def log_to_wandb(run, metrics: dict, plot: np.ndarray) -> str | None:
         raise ConfigError(f"tracking.mode is {cfg.tracking.mode} but W&B could not start "
                           f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); metrics.json was written; "
                           f"pass tracking.mode=offline or tracking.mode=disabled") from None
+    # Lineage: the evaluated weights as the run's model artifact (the same weights are the same version
+    # the training logged, W&B versions by content) and the shard set, both as this evaluation's inputs.
+    with staging_in(run.run_dir):
+        use_artifact(wb, model_artifact(run.run_dir, run_id, run.model.state_dict(), {"step": run.step}),
+                     cfg.tracking.mode)
+        use_artifact(wb, dataset_artifact(metrics["shards"]), cfg.tracking.mode)
     wb.summary.update({f"eval/{k}": v for k, v in metrics.items() if v is not None})
     wb.log({"eval/latent_usage": wandb.Image(plot, caption="KL and Var(mu) per latent dimension")})
     wb.finish()

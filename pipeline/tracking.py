@@ -19,9 +19,12 @@ would add only another place for the same init arguments.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -147,7 +150,7 @@ class Tracker:
                 resume="allow",
                 dir=str(self.run_dir),
                 mode=self.mode,
-                config=to_dict(self.cfg),
+                config={**to_dict(self.cfg), "code": code_version()},
                 settings=settings,
             )
         except Exception as e:  # wandb raises UsageError/CommError/timeouts when it cannot start
@@ -335,6 +338,22 @@ class Tracker:
         if charts:
             self._log_pictures(step, charts, prefix=section)
 
+    # -- lineage: what went in, what came out -------------------------------------------------------
+
+    def use_dataset(self, shards_dir: str | Path) -> None:
+        """Record the shard set as this run's input: a dataset artifact holding manifest.json (counts,
+        classes, every shard's sha256) and references to the tars, which are never uploaded."""
+        if self.run is not None:
+            with staging_in(self.run_dir):
+                use_artifact(self.run, dataset_artifact(shards_dir), self.mode)
+
+    def log_model(self, weights: Mapping[str, Tensor], aliases: Sequence[str], metadata: Mapping[str, Any]) -> None:
+        """Record trained weights (with the run's config.yaml and model_info.json) as a version of the run's
+        model artifact. The same weights give the same version (W&B versions by content)."""
+        if self.run is not None:
+            with staging_in(self.run_dir):
+                self.run.log_artifact(model_artifact(self.run_dir, self.run.id, weights, metadata), aliases=list(aliases))
+
     def set_summary(self, values: Mapping[str, Any]) -> None:
         """Final figures to the W&B run summary (summary.json is the trainer's)."""
         if self.run is not None:
@@ -376,3 +395,81 @@ class Tracker:
             import wandb
 
             wandb.teardown(exit_code=exit_code)
+
+
+# --------------------------------------------------------------------------------------------
+# Lineage: artifacts and the code version (shared with pipeline.evaluate)
+# --------------------------------------------------------------------------------------------
+
+
+def code_version() -> dict[str, Any]:
+    """{"commit": the git commit of this checkout, "dirty": whether tracked files differ from it}; None
+    for both outside a git checkout."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=20)
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return {"commit": None, "dirty": None}
+    if head.returncode != 0 or status.returncode != 0:
+        return {"commit": None, "dirty": None}
+    return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+@contextlib.contextmanager
+def staging_in(run_dir: Path):
+    """Stage artifact files inside the run folder (run_dir/wandb/data) unless WANDB_DATA_DIR says
+    otherwise: offline, W&B copies an artifact's files to its staging folder for the later upload, and
+    `make sync` from a login node must find them where the run is."""
+    if "WANDB_DATA_DIR" in os.environ:
+        yield
+        return
+    os.environ["WANDB_DATA_DIR"] = str(run_dir / "wandb" / "data")
+    try:
+        yield
+    finally:
+        del os.environ["WANDB_DATA_DIR"]
+
+
+def use_artifact(run, artifact, mode: str) -> None:
+    """Mark `artifact` as an input of `run`, also offline. run.use_artifact refuses offline runs; for an
+    artifact not yet logged it logs it with use_after_commit, which is what we call directly offline:
+    the record goes to the transaction log and `wandb sync` commits the artifact, then marks it used
+    (wandb-core core/pkg/artifacts/saver.go)."""
+    if mode == "offline":
+        run._log_artifact(artifact, is_user_created=True, use_after_commit=True)
+    else:
+        run.use_artifact(artifact)
+
+
+def dataset_artifact(shards_dir: str | Path):
+    import wandb
+
+    d = Path(shards_dir)
+    m = json.loads((d / "manifest.json").read_text())
+    shards = [s for split in ("train", "val") for s in m["splits"][split]["shards"]]
+    art = wandb.Artifact(f"shards-{m['name']}", type="dataset", metadata={
+        "size": m["size"], "image_format": m["image_format"], "classes": m["classes"],
+        "counts": {split: m["splits"][split]["count"] for split in ("train", "val")},
+        "sha256": {s["file"]: s["sha256"] for s in shards}, "path": str(d.resolve())})
+    art.add_file(str(d / "manifest.json"), name="manifest.json")
+    for s in shards:  # references: the tars stay where they are; their sha256 is in the manifest
+        art.add_reference(f"file://{(d / s['file']).resolve()}", name=s["file"], checksum=False)
+    return art
+
+
+def model_artifact(run_dir: Path, run_id: str, weights: Mapping[str, Tensor], metadata: Mapping[str, Any]):
+    """weights.safetensors (a plain state dict of the VAE) + the run's config.yaml and model_info.json."""
+    import wandb
+    from safetensors.torch import save_file
+
+    art = wandb.Artifact(f"model-{run_id}", type="model", metadata=dict(metadata))
+    with tempfile.TemporaryDirectory(dir=run_dir) as tmp:
+        path = Path(tmp) / "weights.safetensors"
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(path))
+        art.add_file(str(path), name="weights.safetensors")  # copied to the staging folder now
+    for name in ("config.yaml", "model_info.json"):
+        if (run_dir / name).is_file():
+            art.add_file(str(run_dir / name), name=name)
+    return art

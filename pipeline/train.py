@@ -31,7 +31,7 @@ from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from pipeline import faults
-from pipeline.checkpoint import Checkpointer, preserved_rng, restore_rng, seed_rng
+from pipeline.checkpoint import BestWeights, Checkpointer, preserved_rng, restore_rng, seed_rng
 from pipeline.config import Config, ConfigError, cli_config, exit_on_config_error, save_config
 from pipeline.data import TrainStream, read_manifest, val_batches
 from pipeline.evaluate import validate
@@ -95,6 +95,8 @@ def main(cfg: Config) -> int:
 
     tracker = Tracker(cfg, run_dir, accelerator, segment=segment, resumed_step=step)
     tracker.log_model_info(t.vae, flops_per_image)
+    tracker.use_dataset(cfg.data.shards)  # lineage: the shard set (manifest, sha256s) is this run's input
+    best = BestWeights(run_dir, cfg.tracking.best_metric, cfg.tracking.best_mode) if main_process else None
     stop = StopFlag()
     if manifest["splits"]["val"]["count"] == 0:  # decided from the manifest, identically on every rank
         raise ConfigError(f"data.shards {cfg.data.shards} has no validation images; rebuild it with "
@@ -182,6 +184,8 @@ def main(cfg: Config) -> int:
                                    val_batches(cfg, accelerator.process_index, accelerator.num_processes),
                                    accelerator, step)
             tracker.log_eval(step, metrics)
+            if best is not None:
+                best.update(step, metrics, _eval_model(t))
         stopping = stop.should_stop()
         saved = checkpointer.maybe_save(step, t.parts, lambda: {
             "step": step, "images_seen": stream.position, "world_size": accelerator.num_processes,
@@ -208,6 +212,10 @@ def main(cfg: Config) -> int:
         summary.update({k: v for k, v in tracker.last_scalars.items() if k.startswith(("loss/", "val/"))})
         if main_process:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            # The trained weights (EMA when on) as the run's model artifact: final, and best by best_metric.
+            tracker.log_model(_eval_model(t).state_dict(), ["final", "latest"], {"step": step})
+            if best.state is not None:
+                tracker.log_model(best.weights(), ["best"], best.state)
     tracker.set_summary(summary)
     wandb_dir = tracker.wandb_dir
     tracker.finish(exit_code)

@@ -246,6 +246,23 @@ def media(run_dir: str | Path) -> list[tuple[str, int, Path]]:
     return out
 
 
+def artifacts(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The artifacts the run's processes logged or used, in order: {"type", "name", "digest", "aliases",
+    "used" (use_after_commit: an input of the run), "metadata", "files": {path: {"digest", "ref",
+    "size", "local_path"}}}. Offline, `local_path` is the staged copy `wandb sync` uploads (empty for
+    a reference)."""
+    out = []
+    for _, r in _records(run_dir):
+        if r.WhichOneof("record_type") != "artifact":
+            continue
+        a = r.artifact
+        files = {e.path: {"digest": e.digest, "ref": e.ref, "size": e.size, "local_path": e.local_path}
+                 for e in a.manifest.contents}
+        out.append({"type": a.type, "name": a.name, "digest": a.digest, "aliases": list(a.aliases),
+                    "used": a.use_after_commit, "metadata": json.loads(a.metadata or "{}"), "files": files})
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Segments of one run: what the earlier ones logged, and uploading them together
 # --------------------------------------------------------------------------------------------

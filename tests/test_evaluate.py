@@ -270,3 +270,42 @@ def test_image_size_of_a_run_whose_shards_are_gone(tmp_path):
 def test_a_vector_latent_tells_its_image_size_from_its_weights(tmp_path):
     run_dir = _fake_run(tmp_path, ["model.channels=[8,16]", "model.latent_dim=8"], 24)
     assert load_run(run_dir, device="cpu").image_size == 24  # the decoder's Linear has 16 x 6 x 6 outputs
+
+
+@pytest.mark.slow
+def test_lineage_artifacts_are_in_the_offline_files(evaluated, trained, tiny_shards):
+    """The training run used the shard set (manifest + references, no tars uploaded), logged its final
+    and best weights as model artifact versions staged inside the run folder, and recorded its code
+    version; evaluate used the very version (same digest) it evaluated."""
+    from safetensors.torch import load_file
+
+    from pipeline import wandb_log
+
+    found = wandb_log.artifacts(trained)
+    manifest = json.loads((tiny_shards / "manifest.json").read_text())
+    shards = {s["file"]: s["sha256"] for split in ("train", "val") for s in manifest["splits"][split]["shards"]}
+    datasets = [a for a in found if a["type"] == "dataset"]
+    assert datasets and all(a["used"] and a["name"] == f"shards-{manifest['name']}" for a in datasets)
+    d = datasets[0]
+    assert set(d["files"]) == {"manifest.json", *shards} and d["metadata"]["sha256"] == shards
+    for name in shards:  # references only: nothing staged for upload
+        assert d["files"][name]["ref"] == f"file://{(tiny_shards / name).resolve()}" and not d["files"][name]["local_path"]
+    assert Path(d["files"]["manifest.json"]["local_path"]).read_bytes() == (tiny_shards / "manifest.json").read_bytes()
+
+    outputs = [a for a in found if a["type"] == "model" and not a["used"]]
+    final = next(a for a in outputs if "final" in a["aliases"])
+    best = next(a for a in outputs if "best" in a["aliases"])
+    assert set(final["files"]) == set(best["files"]) == {"weights.safetensors", "config.yaml", "model_info.json"}
+    staged = Path(final["files"]["weights.safetensors"]["local_path"])
+    assert staged.is_relative_to(trained / "wandb" / "data")  # travels with the run folder to `make sync`
+    ema = load_file(str(trained / "checkpoints" / f"step-{TRAIN_STEPS:06d}" / "ema.safetensors"))
+    weights = load_file(str(staged))
+    assert weights.keys() == {k.removeprefix("module.") for k in ema}
+    assert all(torch.equal(weights[k.removeprefix("module.")], v) for k, v in ema.items())
+    assert best["metadata"]["metric"] == "val/neg_elbo_nats" and best["metadata"]["step"] <= TRAIN_STEPS
+
+    used_models = [a for a in found if a["type"] == "model" and a["used"]]
+    assert used_models and used_models[-1]["digest"] == final["digest"]  # evaluate: the same version
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert wandb_log.config(trained)["code"]["commit"] == head

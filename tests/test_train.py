@@ -242,7 +242,8 @@ def test_logged_terms_are_the_mean_over_the_micro_batches(step_setup):
     from pipeline.step import train_step
 
     cfg, accelerator, t = step_setup
-    x = [torch.rand(4, 3, 32, 32) * 2 - 1, torch.zeros(4, 3, 32, 32)]  # two very different micro-batches
+    g = torch.Generator().manual_seed(1)
+    x = [torch.rand(4, 3, 32, 32, generator=g) * 2 - 1, torch.zeros(4, 3, 32, 32)]  # two very different micro-batches
     weights = {k: v.clone() for k, v in t.module.state_dict().items()}
     torch.manual_seed(0)
     result = train_step(t, accelerator, x, 10, cfg)
@@ -253,8 +254,9 @@ def test_logged_terms_are_the_mean_over_the_micro_batches(step_setup):
     for name in ("recon", "kl", "tv"):
         expected = (each[0].terms[name] + each[1].terms[name]) / 2
         assert torch.allclose(result.terms[name], expected, rtol=1e-5), name
-        assert not torch.allclose(result.terms[name], each[1].terms[name], rtol=1e-3), name
     assert torch.allclose(result.terms["total"], (each[0].total + each[1].total) / 2, rtol=1e-5)
+    # not the last micro-batch's: the reconstruction error of noise and of a flat image differ widely
+    assert abs(result.terms["recon"] - each[1].terms["recon"]) > 0.1 * abs(each[0].terms["recon"] - each[1].terms["recon"])
 
 
 # --------------------------------------------------------------------------------------------
