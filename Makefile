@@ -18,7 +18,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 LAUNCH_ENV := $(if $(HAS_GPU),,ACCELERATE_USE_CPU=1)
 LAUNCH_MULTI := $(if $(filter-out 1,$(NPROC)),--multi_gpu,)
 
-.PHONY: help install demo demo-data shards verify train eval batchsize test test-fast test-slurm bench-data bench-train sync clean
+.PHONY: help install demo demo-data shards verify train eval batchsize sweep test test-fast test-slurm bench-data bench-train sync clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -68,6 +68,9 @@ bench-data: install  ## Benchmark shard writing and reading vs ImageFolder and r
 
 bench-train: install  ## Benchmark the training step vs a bare PyTorch loop (prints the overhead)
 	$(BIN)/python benchmarks/bench_train.py $(ARGS)
+
+sweep: install  ## Run a sweep (Optuna; here, or ARGS="--slurm" for a SLURM array): make sweep SWEEP=recipes/sweeps/demo_kl.yaml
+	$(BIN)/python -m pipeline.sweep $(or $(SWEEP),recipes/sweeps/demo_kl.yaml) $(ARGS)
 
 sync: install  ## Upload offline W&B runs (one `wandb sync` per run, segments in order): make sync [RUNS=runs]
 	$(BIN)/python -m pipeline.wandb_log sync $(or $(RUNS),runs)

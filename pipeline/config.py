@@ -220,6 +220,8 @@ class TrackingConfig:
     """W&B project."""
     entity: str = ""
     """W&B entity (team or user); empty uses your default."""
+    group: str = ""
+    """W&B group of the run (pipeline.sweep puts a sweep's trials in one group); empty: none."""
     log_every_steps: int = 10
     """Scalars (loss terms, lr, beta, grad norm, images/s, ...) every this many steps."""
     media_every_steps: int = 200
@@ -288,6 +290,8 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     """Check `value` against the annotation `tp` and convert it (dicts to dataclasses)."""
     origin = typing.get_origin(tp)
+    if tp is Any:  # (pipeline.sweep's choices: any value a recipe key takes; checked by loading the recipe)
+        return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {key} must be a mapping of {tp.__name__} fields, got {value!r}")

@@ -116,6 +116,15 @@ class RunLock:
             os.fsync(f.fileno())
         return segment
 
+    def record_exit(self, segment: int, exit_code: int, step: int) -> None:
+        """run_dir/exit.json: how the latest start ended ({"segment", "exit_code", "step"}); 75 means it
+        saved a checkpoint on a stop signal and is to be continued (pipeline.sweep reads it: launchers
+        turn a worker's 75 into their own exit code 1). A killed start writes nothing."""
+        path = self.run_dir / "exit.json"
+        tmp = path.with_name(f".exit.json.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"segment": segment, "exit_code": exit_code, "step": step}))
+        os.replace(tmp, path)
+
     def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor drops the POSIX lock

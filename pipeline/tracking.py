@@ -145,6 +145,7 @@ class Tracker:
             return wandb.init(
                 project=self.cfg.tracking.project,
                 entity=self.cfg.tracking.entity or None,
+                group=self.cfg.tracking.group or None,
                 name=self.cfg.run.name or self.cfg.name or self.run_dir.name,
                 id=run_id,
                 resume="allow",

@@ -217,6 +217,8 @@ def main(cfg: Config) -> int:
             if best.state is not None:
                 tracker.log_model(best.weights(), ["best"], best.state)
     tracker.set_summary(summary)
+    if main_process:
+        lock.record_exit(segment, exit_code, step)
     wandb_dir = tracker.wandb_dir
     tracker.finish(exit_code)
     # Exit together, after the main process has flushed W&B: under `srun --kill-on-bad-exit` a rank

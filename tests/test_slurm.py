@@ -160,3 +160,52 @@ def test_a_slow_checkpoint_is_warned_about(cluster, tiny_shards, tmp_path):
     assert re.search(r"warning: saving a checkpoint took [\d.]+ s, more than half of the 0.001 s between the "
                      r"scheduler's warning signal and the time limit", log), log[-3000:]
     assert (tmp_path / "slow" / "summary.json").exists()  # a warning, not a failure
+
+
+def test_a_sweep_runs_as_an_array_and_resubmitting_continues_it(cluster, tiny_shards, tmp_path):
+    """`python -m pipeline.sweep SWEEP --slurm`: an array of 3 tasks, each asking the study (an Optuna
+    journal file) for a trial and training it through multinode.sbatch; results.csv has the 3 trials,
+    best first. Submitting again finds the budget spent and trains nothing: the study continues."""
+    import csv
+    import subprocess
+
+    import yaml
+
+    sweep = {"name": "arr", "recipe": "recipes/demo.yaml", "sweep_dir": str(tmp_path / "sweeps"),
+             "overrides": [f"data.shards={tiny_shards}", "model.channels=[8,16]", "model.latent_dim=8",
+                           "data.batch_size_per_device=8", "data.num_workers=0", "data.val_batch_size_per_device=8",
+                           "train.max_steps=4", "tracking.eval_every_steps=4", "tracking.media_every_steps=4",
+                           "tracking.media_images=4", "tracking.mode=disabled"],
+             "metric": "val/psnr", "goal": "maximize", "trials": 3, "sampler": "tpe",
+             "parameters": {"optim.lr": {"log_range": [0.0005, 0.005]}, "loss.kl.weight": {"choices": [0.001, 0.01]}}}
+    path = tmp_path / "arr.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    env = {k: v for k, v in TEST_ENV.items() if k not in ("ACCELERATE_USE_CPU", "WANDB_MODE", "OMP_NUM_THREADS")}
+    env.update({**cluster.env, "VIRTUAL_ENV": sys.prefix,
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"})
+
+    def submit_sweep() -> str:
+        r = subprocess.run([sys.executable, "-m", "pipeline.sweep", str(path), "--slurm", "--", "--gpus-per-node=0",
+                            "--cpus-per-task=1", f"--output={tmp_path}/slurm-%A_%a.out"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return re.search(r"submitted array job (\d+)", r.stdout).group(1)
+
+    job = submit_sweep()
+    cluster.wait_done(job, timeout_s=300)
+    logs = "\n".join(p.read_text() for p in sorted(tmp_path.glob(f"slurm-{job}_*.out")))
+    with open(tmp_path / "sweeps" / "arr" / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(row["trial"] for row in rows) == ["0", "1", "2"], logs[-4000:]
+    assert [row["best"] for row in rows] == ["True", "False", "False"]
+    psnr = [float(row["val/psnr"]) for row in rows]
+    assert psnr == sorted(psnr, reverse=True)
+    for row in rows:  # trained through multinode.sbatch: its log copy is in the trial's run folder
+        assert list(Path(row["run"]).glob("slurm-*.log")) and (Path(row["run"]) / "summary.json").exists()
+
+    again = submit_sweep()
+    cluster.wait_done(again, timeout_s=120)
+    logs = "\n".join(p.read_text() for p in sorted(tmp_path.glob(f"slurm-{again}_*.out")))
+    assert logs.count("the sweep's budget is spent: nothing to train") == 3, logs[-3000:]
+    with open(tmp_path / "sweeps" / "arr" / "results.csv") as f:
+        assert sorted(row["trial"] for row in csv.DictReader(f)) == ["0", "1", "2"]
