@@ -13,9 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import ROOT
 from pipeline import wandb_log as wo
 from pipeline.config import ConfigError, load_config, to_dict
-from pipeline.tracking import METRICS_FILE, RUN_ID_FILE, Tracker, read_metrics
+from pipeline.tracking import METRICS_FILE, RUN_ID_FILE, Tracker, code_version, read_metrics
 from test_media import TinyVAE
 
 SIZE = 16
@@ -100,6 +101,7 @@ def test_offline_run_history_has_every_loss_term(offline_run):
 def test_offline_run_config_is_the_resolved_recipe(offline_run):
     logged = wo.config(offline_run.run_dir)
     info = logged.pop("model_info")
+    assert logged.pop("code") == code_version()  # the commit of this checkout and whether it is dirty
     assert logged == json.loads(json.dumps(to_dict(offline_run.cfg)))
     assert info == {"parameters": sum(p.numel() for p in offline_run.model.parameters()),
                     "latent_shape": [2, 8, 8], "output_range": [-1.0, 1.0], "training_flops_per_image": 12345}
@@ -263,3 +265,12 @@ def test_reader_stops_at_a_torn_tail_and_rejects_corruption(offline_run, tmp_pat
     (tmp_path / "not.wandb").write_bytes(b"PK\x03\x04" + data[4:])
     with pytest.raises(wo.CorruptLog, match="not a W&B"):
         wo.read_payloads(tmp_path / "not.wandb")
+
+
+def test_code_version_is_this_checkouts_commit_and_dirty_flag():
+    import subprocess
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip()
+    assert code_version() == {"commit": head, "dirty": bool(status)}
