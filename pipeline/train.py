@@ -228,7 +228,8 @@ def main(cfg: Config) -> int:
         print(f"\nrun folder: {run_dir}  (metrics.jsonl, summary.json, checkpoints/)\n"
               f"images:     {run_dir / 'media'}")
         if wandb_dir is not None and cfg.tracking.mode == "offline":
-            print(f"W&B:        {wandb_dir} (offline); upload with: wandb sync {wandb_dir}  (or: make sync)")
+            print(f"W&B:        {wandb_dir} (offline); upload the run with all its segments: "
+                  f"make sync RUNS={run_dir}")
     accelerator.end_training()
     return exit_code
 
