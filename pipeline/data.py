@@ -275,6 +275,11 @@ def read_tars(shards: Iterator[dict]) -> Iterator[dict]:
             yield {"__key__": f"{shard['path']}#{position}", "__missing__": True, **tags}
 
 
+def _image_preference(image_ext: str) -> tuple[str, ...]:
+    """Which image member of a sample is read: the manifest's format first, then the other whitelisted ones."""
+    return (image_ext,) + tuple(e for e in IMAGE_EXTS if e != image_ext)
+
+
 class _Decoder:
     """Stage: raw sample -> {image uint8 HxWx3, label, key} using only whitelisted decoders.
 
@@ -282,8 +287,7 @@ class _Decoder:
     counted; each good sample carries the running count and the cursor just past itself."""
 
     def __init__(self, image_ext: str, size: int, skipped: int, limit: int):
-        # The manifest's format first; other whitelisted image members are accepted as well.
-        self.exts = (image_ext,) + tuple(e for e in IMAGE_EXTS if e != image_ext)
+        self.exts = _image_preference(image_ext)
         self.size, self.skipped, self.limit = size, skipped, limit
 
     def decode(self, sample: dict) -> dict | None:
@@ -473,9 +477,6 @@ def _load(readers: IterableDataset, num_workers: int, batch_shape: tuple[int, ..
 # Training stream
 # --------------------------------------------------------------------------------------------
 
-ORDERS = ("permutation", "resampled")
-
-
 @dataclass(frozen=True)
 class _TrainPlan:
     """Everything that defines one rank's training stream (picklable, sent to the workers)."""
@@ -564,8 +565,7 @@ class _RandomAccess:
 
     def __init__(self, shards: tuple[tuple[str, int], ...], image_ext: str):
         self.shards = shards
-        # The manifest's image format first; other whitelisted image members are accepted as well.
-        self.image_exts = (image_ext,) + tuple(e for e in IMAGE_EXTS if e != image_ext)
+        self.image_exts = _image_preference(image_ext)
         self.index: dict[int, tuple[np.ndarray, list[str]]] = {}  # shard -> (entries, keys)
         self.files: dict[int, int] = {}  # shard -> fd, in least-recently-used order
 
@@ -849,8 +849,6 @@ class TrainStream:
         if self.samples_per_epoch == 0:
             raise ConfigError(f"{d.shards}/manifest.json lists no training samples; re-run `make shards` "
                               f"with more images or a smaller --val-fraction")
-        if d.order not in ORDERS:
-            raise ConfigError(f"data.order is {d.order!r} but must be one of {', '.join(ORDERS)}")
         self.classes: list[str] = list(m["classes"])
         self.image_size: int = int(m["size"])
         self.order = d.order

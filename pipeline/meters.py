@@ -31,7 +31,6 @@ class IntervalMeter:
         for name, flag in nonfinite.items():
             self._acc(f"nonfinite/{name}", flag.float())
         self._acc("ok_steps", okf)
-        self._acc("skipped_steps", 1.0 - okf)
         self.steps += 1
 
     def _acc(self, key: str, value: torch.Tensor) -> None:
@@ -48,7 +47,7 @@ class IntervalMeter:
         world = accelerator.num_processes
         raw = dict(zip(names, total[:-1]))
         good = raw.pop("ok_steps", 0.0) / world  # the same on every rank
-        skipped = round(raw.pop("skipped_steps", 0.0) / world)
+        skipped = self.steps - round(good)
         means = {k: v / world / good for k, v in raw.items() if k.startswith("loss/") and good > 0}
         bad = {k.split("/", 1)[1]: round(v / world) for k, v in raw.items() if k.startswith("nonfinite/") and v > 0}
         self.reset()

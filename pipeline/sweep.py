@@ -326,7 +326,8 @@ class Sweep:
     def log_table(self) -> None:
         """The results as a W&B table in a run of the sweep's own (same group; offline unless the
         recipe's tracking.mode says otherwise)."""
-        mode = load_config(self.cfg.recipe, self.cfg.overrides, check_paths=False).tracking.mode
+        tracking = load_config(self.cfg.recipe, self.cfg.overrides, check_paths=False).tracking
+        mode = tracking.mode
         if mode == "disabled":
             return
         import wandb
@@ -336,7 +337,7 @@ class Sweep:
         rows = self.results()
         columns = ["rank", "best", "trial", self.cfg.metric, *self.cfg.parameters, "run"]
         table = wandb.Table(columns=columns, data=[[_plain(r.get(c)) for c in columns] for r in rows])
-        run = wandb.init(project=load_config(self.cfg.recipe, check_paths=False).tracking.project,
+        run = wandb.init(project=tracking.project, entity=tracking.entity or None,
                          id=load_or_create_run_id(self.dir), resume="allow", dir=str(self.dir), mode=mode,
                          group=self.cfg.name, job_type="sweep", name=f"{self.cfg.name} (sweep)",
                          config={"sweep": {"metric": self.cfg.metric, "goal": self.cfg.goal, "trials": self.cfg.trials,

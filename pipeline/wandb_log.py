@@ -29,11 +29,13 @@ File format (written by wandb-core's Go `leveldb/record` writer; checked against
 from __future__ import annotations
 
 import json
+import mmap
+import os
 import re
 import struct
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from wandb.proto import wandb_internal_pb2 as pb
 
@@ -48,62 +50,69 @@ class CorruptLog(ValueError):
     """The .wandb file is not a W&B transaction log or a chunk fails its checksum."""
 
 
-def read_payloads(path: str | Path) -> list[bytes]:
-    """The raw record payloads of one `.wandb` file, in order.
+def iter_payloads(path: str | Path) -> Iterator[bytes]:
+    """The raw record payloads of one `.wandb` file, in order, read as they are asked for (the file is
+    memory-mapped: finding a run's first record does not read the rest of a long run's log).
 
     A chunk cut short at the end of the file (a process killed mid-write) ends the log quietly,
     as `wandb sync` treats it; a checksum mismatch anywhere before that raises CorruptLog.
     """
-    data = Path(path).read_bytes()
-    if len(data) < HEADER.size:
-        raise CorruptLog(f"{path}: {len(data)} bytes is shorter than the W&B file header")
-    ident, magic, version = HEADER.unpack_from(data, 0)
-    if (ident, magic, version) != (HEADER_IDENT, HEADER_MAGIC, HEADER_VERSION):
-        raise CorruptLog(f"{path}: not a W&B transaction log (header {data[:HEADER.size]!r})")
-    payloads: list[bytes] = []
-    pending: list[bytes] | None = None  # chunks of a FIRST..LAST record being reassembled
-    pos = HEADER.size
-    while pos < len(data):
-        block_left = BLOCK_BYTES - pos % BLOCK_BYTES
-        if block_left < CHUNK.size:  # zero padding at a block tail
-            pos += block_left
-            continue
-        if pos + CHUNK.size > len(data):
-            break  # truncated chunk header
-        checksum, length, kind = CHUNK.unpack_from(data, pos)
-        if checksum == 0 and length == 0 and kind == 0:
-            break  # preallocated zeros after the last record
-        start, end = pos + CHUNK.size, pos + CHUNK.size + length
-        if end > len(data):
-            break  # truncated chunk data
-        if end > pos + block_left:
-            raise CorruptLog(f"{path}: chunk at byte {pos} crosses a block boundary")
-        chunk = data[start:end]
-        if zlib.crc32(bytes([kind]) + chunk) != checksum:
-            raise CorruptLog(f"{path}: checksum mismatch in the chunk at byte {pos}")
-        pos = end
-        if kind == FULL:
-            payloads.append(chunk)
-        elif kind == FIRST:
-            pending = [chunk]
-        elif kind in (MIDDLE, LAST) and pending is not None:
-            pending.append(chunk)
-            if kind == LAST:
-                payloads.append(b"".join(pending))
-                pending = None
-        else:
-            raise CorruptLog(f"{path}: unexpected chunk type {kind} at byte {pos - length - CHUNK.size}")
-    return payloads
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size < HEADER.size:
+            raise CorruptLog(f"{path}: {os.fstat(f.fileno()).st_size} bytes is shorter than the W&B file header")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            ident, magic, version = HEADER.unpack_from(data, 0)
+            if (ident, magic, version) != (HEADER_IDENT, HEADER_MAGIC, HEADER_VERSION):
+                raise CorruptLog(f"{path}: not a W&B transaction log (header {data[:HEADER.size]!r})")
+            pending: list[bytes] | None = None  # chunks of a FIRST..LAST record being reassembled
+            pos = HEADER.size
+            while pos < len(data):
+                block_left = BLOCK_BYTES - pos % BLOCK_BYTES
+                if block_left < CHUNK.size:  # zero padding at a block tail
+                    pos += block_left
+                    continue
+                if pos + CHUNK.size > len(data):
+                    break  # truncated chunk header
+                checksum, length, kind = CHUNK.unpack_from(data, pos)
+                if checksum == 0 and length == 0 and kind == 0:
+                    break  # preallocated zeros after the last record
+                start, end = pos + CHUNK.size, pos + CHUNK.size + length
+                if end > len(data):
+                    break  # truncated chunk data
+                if end > pos + block_left:
+                    raise CorruptLog(f"{path}: chunk at byte {pos} crosses a block boundary")
+                chunk = data[start:end]
+                if zlib.crc32(bytes([kind]) + chunk) != checksum:
+                    raise CorruptLog(f"{path}: checksum mismatch in the chunk at byte {pos}")
+                pos = end
+                if kind == FULL:
+                    yield chunk
+                elif kind == FIRST:
+                    pending = [chunk]
+                elif kind in (MIDDLE, LAST) and pending is not None:
+                    pending.append(chunk)
+                    if kind == LAST:
+                        yield b"".join(pending)
+                        pending = None
+                else:
+                    raise CorruptLog(f"{path}: unexpected chunk type {kind} at byte {pos - length - CHUNK.size}")
+
+
+def read_payloads(path: str | Path) -> list[bytes]:
+    """All payloads of one `.wandb` file (iter_payloads, as a list)."""
+    return list(iter_payloads(path))
+
+
+def iter_records(path: str | Path) -> Iterator[pb.Record]:
+    """Every `Record` of one `.wandb` file, in the order they were written, parsed as asked for."""
+    for payload in iter_payloads(path):
+        record = pb.Record()
+        record.ParseFromString(payload)
+        yield record
 
 
 def read_records(path: str | Path) -> list[pb.Record]:
-    """Every `Record` of one `.wandb` file, in the order they were written."""
-    records = []
-    for payload in read_payloads(path):
-        record = pb.Record()
-        record.ParseFromString(payload)
-        records.append(record)
-    return records
+    return list(iter_records(path))
 
 
 _RUN_FOLDER = re.compile(r"^(?:offline-)?run-(\d{8}_\d{6})-.*?(?:-(\d+))?$")
@@ -276,8 +285,8 @@ def segments(run_dir: str | Path) -> list[tuple[Path, str, float, bool]]:
     for f in sorted(base.glob("*run-*/run-*.wandb")) if base.is_dir() else []:
         if f.parent.is_symlink():  # latest-run
             continue
-        try:
-            run = next((r.run for r in read_records(f) if r.WhichOneof("record_type") == "run"), None)
+        try:  # the run record comes first: the rest of the file is not read
+            run = next((r.run for r in iter_records(f) if r.WhichOneof("record_type") == "run"), None)
         except (CorruptLog, OSError):
             run = None
         if run is not None:
@@ -295,10 +304,10 @@ def last_step(run_dir: str | Path, run_id: str) -> int | None:
         if rid != run_id:
             continue
         try:
-            records = read_records(next(folder.glob("run-*.wandb")))
+            steps += [r.history.step.num for r in iter_records(next(folder.glob("run-*.wandb")))
+                      if r.WhichOneof("record_type") == "history"]
         except (CorruptLog, OSError, StopIteration):
             continue
-        steps += [r.history.step.num for r in records if r.WhichOneof("record_type") == "history"]
     return max(steps) if steps else None
 
 
