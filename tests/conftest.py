@@ -40,3 +40,16 @@ def tiny_shards(tmp_path_factory) -> Path:
                     "--out", str(root / "shards"), "--workers", "1", "--max-samples-per-shard", "32"],
                    check=True, cwd=ROOT, env=TEST_ENV, capture_output=True)
     return root / "shards" / "tiny"
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    """One local Slurm cluster (slurmctld + two slurmd on this host) shared by every test module that
+    submits jobs: bringing it up costs seconds, so it is brought up once, when first asked for."""
+    from slurm_cluster import SlurmCluster, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as c:
+        yield c

@@ -16,19 +16,10 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, TEST_ENV
-from slurm_cluster import SlurmCluster, unavailable_reason
+from slurm_cluster import SlurmCluster
 from pipeline.wandb_log import exit_codes, run_records
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as c:
-        yield c
 
 
 def submit(cluster: SlurmCluster, script: str, shards: Path, runs: Path, *overrides: str,
