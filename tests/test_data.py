@@ -1,4 +1,4 @@
-"""The reader (pipeline/data.py): real shards on disk, real webdataset, real DataLoader workers.
+"""The reader (the pipeline/data package): real shards on disk, real webdataset, real DataLoader workers.
 
 Specification:
 - the val stream gives every val sample exactly once over ranks x workers, also with fewer shards

@@ -1,0 +1,67 @@
+"""Decoding raw samples: whitelisted members only, corrupt samples dropped and counted."""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator
+
+import numpy as np
+
+from pipeline.data.manifest import IMAGE_EXTS
+from pipeline.images import decode_image
+
+log = logging.getLogger(__name__)
+
+MAX_CONSECUTIVE_BAD = 10_000
+"""A reader that meets this many corrupt samples in a row (and at least a whole worker epoch) stops
+with an error instead of spinning forever on a dataset with nothing decodable."""
+
+
+def _image_preference(image_ext: str) -> tuple[str, ...]:
+    """Which image member of a sample is read: the manifest's format first, then the other whitelisted ones."""
+    return (image_ext,) + tuple(e for e in IMAGE_EXTS if e != image_ext)
+
+
+class _Decoder:
+    """Stage: raw sample -> {image uint8 HxWx3, label, key} using only whitelisted decoders.
+
+    A sample that is missing, has no image, fails to decode or has the wrong shape is dropped and
+    counted; each good sample carries the running count and the cursor just past itself."""
+
+    def __init__(self, image_ext: str, size: int, skipped: int, limit: int):
+        self.exts = _image_preference(image_ext)
+        self.size, self.skipped, self.limit = size, skipped, limit
+
+    def decode(self, sample: dict) -> dict | None:
+        if sample.get("__missing__") or sample.get("__bad__"):
+            return None
+        ext = next((e for e in self.exts if e in sample), None)
+        if ext is None:
+            return None
+        try:
+            image = decode_image(sample[ext], ext)
+            label = int(sample["cls"].decode("ascii").strip()) if "cls" in sample else -1
+        except Exception as exn:  # noqa: BLE001 - any failure of one sample is that sample's problem
+            log.debug("sample %s: %r", sample["__key__"], exn)
+            return None
+        if image.shape != (self.size, self.size, 3) or image.dtype != np.uint8:
+            return None
+        return {"image": image, "label": label, "key": sample["__key__"]}
+
+    def __call__(self, samples: Iterator[dict]) -> Iterator[dict]:
+        bad_in_a_row = 0
+        for sample in samples:
+            out = self.decode(sample)
+            if out is None:
+                self.skipped += 1
+                bad_in_a_row += 1
+                if self.skipped <= 5:
+                    log.warning("skipping corrupt or missing sample %s", sample["__key__"])
+                if bad_in_a_row >= self.limit:
+                    raise RuntimeError(f"{bad_in_a_row} corrupt or missing samples in a row; the shards seem "
+                                       f"to hold nothing decodable (run `make verify`)")
+                continue
+            bad_in_a_row = 0
+            out["__cursor__"] = sample.get("__cursor__")
+            out["__skipped__"] = self.skipped
+            yield out
