@@ -11,8 +11,10 @@ user's own images) all go through these functions, so an image looks the same wh
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
@@ -105,21 +107,61 @@ def load_rgb(path: str | Path) -> Image.Image:
 
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Shorter side -> `size` (Lanczos), then the central size x size square."""
+    """The central square (side = the shorter side) resized to size x size (Lanczos), in one resize:
+    only the pixels that end up in the crop are resampled."""
     w, h = img.size
-    scale = size / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    if (new_w, new_h) != (w, h):
-        # reducing_gap=3: a box pre-reduction for big downscales; indistinguishable from plain
-        # Lanczos at that gap (Pillow's docs) and several times faster on large photos.
-        img = img.resize((new_w, new_h), RESAMPLE, reducing_gap=3.0)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return img.crop((left, top, left + size, top + size))
+    side = min(w, h)
+    if (w, h) == (size, size):
+        return img
+    left, top = (w - side) / 2, (h - side) / 2
+    # reducing_gap=3: a box pre-reduction for big downscales; indistinguishable from plain
+    # Lanczos at that gap (Pillow's docs) and several times faster on large photos.
+    return img.resize((size, size), RESAMPLE, box=(left, top, left + side, top + side), reducing_gap=3.0)
+
+
+class Loaded(NamedTuple):
+    """What load_rgb_reduced read: the image and what the source file was."""
+
+    image: Image.Image
+    """RGB, EXIF-rotated; a JPEG possibly decoded at a reduced scale (see load_rgb_reduced)."""
+    width: int
+    """Displayed width of the full-size image (after EXIF orientation), in px."""
+    height: int
+    """Displayed height of the full-size image, in px."""
+    format: str | None
+    """Pillow's name of the file format ("JPEG", "PNG", ...)."""
+    orientation: int
+    """The EXIF orientation tag (1 when absent): a JPEG's displayed pixels depend on it."""
+
+
+def load_rgb_reduced(source: str | Path | io.BytesIO, size: int) -> Loaded:
+    """load_rgb for an image about to be resized to `size` (shorter side): a JPEG is decoded at the
+    smallest of libjpeg's DCT scales (1/2, 1/4, 1/8) that keeps both sides at least as large as the
+    resize needs (Pillow's `draft`), which skips most of the IDCT and leaves a small final resize;
+    other formats are decoded at full size. Raises OSError / ValueError on a bad file."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # see _open_rgb
+        with Image.open(source) as img:
+            full, fmt = img.size, img.format
+            if fmt == "JPEG" and size > 0:
+                scale = size / min(full)
+                img.draft(None, (math.ceil(full[0] * scale), math.ceil(full[1] * scale)))
+            img.load()
+            stored, orientation = img.size, 1
+            try:
+                orientation = int(img.getexif().get(0x0112, 1))
+                ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when there is nothing to do
+            except Exception:  # an unreadable orientation tag: keep the pixels as stored
+                pass
+            swapped = img.size != stored
+            rgb = to_rgb(img)
+    return Loaded(rgb, *(full[::-1] if swapped else full), fmt, orientation)
 
 
 def load_image(path: str | Path, size: int) -> np.ndarray:
-    """load_rgb + resize_center_crop -> uint8 [size, size, 3]."""
-    return np.asarray(resize_center_crop(load_rgb(path), size), dtype=np.uint8).copy()
+    """A user's image as `make shards` stores it: load_rgb_reduced + resize_center_crop -> uint8
+    [size, size, 3]."""
+    return np.asarray(resize_center_crop(load_rgb_reduced(path, size).image, size), dtype=np.uint8).copy()
 
 
 def _norm_ext(ext: str) -> str:

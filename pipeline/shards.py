@@ -5,10 +5,25 @@
 
 SRC holds one subfolder per class (data/flowers/daisy/..., the Kaggle layout) or is a flat folder
 of images (no labels). Every image is decoded once (EXIF orientation, correct RGB whatever the
-mode), hashed on its decoded pixels, resized (shorter side -> SIZE, Lanczos), centre-cropped and
-encoded (jpg by default; png, webp or raw npy with --format). The pixel hash is the sample key:
-it decides the split (so adding files never moves an image between train and val) and finds exact
-duplicates, which are stored once.
+mode; a JPEG at the smallest DCT scale that still covers SIZE), its central square resized once to
+SIZE x SIZE (Lanczos) and encoded once (jpg by default; png, webp or raw npy with --format).
+
+The sample key is a hash of the image's content that does not depend on SIZE or on any option:
+- a JPEG: sha256 of the file without its metadata segments (APP0/APP1 EXIF-XMP/APP13/... and
+  comments; the quantisation and Huffman tables, the ICC profile, the Adobe colour marker and the
+  entropy-coded data are kept) and of its EXIF orientation: the same coefficients shown the same
+  way. So a copy with its metadata stripped or edited is the same image; no decode is needed for
+  the key, and it does not change with the JPEG decoder's version;
+- any other format: sha256 of the decoded full-size RGB pixels (and their size), so the same
+  picture saved as PNG and as BMP is the same image.
+The key decides the split (so adding files never moves an image between train and val, whatever
+--size) and finds duplicates, which are stored once (the first in processing order).
+
+Workers do the decoding, hashing, resizing and encoding, and hand back each sample's tar members
+ready-made; the main process only de-duplicates, writes the bytes and hashes them. On a SLURM
+array each task writes the same per-file results for a contiguous part of the file list to a
+staging folder and one merge job writes the shards from them: byte-identical to one process
+(`--parts N` with `--part I` or `--merge`; slurm/shards.sbatch).
 
 Every tar member gets fixed metadata (mtime 0, uid/gid 0, mode 0444) and samples are written in
 a fixed order, so the same inputs and options give byte-identical shards. A run writes into a
@@ -28,6 +43,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tarfile
 import time
@@ -39,10 +55,11 @@ import numpy as np
 import PIL
 from tqdm import tqdm
 
-from pipeline.images import (IMAGE_EXTENSIONS, STORED_FORMATS, describe_error, encode_image, load_rgb,
+from pipeline.images import (IMAGE_EXTENSIONS, STORED_FORMATS, describe_error, encode_image, load_rgb_reduced,
                              resize_center_crop)
 
 MANIFEST_FORMAT = 1
+KEY_VERSION = 2  # 1: pixel hash of every format; 2: JPEGs keyed on their bytes (module docstring)
 KEY_HEX_CHARS = 20  # 80 bits of the pixel hash: a collision among 10^7 images has odds ~1e-10
 SPLITS = ("train", "val")
 SHARD_RE = re.compile(r"^(train|val)-\d{6}\.tar$")
@@ -60,6 +77,7 @@ class _Task:
     path: str  # absolute, for opening
     rel: str  # relative to SRC, POSIX separators: what the manifest and the json member record
     label: int  # class index, -1 in a flat folder
+    class_name: str | None  # None in a flat folder
     size: int
     image_format: str
     quality: int
@@ -113,24 +131,77 @@ def scan_source(src: Path) -> tuple[list[str], list[tuple[str, str, int]], list[
 # ------------------------------------------------------------------------------------------------
 
 
+# JPEG markers whose segments are metadata, left out of a JPEG's key: APP0-APP15 except APP2 (ICC
+# profile) and APP14 (Adobe: the colour transform), and COM. Everything else defines the pixels.
+_JPEG_METADATA = frozenset(range(0xE0, 0xF0)) - {0xE2, 0xEE} | {0xFE}
+
+
+def jpeg_key(data: bytes, orientation: int) -> str | None:
+    """sha256 of a JPEG's pixel-defining bytes and its EXIF orientation (see the module docstring);
+    None when the marker structure cannot be followed."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    h = hashlib.sha256(b"jpeg:%d:" % orientation)
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0xDA:  # start of scan: from here on entropy-coded data (and later tables, scans)
+            h.update(data[i:])
+            return h.hexdigest()
+        end = i + 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        if marker not in _JPEG_METADATA:
+            h.update(data[i:end])
+        i = end
+    return None
+
+
+def _content_key(data: bytes, loaded) -> str:
+    if loaded.format == "JPEG":
+        key = jpeg_key(data, loaded.orientation)
+        if key is not None:
+            return key
+        return hashlib.sha256(b"file:" + data).hexdigest()  # a JPEG Pillow reads but we cannot parse
+    img = loaded.image  # decoded at full size: no reduced decoding outside JPEG
+    return hashlib.sha256(b"%dx%d:" % img.size + img.tobytes()).hexdigest()
+
+
+def _tar_member(name: str, data: bytes) -> bytes:
+    """One tar member as bytes: the header tarfile writes for it (USTAR, fixed metadata) + padded data."""
+    header = _tarinfo(name, len(data)).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    return header + data + bytes(-len(data) % tarfile.BLOCKSIZE)
+
+
 def _process(task: _Task) -> dict:
-    """Decode, hash, resize, encode one file. Never raises for a bad file: returns {"error": reason}."""
+    """Read, decode, key, resize, encode one file and build its tar members. Runs in the workers.
+    -> {"key", "width", "height", "blob": the sample's tar members} or, for a bad file, {"error": reason};
+    never raises for a bad file."""
     try:
-        if os.path.getsize(task.path) == 0:
+        with open(task.path, "rb") as f:
+            data = f.read()
+        if not data:
             return {"error": "empty file (0 bytes)"}
-        img = load_rgb(task.path)
-        w, h = img.size
+        loaded = load_rgb_reduced(io.BytesIO(data), task.size)
+        w, h = loaded.width, loaded.height
         if min(w, h) < task.min_side:
             return {"error": f"too small ({w}x{h} px; the shorter side must be at least {task.min_side} px, "
                              f"see --min-side)"}
-        # The key hashes the decoded pixels (after orientation and RGB conversion), not the file
-        # bytes: the same picture re-saved or with its metadata stripped is still a duplicate.
-        digest = hashlib.sha256(b"%dx%d:" % (w, h) + img.tobytes()).hexdigest()
-        arr = np.asarray(resize_center_crop(img, task.size), dtype=np.uint8)
-        return {"hash": digest, "data": encode_image(arr, task.image_format, task.quality),
-                "width": w, "height": h}
+        digest = _content_key(data, loaded)
+        arr = np.asarray(resize_center_crop(loaded.image, task.size), dtype=np.uint8)
+        encoded = encode_image(arr, task.image_format, task.quality)
     except Exception as e:  # a bad file must never stop the run
         return {"error": describe_error(e)}
+    key = digest[:KEY_HEX_CHARS]
+    meta = {"path": task.rel, "class": task.class_name, "width": w, "height": h}
+    members = [_tar_member(f"{key}.{task.image_format}", encoded)]
+    if task.label >= 0:
+        members.append(_tar_member(f"{key}.cls", b"%d" % task.label))
+    members.append(_tar_member(f"{key}.json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode()))
+    return {"key": digest, "width": w, "height": h, "blob": b"".join(members)}
 
 
 def is_val(digest: str, val_fraction: float) -> bool:
@@ -141,27 +212,6 @@ def is_val(digest: str, val_fraction: float) -> bool:
 # ------------------------------------------------------------------------------------------------
 # Tar writing
 # ------------------------------------------------------------------------------------------------
-
-
-class _HashingFile:
-    """Write-through file wrapper that sha256-hashes and counts what tarfile writes."""
-
-    def __init__(self, f):
-        self.f, self.sha, self.bytes = f, hashlib.sha256(), 0
-
-    def write(self, b) -> int:
-        if self.f is None:  # aborted: tarfile's finaliser may still try to flush; drop it
-            return len(b)
-        self.sha.update(b)
-        self.bytes += len(b)
-        return self.f.write(b)
-
-    def tell(self) -> int:
-        return self.bytes
-
-    def flush(self) -> None:
-        if self.f is not None:
-            self.f.flush()
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
@@ -175,56 +225,55 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return ti
 
 
-def _member_bytes(size: int) -> int:
-    return 512 + (size + 511) // 512 * 512  # header + data padded to the 512-byte block
-
-
 class _SplitWriter:
-    """Writes one split's samples into <split>-000000.tar, ... capped by count and bytes. Each shard is
-    written as <file>.tmp and renamed when closed."""
+    """Writes one split's samples (their tar members as bytes, from _process) into <split>-000000.tar,
+    ... capped by count and bytes; hashes what it writes. Each shard is written as <file>.tmp and
+    renamed when closed. The bytes are what tarfile writes for the same members (w| mode, USTAR)."""
 
     def __init__(self, folder: Path, split: str, max_samples: int, max_bytes: int):
         self.folder, self.split = folder, split
         self.max_samples, self.max_bytes = max_samples, max_bytes
         self.shards: list[dict] = []
-        self.tar = None
+        self.raw = None
 
-    def write(self, members: list[tuple[str, bytes]]) -> None:
-        size = sum(_member_bytes(len(data)) for _, data in members)
-        if self.tar is not None and (self.count >= self.max_samples or self.nbytes + size > self.max_bytes):
+    def write(self, blob: bytes) -> None:
+        if self.raw is not None and (self.count >= self.max_samples or self.nbytes + len(blob) > self.max_bytes):
             self.close()
-        if self.tar is None:
+        if self.raw is None:
             self._open()
-        for name, data in members:
-            self.tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+        self._put(blob)
         self.count += 1
-        self.nbytes += size
+
+    def _put(self, data: bytes) -> None:
+        self.raw.write(data)
+        self.sha.update(data)
+        self.nbytes += len(data)
 
     def _open(self) -> None:
         self.file_name = f"{self.split}-{len(self.shards):06d}.tar"
         self.tmp = self.folder / (self.file_name + ".tmp")
-        self.raw = open(self.tmp, "wb")
-        self.hashing = _HashingFile(self.raw)
-        self.tar = tarfile.open(fileobj=self.hashing, mode="w|", format=tarfile.USTAR_FORMAT)
-        self.count, self.nbytes = 0, 0
+        self.raw = open(self.tmp, "wb", buffering=1 << 20)
+        self.sha, self.count, self.nbytes = hashlib.sha256(), 0, 0
 
     def close(self) -> None:
-        if self.tar is None:
+        if self.raw is None:
             return
-        self.tar.close()  # end-of-archive blocks, padded to the record size
+        members = self.nbytes
+        # End of archive as tarfile writes it: two zero blocks, then zeros up to the record size.
+        end = members + 2 * tarfile.BLOCKSIZE
+        self._put(bytes(2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
         self.raw.flush()
         os.fsync(self.raw.fileno())
         self.raw.close()
         os.replace(self.tmp, self.folder / self.file_name)
-        self.shards.append({"file": self.file_name, "count": self.count, "bytes": self.hashing.bytes,
-                            "sha256": self.hashing.sha.hexdigest()})
-        self.tar = None
+        self.shards.append({"file": self.file_name, "count": self.count, "bytes": self.nbytes,
+                            "sha256": self.sha.hexdigest()})
+        self.raw = None
 
     def abort(self) -> None:
-        if self.tar is not None:
-            self.hashing.f = None
+        if self.raw is not None:
             self.raw.close()
-            self.tar = None
+            self.raw = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -326,13 +375,22 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
+def _single_threaded() -> bool:
+    """True when this process has one OS thread (Linux): then fork is safe, and it starts workers in
+    milliseconds where spawn takes ~0.3 s each (a fresh interpreter importing numpy and PIL). A
+    process with other threads (torch's, a library's) may be forked holding a lock: spawn then."""
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
+
+
 def _results(tasks: list[_Task], workers: int) -> Iterable[dict]:
     """Results in task order. One worker runs in this process (the honest single-core figure)."""
     if workers <= 1 or len(tasks) < 2:
         yield from map(_process, tasks)
         return
-    # spawn: no fork of a possibly multi-threaded parent; workers import only numpy/PIL.
-    ctx = multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("fork" if _single_threaded() else "spawn")
     chunk = max(1, min(32, len(tasks) // (workers * 8)))
     with ctx.Pool(min(workers, len(tasks))) as pool:
         yield from pool.imap(_process, tasks, chunksize=chunk)
@@ -356,54 +414,77 @@ def _check_options(size, val_fraction, image_format, quality, max_samples, max_b
     return fmt
 
 
-def write_shards(src: str | Path, out_dir: str | Path = "shards", name: str | None = None, size: int = 128, *,
-                 val_fraction: float = 0.1, image_format: str = "jpg", quality: int = 95,
-                 workers: int | None = None, max_samples_per_shard: int = 1000,
-                 max_bytes_per_shard: int = 1_000_000_000, min_side: int = 16, progress: bool = True,
-                 log: Callable[[str], None] = print) -> dict:
-    """Shard the image folder `src` into out_dir/name (name defaults to src's folder name).
-    Returns the manifest. Raises ShardsError (one sentence) on a user mistake."""
-    t0 = time.perf_counter()
+@dataclass(frozen=True)
+class _Plan:
+    """What every process of one sharding (one process, or each array task and the merge) derives
+    alike from SRC and the options: the classes, the files in processing order, the skipped ones."""
+
+    src: Path
+    name: str
+    fmt: str
+    options: dict  # as the manifest records them
+    classes: list[str]
+    tasks: list[_Task]
+    skipped: list[dict]  # found while scanning (not inside a class folder)
+
+    def fingerprint(self) -> str:
+        """sha256 of the file list (paths, labels, sizes, modification times) and the options: an
+        array task's results are only merged with those of tasks that saw the same."""
+        h = hashlib.sha256(json.dumps([self.options, self.classes, self.skipped], sort_keys=True).encode())
+        for task in self.tasks:
+            st = os.stat(task.path)
+            h.update(b"%s\0%d\0%d\0%d\n" % (task.rel.encode("utf-8", "surrogateescape"), task.label,
+                                              st.st_size, st.st_mtime_ns))
+        return h.hexdigest()
+
+
+def _plan(src, name, size, val_fraction, image_format, quality, max_samples_per_shard, max_bytes_per_shard,
+          min_side) -> _Plan:
     src = Path(src)
-    name = name or src.resolve().name
     fmt = _check_options(size, val_fraction, image_format, quality, max_samples_per_shard,
                          max_bytes_per_shard, min_side)
-    workers = default_workers() if not workers or workers < 1 else workers
     classes, items, skipped = scan_source(src)
     # Process in an order fixed by a hash of the relative path: deterministic, and it mixes the
     # classes inside every shard, which a streaming reader's shuffle buffer needs.
     items.sort(key=lambda it: hashlib.sha256(it[1].encode("utf-8")).digest())
-    tasks = [_Task(path, rel, label, size, fmt, quality, min_side) for path, rel, label in items]
+    tasks = [_Task(path, rel, label, classes[label] if classes else None, size, fmt, quality, min_side)
+             for path, rel, label in items]
+    options = {"src": str(src), "size": size, "val_fraction": val_fraction, "image_format": fmt,
+               "quality": quality, "max_samples_per_shard": max_samples_per_shard,
+               "max_bytes_per_shard": max_bytes_per_shard, "min_side": min_side, "key_version": KEY_VERSION}
+    return _Plan(src, name or src.resolve().name, fmt, options, classes, tasks, skipped)
 
+
+def _write_set(plan: _Plan, out_dir: str | Path, results: Iterable[dict], progress: bool, log, t0: float,
+               how: str) -> dict:
+    """The main process's part: results (in task order) -> de-duplicated, split, written shards and
+    manifest.json, swapped into out_dir/name. The same for one process and for a merge of parts."""
+    src, name, fmt, classes, tasks = plan.src, plan.name, plan.fmt, plan.classes, plan.tasks
+    o = plan.options
+    skipped = list(plan.skipped)
     duplicates: list[dict] = []
     per_class = {s: {c: 0 for c in classes} for s in SPLITS}
-    seen: dict[str, str] = {}  # full pixel hash -> rel path of the stored copy
+    seen: dict[str, str] = {}  # full content key -> rel path of the stored copy
     folder = _OutputFolder(Path(out_dir), name)
     with folder as stage:
-        writers = {s: _SplitWriter(stage, s, max_samples_per_shard, max_bytes_per_shard) for s in SPLITS}
+        writers = {s: _SplitWriter(stage, s, o["max_samples_per_shard"], o["max_bytes_per_shard"]) for s in SPLITS}
         bar = tqdm(total=len(tasks), unit="img", desc=f"shards/{name}", disable=not progress,
                    dynamic_ncols=True, file=sys.stderr)
         try:
-            for task, res in zip(tasks, _results(tasks, workers)):
+            for task, res in zip(tasks, results, strict=True):
                 bar.update(1)
                 if "error" in res:
                     skipped.append({"path": task.rel, "reason": res["error"]})
                     continue
-                digest = res["hash"]
+                digest = res["key"]
                 if digest in seen:
                     duplicates.append({"path": task.rel, "same_as": seen[digest]})
                     continue
                 seen[digest] = task.rel
-                key = digest[:KEY_HEX_CHARS]
-                split = "val" if is_val(digest, val_fraction) else "train"
-                meta = {"path": task.rel, "class": classes[task.label] if classes else None,
-                        "width": res["width"], "height": res["height"]}
-                members = [(f"{key}.{fmt}", res["data"])]
+                split = "val" if is_val(digest, o["val_fraction"]) else "train"
                 if classes:
-                    members.append((f"{key}.cls", b"%d" % task.label))
                     per_class[split][classes[task.label]] += 1
-                members.append((f"{key}.json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode()))
-                writers[split].write(members)
+                writers[split].write(res["blob"])
             for w in writers.values():
                 w.close()
         except BaseException:
@@ -421,13 +502,10 @@ def write_shards(src: str | Path, out_dir: str | Path = "shards", name: str | No
             raise ShardsError(f"none of the {len(tasks)} image files in {src} could be decoded (reasons above); "
                               f"{_source_hint(src)}")
         manifest = {
-            "format": MANIFEST_FORMAT, "name": name, "size": size, "image_format": fmt, "classes": classes,
+            "format": MANIFEST_FORMAT, "name": name, "size": o["size"], "image_format": fmt, "classes": classes,
             "splits": {s: {"count": sum(sh["count"] for sh in writers[s].shards), "per_class": per_class[s],
                            "shards": writers[s].shards} for s in SPLITS},
-            "skipped": skipped, "duplicates": duplicates,
-            "options": {"src": str(src), "size": size, "val_fraction": val_fraction, "image_format": fmt,
-                        "quality": quality, "max_samples_per_shard": max_samples_per_shard,
-                        "max_bytes_per_shard": max_bytes_per_shard, "min_side": min_side},
+            "skipped": skipped, "duplicates": duplicates, "options": o,
             "versions": {"pillow": PIL.__version__, "numpy": np.__version__},
         }
         _atomic_write_json(stage / "manifest.json", manifest)  # last: its presence means complete
@@ -444,8 +522,166 @@ def write_shards(src: str | Path, out_dir: str | Path = "shards", name: str | No
     n_shards = sum(len(w.shards) for w in writers.values())
     log(f"{folder.final}: wrote {written} images (train {manifest['splits']['train']['count']}, "
         f"val {manifest['splits']['val']['count']}) in {n_shards} shards; skipped {len(skipped)}, "
-        f"duplicates {len(duplicates)}; {seconds:.1f} s ({len(tasks) / max(seconds, 1e-9):.0f} images/s, "
-        f"{workers} worker{'s' if workers > 1 else ''})")
+        f"duplicates {len(duplicates)}; {seconds:.1f} s ({len(tasks) / max(seconds, 1e-9):.0f} images/s, {how})")
+    return manifest
+
+
+def write_shards(src: str | Path, out_dir: str | Path = "shards", name: str | None = None, size: int = 128, *,
+                 val_fraction: float = 0.1, image_format: str = "jpg", quality: int = 95,
+                 workers: int | None = None, max_samples_per_shard: int = 1000,
+                 max_bytes_per_shard: int = 1_000_000_000, min_side: int = 16, progress: bool = True,
+                 log: Callable[[str], None] = print) -> dict:
+    """Shard the image folder `src` into out_dir/name (name defaults to src's folder name).
+    Returns the manifest. Raises ShardsError (one sentence) on a user mistake."""
+    t0 = time.perf_counter()
+    plan = _plan(src, name, size, val_fraction, image_format, quality, max_samples_per_shard, max_bytes_per_shard,
+                 min_side)
+    workers = default_workers() if not workers or workers < 1 else workers
+    return _write_set(plan, out_dir, _results(plan.tasks, workers), progress, log, t0,
+                      f"{workers} worker{'s' if workers > 1 else ''}")
+
+
+# ------------------------------------------------------------------------------------------------
+# On a SLURM array: parts written by the array tasks, merged by one job
+# ------------------------------------------------------------------------------------------------
+
+
+def _part_range(n: int, part: int, parts: int) -> tuple[int, int]:
+    """Tasks [lo, hi) of part `part` of `parts`: contiguous, so the parts in order are the file list."""
+    return part * n // parts, (part + 1) * n // parts
+
+
+def _parts_dir(out_dir: str | Path, name: str) -> Path:
+    return Path(out_dir) / f".{name}.parts"
+
+
+def _part_paths(out_dir, name: str, part: int, parts: int) -> tuple[Path, Path]:
+    stem = _parts_dir(out_dir, name) / f"part-{part:06d}-of-{parts:06d}"
+    return stem.with_suffix(".json"), stem.with_suffix(".bin")
+
+
+def _check_parts(part: int | None, parts: int) -> None:
+    if parts < 1:
+        raise ShardsError(f"--parts must be at least 1, got {parts}")
+    if part is not None and not 0 <= part < parts:
+        raise ShardsError(f"--part {part} is not in 0..{parts - 1} (--parts {parts})")
+
+
+def write_part(src: str | Path, out_dir: str | Path = "shards", name: str | None = None, size: int = 128, *,
+               part: int, parts: int, val_fraction: float = 0.1, image_format: str = "jpg", quality: int = 95,
+               workers: int | None = None, max_samples_per_shard: int = 1000,
+               max_bytes_per_shard: int = 1_000_000_000, min_side: int = 16, progress: bool = True,
+               log: Callable[[str], None] = print) -> Path:
+    """One array task: process part `part` of `parts` of the file list into out_dir/.name.parts/
+    (part-I-of-N.bin: the samples' tar members; part-I-of-N.json, written last: the results and the
+    fingerprint of the file list and options). Nothing here looks like a shard set. -> the json."""
+    t0 = time.perf_counter()
+    _check_parts(part, parts)
+    plan = _plan(src, name, size, val_fraction, image_format, quality, max_samples_per_shard, max_bytes_per_shard,
+                 min_side)
+    workers = default_workers() if not workers or workers < 1 else workers
+    lo, hi = _part_range(len(plan.tasks), part, parts)
+    meta_path, bin_path = _part_paths(out_dir, plan.name, part, parts)
+    meta_path.parent.mkdir(parents=True, exist_ok=True)
+    meta_path.unlink(missing_ok=True)  # a task run again: its old part stops counting before anything changes
+    records = []
+    tmp = bin_path.with_name(bin_path.name + ".tmp")
+    with open(tmp, "wb", buffering=1 << 20) as f:
+        results = _results(plan.tasks[lo:hi], workers)
+        for res in tqdm(results, total=hi - lo, unit="img", desc=f"part {part}/{parts}", disable=not progress,
+                        dynamic_ncols=True, file=sys.stderr):
+            if "error" in res:
+                records.append({"error": res["error"]})
+            else:
+                records.append({"key": res["key"], "width": res["width"], "height": res["height"],
+                                "bytes": len(res["blob"])})
+                f.write(res["blob"])
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, bin_path)
+    _atomic_write_json(meta_path, {"part": part, "parts": parts, "first": lo, "stop": hi,
+                                   "fingerprint": plan.fingerprint(), "options": plan.options,
+                                   "bin_bytes": bin_path.stat().st_size, "results": records})
+    log(f"{meta_path}: files {lo}..{hi - 1} of {len(plan.tasks)} ({hi - lo - sum('error' in r for r in records)} "
+        f"good) in {time.perf_counter() - t0:.1f} s, {workers} worker{'s' if workers > 1 else ''}")
+    return meta_path
+
+
+def submit_slurm(job_args: list[str], parts: int, sbatch_args: list[str]) -> tuple[str, str]:
+    """sbatch slurm/shards.sbatch as an array of `parts` tasks, then as the merge job that starts only
+    when every task succeeded (--dependency=afterok; a failed task cancels it). -> (array, merge) ids."""
+    script = str(Path(__file__).resolve().parents[1] / "slurm" / "shards.sbatch")
+    if not shutil.which("sbatch"):
+        raise ShardsError("--slurm needs sbatch on the PATH; run it on a SLURM login node")
+
+    def sbatch(*flags: str) -> str:
+        r = subprocess.run(["sbatch", "--parsable", *flags, *sbatch_args, script, *job_args],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise ShardsError(f"sbatch failed ({r.stderr.strip() or r.returncode}); check the partition and "
+                              f"account options given after --")
+        return r.stdout.strip().split(";")[0]
+
+    array = sbatch(f"--array=0-{parts - 1}")
+    merge = sbatch(f"--dependency=afterok:{array}", "--kill-on-invalid-dep=yes")
+    print(f"submitted array job {array} ({parts} tasks) and merge job {merge} (starts when all tasks succeeded)")
+    return array, merge
+
+
+def _part_results(metas: list[dict], bins: list[Path]) -> Iterable[dict]:
+    for meta, bin_path in zip(metas, bins):
+        with open(bin_path, "rb", buffering=1 << 20) as f:
+            for r in meta["results"]:
+                if "error" in r:
+                    yield r
+                    continue
+                blob = f.read(r["bytes"])
+                if len(blob) != r["bytes"]:
+                    raise ShardsError(f"{bin_path} is shorter than its part's record says; resubmit that task")
+                yield {"key": r["key"], "width": r["width"], "height": r["height"], "blob": blob}
+
+
+def merge_parts(src: str | Path, out_dir: str | Path = "shards", name: str | None = None, size: int = 128, *,
+                parts: int, val_fraction: float = 0.1, image_format: str = "jpg", quality: int = 95,
+                max_samples_per_shard: int = 1000, max_bytes_per_shard: int = 1_000_000_000, min_side: int = 16,
+                progress: bool = True, log: Callable[[str], None] = print) -> dict:
+    """The merge job: the parts' results, in order, through the same writer as one process: the shard
+    set is byte-identical to write_shards' on the same folder and options. Refuses (ShardsError, one
+    sentence naming the parts to resubmit) while any part is missing or was made from another file
+    list or options. Removes the parts when the set is in place. -> the manifest."""
+    t0 = time.perf_counter()
+    _check_parts(None, parts)
+    plan = _plan(src, name, size, val_fraction, image_format, quality, max_samples_per_shard, max_bytes_per_shard,
+                 min_side)
+    fingerprint = plan.fingerprint()
+    metas, bins, missing, foreign = [], [], [], []
+    for part in range(parts):
+        meta_path, bin_path = _part_paths(out_dir, plan.name, part, parts)
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            missing.append(part)
+            continue
+        lo, hi = _part_range(len(plan.tasks), part, parts)
+        if (meta.get("fingerprint") != fingerprint or (meta.get("first"), meta.get("stop")) != (lo, hi)
+                or len(meta.get("results", ())) != hi - lo):
+            foreign.append(part)
+        elif not bin_path.is_file() or bin_path.stat().st_size != meta.get("bin_bytes"):
+            missing.append(part)
+        metas.append(meta)
+        bins.append(bin_path)
+    if missing or foreign:
+        listed = ",".join(map(str, sorted(missing + foreign)))
+        why = (f"part{'s' if len(missing) > 1 else ''} {','.join(map(str, missing))} of {parts} "
+               f"{'are' if len(missing) > 1 else 'is'} missing or incomplete" if missing else "")
+        if foreign:
+            why += ("; " if why else "") + (f"part{'s' if len(foreign) > 1 else ''} {','.join(map(str, foreign))} "
+                                            f"{'were' if len(foreign) > 1 else 'was'} made from another file list or "
+                                            f"other options")
+        raise ShardsError(f"cannot merge {_parts_dir(out_dir, plan.name)}: {why}; resubmit those tasks with the same "
+                          f"arguments (sbatch --array={listed} slurm/shards.sbatch ...) and then the merge")
+    manifest = _write_set(plan, out_dir, _part_results(metas, bins), progress, log, t0, f"merged {parts} parts")
+    shutil.rmtree(_parts_dir(out_dir, plan.name), ignore_errors=True)
     return manifest
 
 
@@ -545,6 +781,13 @@ def _write_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-side", type=int, default=16,
                    help="skip images whose shorter side is below this many px (16; 0 keeps all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("on a SLURM array (slurm/shards.sbatch; the result is byte-identical to one process)")
+    g.add_argument("--parts", type=int, help="the number of parts the file list is cut into (array tasks)")
+    g.add_argument("--part", type=int, help="process part PART (0..PARTS-1) into OUT/.NAME.parts/ (an array task)")
+    g.add_argument("--merge", action="store_true", help="write the shards from all PARTS parts (the merge job)")
+    g.add_argument("--slurm", action="store_true",
+                   help="submit an array of PARTS tasks and the merge job after it (slurm/shards.sbatch); "
+                        "everything after -- goes to sbatch (-p cpu, --cpus-per-task=16, ...)")
     return p
 
 
@@ -566,13 +809,27 @@ def main(argv: list[str] | None = None) -> int:
         n = sum(len(m["splits"][s]["shards"]) for s in SPLITS)
         print(f"{folder}: OK ({n} shards, train {m['splits']['train']['count']}, val {m['splits']['val']['count']})")
         return 0
+    sbatch_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
     args = _write_parser().parse_args(argv)
+    options = dict(val_fraction=args.val_fraction, image_format=args.image_format, quality=args.quality,
+                   max_samples_per_shard=args.max_samples_per_shard, max_bytes_per_shard=args.max_bytes_per_shard,
+                   min_side=args.min_side, progress=not args.no_progress)
     try:
-        write_shards(args.src, args.out, args.name, args.size, val_fraction=args.val_fraction,
-                     image_format=args.image_format, quality=args.quality, workers=args.workers,
-                     max_samples_per_shard=args.max_samples_per_shard,
-                     max_bytes_per_shard=args.max_bytes_per_shard, min_side=args.min_side,
-                     progress=not args.no_progress)
+        modes = (args.part is not None) + args.merge + args.slurm
+        if (modes > 0) != (args.parts is not None) or modes > 1:
+            raise ShardsError("--parts goes with exactly one of --slurm (submit the array and the merge), "
+                              "--part I (an array task) or --merge (the merge job)")
+        if args.slurm:
+            _check_parts(None, args.parts)
+            submit_slurm([a for a in argv if a != "--slurm"], args.parts, sbatch_args)
+        elif args.merge:
+            merge_parts(args.src, args.out, args.name, args.size, parts=args.parts, **options)
+        elif args.part is not None:
+            write_part(args.src, args.out, args.name, args.size, part=args.part, parts=args.parts,
+                       workers=args.workers, **options)
+        else:
+            write_shards(args.src, args.out, args.name, args.size, workers=args.workers, **options)
     except ShardsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 and the command line's sentences and exit codes. Images are 40x30 and made in tmp_path."""
 
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -470,3 +471,166 @@ def test_demo_data_is_deterministic_and_shards_cleanly(tmp_path):
     assert len(list((tmp_path / "a").rglob("*.jpg"))) == 10  # replaced, not mixed with the old set
     m = write(tmp_path / "a", tmp_path, size=16)
     assert m["classes"] == sorted(CLASSES) and m["skipped"] == [] and m["duplicates"] == []
+
+
+# ------------------------------------------------------------------------------------------------
+# The key (split, de-duplication) does not depend on --size; JPEGs decoded at reduced scale
+# ------------------------------------------------------------------------------------------------
+
+
+def photo(seed: int, size=(200, 150)) -> Image.Image:
+    """A photo-like picture: smooth colour fields with some detail (for JPEG at reduced scale)."""
+    rng = np.random.default_rng(seed)
+    base = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(size, Image.Resampling.BICUBIC)
+    detail = rng.integers(-20, 21, (size[1], size[0], 3))
+    return Image.fromarray(np.clip(np.asarray(base).astype(int) + detail, 0, 255).astype(np.uint8))
+
+
+def key_splits(folder: Path) -> dict[str, str]:
+    """{sample key: split} over a written set."""
+    m = json.loads((folder / "manifest.json").read_text())
+    out = {}
+    for split in SPLITS:
+        for s in m["splits"][split]["shards"]:
+            with tarfile.open(folder / s["file"]) as tar:
+                out.update({n.split(".")[0]: split for n in tar.getnames()})
+    return out
+
+
+SPLITS = ("train", "val")
+
+
+def test_jpeg_split_is_independent_of_size_and_stable_when_files_are_added(tmp_path):
+    src = tmp_path / "src"
+    for i in range(30):
+        save(photo(i, (120 + 4 * i, 90 + 3 * i)), src / f"c{i % 2}/{i}.jpg", quality=90)
+    write(src, tmp_path, name="s16", size=16, val_fraction=0.5)
+    write(src, tmp_path, name="s40", size=40, val_fraction=0.5)  # other size: other DCT scale, same keys
+    small, large = key_splits(tmp_path / "out/s16"), key_splits(tmp_path / "out/s40")
+    assert len(small) == 30 and set(small.values()) == {"train", "val"}
+    assert small == large
+    for i in range(30, 45):
+        save(photo(i), src / f"c{i % 2}/{i}.jpg", quality=90)
+    write(src, tmp_path, name="more", size=24, val_fraction=0.5)
+    more = key_splits(tmp_path / "out/more")
+    assert len(more) == 45 and all(more[k] == split for k, split in small.items())
+
+
+def _with_segments(jpeg: bytes, *segments: tuple[int, bytes]) -> bytes:
+    """The JPEG with extra marker segments inserted after SOI."""
+    extra = b"".join(bytes([0xFF, marker]) + (len(body) + 2).to_bytes(2, "big") + body for marker, body in segments)
+    return jpeg[:2] + extra + jpeg[2:]
+
+
+def test_jpeg_key_ignores_metadata_but_not_pixels_or_orientation(tmp_path):
+    buf = io.BytesIO()
+    photo(1).save(buf, "JPEG", quality=90)
+    jpeg = buf.getvalue()
+    key = shards_mod.jpeg_key(jpeg, 1)
+    assert key == shards_mod.jpeg_key(_with_segments(jpeg, (0xFE, b"a comment"), (0xED, b"Photoshop 3.0\0iptc")), 1)
+    assert key != shards_mod.jpeg_key(jpeg, 6)  # shown rotated: another image
+    assert key != shards_mod.jpeg_key(_with_segments(jpeg, (0xE2, b"ICC_PROFILE\0...")), 1)  # colour: kept
+    other = io.BytesIO()
+    photo(1).save(other, "JPEG", quality=89)
+    assert key != shards_mod.jpeg_key(other.getvalue(), 1)
+    assert shards_mod.jpeg_key(b"\x89PNG\r\n", 1) is None
+
+    # End to end: the copy with an EXIF block and a comment added is a duplicate of the original.
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "a/original.jpg").write_bytes(jpeg)
+    exif = Image.Exif()
+    exif[0x010F] = "Camera maker"
+    (src / "a/with-metadata.jpg").write_bytes(_with_segments(jpeg, (0xE1, b"Exif\0\0" + exif.tobytes()[6:]),
+                                                            (0xFE, b"edited")))
+    save(photo(2), src / "a/other.jpg", quality=90)
+    m = write(src, tmp_path)
+    (dup,) = m["duplicates"]
+    assert {dup["path"], dup["same_as"]} == {"a/original.jpg", "a/with-metadata.jpg"}
+    assert m["splits"]["train"]["count"] + m["splits"]["val"]["count"] == 2
+
+
+def test_reduced_jpeg_decode_stores_what_a_full_decode_would(tmp_path):
+    from pipeline.images import load_rgb, resize_center_crop
+
+    src = tmp_path / "src"
+    y, x = np.mgrid[0:480, 0:640]
+    grating = 127 + 100 * np.sin(2 * np.pi * x / 22) * np.cos(2 * np.pi * y / 17)  # detail at the output scale
+    arr = np.clip(np.stack([grating, np.roll(grating, 5, 1), 255 - grating], -1), 0, 255).astype(np.uint8)
+    path = save(Image.fromarray(arr), src / "big.jpg", quality=92)  # 480 -> 64: decoded at 1/4 scale (160x120)
+    m = write(src, tmp_path, size=64, val_fraction=0.0, image_format="png")  # png: no second lossy step
+    (sample,) = read_samples(tmp_path / "out/t").values()
+    stored = decode_image(sample["png"], "png").astype(int)
+    full = np.asarray(resize_center_crop(load_rgb(path), 64)).astype(int)  # full-size decode, one resize
+    assert stored.shape == full.shape == (64, 64, 3)
+    # Measured: 1.8 / 6 levels; decoding one DCT scale too small (80x60, then upscaled) gives 13 / 50.
+    assert np.abs(stored - full).mean() < 3.0 and np.abs(stored - full).max() < 20
+    assert (m["skipped"], json.loads(sample["json"])["width"]) == ([], 640)
+
+
+def test_shards_are_the_bytes_tarfile_writes(tmp_path):
+    """The writer assembles tar members itself (in the workers); a tar written by tarfile from the
+    same members, with the same metadata, is byte for byte the same file."""
+    src = tmp_path / "src"
+    for i in range(5):
+        save(photo(i), src / f"c/{i}.jpg", quality=90)
+    m = write(src, tmp_path, val_fraction=0.0)
+    shard = tmp_path / "out/t" / m["splits"]["train"]["shards"][0]["file"]
+    with tarfile.open(shard) as tar:
+        members = [(info.name, tar.extractfile(info).read()) for info in tar.getmembers()]
+    again = io.BytesIO()
+    with tarfile.open(fileobj=again, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            tar.addfile(shards_mod._tarinfo(name, len(data)), io.BytesIO(data))
+    assert again.getvalue() == shard.read_bytes()
+
+
+# ------------------------------------------------------------------------------------------------
+# Parts and merge (what the SLURM array tasks and the merge job run; tests/test_shards_slurm.py
+# runs them through slurm/shards.sbatch on a real cluster)
+# ------------------------------------------------------------------------------------------------
+
+
+def write_parts(src, tmp_path, parts, which=None, **kw):
+    kw.update(workers=1, progress=False, log=lambda line: None)
+    for part in (range(parts) if which is None else which):
+        shards_mod.write_part(src, tmp_path / "out", "t", 16, part=part, parts=parts, **kw)
+
+
+@pytest.mark.parametrize("parts", [1, 3, 7])
+def test_parts_merged_are_byte_identical_to_one_process(corpus, tmp_path, parts):
+    src, _, _ = corpus
+    kw = dict(val_fraction=0.3, max_samples_per_shard=4)
+    m1 = write(src, tmp_path, name="one", **kw)
+    write_parts(src, tmp_path, parts, **kw)
+    assert not (tmp_path / "out/t").exists()  # parts alone are no shard set
+    m2 = shards_mod.merge_parts(src, tmp_path / "out", "t", 16, parts=parts, progress=False,
+                                log=lambda line: None, **kw)
+    assert shard_hashes(tmp_path / "out/t") == shard_hashes(tmp_path / "out/one") and len(shard_hashes(tmp_path / "out/t")) >= 3
+    assert {**m2, "name": "one"} == m1 and m1["skipped"] and verify_shards(tmp_path / "out/t") == []
+    assert not (tmp_path / "out/.t.parts").exists()  # parts removed once the set is in place
+
+
+def test_merge_refuses_missing_or_foreign_parts_and_a_resubmitted_part_completes_it(corpus, tmp_path):
+    src, _, _ = corpus
+    write_parts(src, tmp_path, 3, which=[0, 2])
+    with pytest.raises(ShardsError, match=r"part 1 of 3 is missing.*--array=1 slurm/shards.sbatch"):
+        shards_mod.merge_parts(src, tmp_path / "out", "t", 16, parts=3, progress=False)
+    assert not (tmp_path / "out/t").exists()
+    write_parts(src, tmp_path, 3, which=[1], quality=80)  # resubmitted with other options: refused
+    with pytest.raises(ShardsError, match=r"part 1 was made from another file list or other options"):
+        shards_mod.merge_parts(src, tmp_path / "out", "t", 16, parts=3, progress=False)
+    write_parts(src, tmp_path, 3, which=[1])  # resubmitted alone, as it should have been
+    shards_mod.merge_parts(src, tmp_path / "out", "t", 16, parts=3, progress=False, log=lambda line: None)
+    write(src, tmp_path, name="one")
+    assert shard_hashes(tmp_path / "out/t") == shard_hashes(tmp_path / "out/one")
+
+
+def test_cli_part_and_merge_options_are_checked(tmp_path):
+    src = tmp_path / "flat"
+    save(noise_image(0), src / "0.png")
+    for args, expected in [(["--part", "0"], "--parts goes with exactly one of"),
+                           (["--parts", "2"], "--parts goes with exactly one of"),
+                           (["--parts", "2", "--part", "2"], "--part 2 is not in 0..1")]:
+        r = run_cli(src, "--out", tmp_path / "shards", *args)
+        assert r.returncode == 2 and expected in r.stderr and "Traceback" not in r.stderr, r.stderr
