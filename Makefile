@@ -11,6 +11,7 @@ SIZE ?= 128
 RECIPE ?= recipes/flowers.yaml
 NPROC ?= 1
 ARGS ?=
+PARTS ?= 4
 
 # On a machine without GPUs, the pinned (CUDA) torch only forms one gloo process group across
 # `--multi_gpu` processes when ACCELERATE_USE_CPU=1 is set; without it each process runs alone.
@@ -18,7 +19,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 LAUNCH_ENV := $(if $(HAS_GPU),,ACCELERATE_USE_CPU=1)
 LAUNCH_MULTI := $(if $(filter-out 1,$(NPROC)),--multi_gpu,)
 
-.PHONY: help install demo demo-data shards verify train eval batchsize sweep test test-fast test-slurm bench-data bench-train sync clean
+.PHONY: help install demo demo-data shards shards-slurm verify train eval batchsize sweep test test-fast test-slurm bench-data bench-train sync clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -40,6 +41,9 @@ demo-data: install  ## Generate the offline demo image folder (data/demo) and sh
 
 shards: install  ## Shard an image folder: make shards SRC=data/flowers NAME=flowers SIZE=128
 	$(BIN)/python -m pipeline.shards $(SRC) --name $(NAME) --size $(SIZE) $(ARGS)
+
+shards-slurm: install  ## Shard on a SLURM array + a merge job: make shards-slurm SRC=data/flowers NAME=flowers PARTS=8 [ARGS="-- -p cpu"]
+	$(BIN)/python -m pipeline.shards $(SRC) --name $(NAME) --size $(SIZE) --parts $(PARTS) --slurm $(ARGS)
 
 verify: install  ## Re-hash shards/NAME against its manifest: make verify NAME=flowers
 	$(BIN)/python -m pipeline.shards verify shards/$(NAME)
