@@ -3,32 +3,39 @@
     python benchmarks/bench_data.py [--count 2000] [--size 128] [--format jpg] [--workers N] [--rounds 5]
 
 1. Source: >= 2,000 photo-sized JPEGs (320x240 .. 500x375) from pipeline.demo_data (cached in --work).
-2. Shard writing (pipeline.shards.write_shards): images/s with 1 worker and with all cores.
+2. Shard writing (pipeline.shards.write_shards, in a fresh process as `make shards` runs it): images/s
+   and CPU per image with 1 worker and with 2 workers, in alternating rounds; per core = images/s /
+   workers, and the 2-worker / 1-worker ratio of each round (median).
 3. Reading with the same number of worker processes N (default: all cores):
    (a) torchvision ImageFolder + DataLoader doing resize + centre crop + ToTensor at load time;
    (b) the raw decode rate of the stored shard images in a tight loop (pipeline.images.decode_image
        in N processes, bytes already in memory): the practical limit for any reader;
    (c) our TrainStream, data.order=permutation (the default): a global shuffle per epoch, each sample
        read by position (tar index + one pread), decode, batching, transfer to the main process;
-   (d) our TrainStream, data.order=resampled: whole shards read sequentially through a shuffle buffer.
-The readers run in alternating rounds (b c d b a, b c d b a, ...); each ratio is taken within a round
-and the median over rounds is reported, so drifts of the machine's speed (other programs) cancel. Rates are steady state (worker start-up
-and the first batches are excluded). Each reader's CPU time per image over the same steady state
-(all its processes, main and workers; for (b) inside the decode loop) is printed too: unlike
-images/s it hardly moves when other programs share the machine. The ratios are printed against the
-goals (reader >= 5x ImageFolder, >= 90 % of raw decode, writing >= 1,000 images/s per core),
-whatever they are.
+   (d) our TrainStream, data.order=resampled: whole shards read sequentially through a shuffle buffer;
+   (e) a plain webdataset pipeline as open_clip builds one: WebDataset(resampled) .shuffle(1000)
+       .decode("rgb") .to_tuple("jpg", "cls") .batched(B) in a DataLoader (float32 images);
+   (f) on a machine with CUDA: our TrainStream with data.decode=gpu (workers read bytes, nvJPEG decodes).
+The readers run in alternating rounds (b c d e b a, ...); each ratio is taken within a round and the
+median over rounds is reported, so drifts of the machine's speed (other programs) cancel. Rates are
+steady state (worker start-up and the first batches are excluded). Each reader's CPU time per image
+over the same steady state (all its processes, main and workers; for (b) inside the decode loop) is
+printed too: unlike images/s it hardly moves when other programs share the machine. The ratios are
+printed against the goals (reader >= 5x ImageFolder, >= 90 % of raw decode, writing >= 1,000 images/s
+per core, 2 workers >= 1.8x one), whatever they are.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import platform
 import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tarfile
 import time
@@ -38,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torchvision
+import webdataset as wds
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
@@ -45,7 +53,7 @@ from pipeline.config import Config, DataConfig, TrainConfig
 from pipeline.data import TrainStream
 from pipeline.demo_data import generate
 from pipeline.images import decode_image
-from pipeline.shards import default_workers, write_shards
+from pipeline.shards import default_workers
 
 BATCH = 64
 
@@ -69,14 +77,29 @@ def cpu_seconds() -> float:
     return total
 
 
-def time_writing(src: Path, out: Path, size: int, fmt: str, workers: int) -> tuple[float, Path]:
+WRITE = """
+import json, resource, sys, time
+from pipeline.shards import write_shards
+src, out, name, size, fmt, workers = sys.argv[1:]
+t0 = time.perf_counter()
+m = write_shards(src, out, name, int(size), image_format=fmt, workers=int(workers), progress=False, log=lambda s: None)
+seconds = time.perf_counter() - t0
+me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+files = sum(m["splits"][s]["count"] for s in ("train", "val")) + len(m["skipped"]) + len(m["duplicates"])
+print(json.dumps({"files": files, "seconds": seconds,
+                  "cpu": me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime}))
+"""
+
+
+def time_writing(src: Path, out: Path, size: int, fmt: str, workers: int) -> tuple[float, float, Path]:
+    """(images/s, CPU us per image, shard folder) of write_shards in a fresh process, as `make shards`
+    runs it (this process has torch's threads, so a pool started here would have to spawn)."""
     name = f"bench-w{workers}"
     shutil.rmtree(out / name, ignore_errors=True)
-    t0 = time.perf_counter()
-    manifest = write_shards(src, out, name, size, image_format=fmt, workers=workers, progress=False, log=quiet)
-    files = sum(manifest["splits"][s]["count"] for s in ("train", "val"))
-    files += len(manifest["skipped"]) + len(manifest["duplicates"])
-    return files / (time.perf_counter() - t0), out / name
+    r = subprocess.run([sys.executable, "-c", WRITE, str(src), str(out), name, str(size), fmt, str(workers)],
+                       capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    return res["files"] / res["seconds"], res["cpu"] / res["files"] * 1e6, out / name
 
 
 def measure(batches, warmup: int, images: int) -> tuple[float, float]:
@@ -127,15 +150,30 @@ def raw_decode(blobs: list[bytes], ext: str, workers: int, seconds: float) -> tu
     return sum(n / s for n, s, _ in results), sum(c for _, _, c in results) / images * 1e6
 
 
-def stream_batches(shards: Path, workers: int, order: str):
-    cfg = Config(data=DataConfig(shards=str(shards), batch_size_per_device=BATCH, num_workers=workers, order=order),
-                 train=TrainConfig(seed=0))
+def stream_batches(shards: Path, workers: int, order: str, decode: str = "cpu"):
+    cfg = Config(data=DataConfig(shards=str(shards), batch_size_per_device=BATCH, num_workers=workers, order=order,
+                                 decode=decode), train=TrainConfig(seed=0))
     stream = iter(TrainStream(cfg, rank=0, world_size=1))
     try:
         for batch in stream:
             yield batch.images
     finally:
         stream.close()
+
+
+def webdataset_batches(shards: Path, workers: int):
+    """A plain webdataset pipeline over the same train shards, as open_clip's get_wds_dataset builds it
+    (resampled shards, a shuffle buffer, webdataset's own decoders with "rgb": float32 HWC in [0, 1])."""
+    urls = [str(p) for p in sorted(shards.glob("train-*.tar"))]
+    dataset = (wds.WebDataset(urls, resampled=True, shardshuffle=False, nodesplitter=wds.split_by_node)
+               .shuffle(1000).decode("rgb").to_tuple("jpg", "cls").batched(BATCH, partial=False))
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers, generator=torch.Generator().manual_seed(0))
+    it = iter(loader)
+    try:
+        for images, _ in it:
+            yield images
+    finally:
+        del it
 
 
 def main() -> None:
@@ -146,6 +184,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=0, help="worker processes for the 'all cores' figures")
     p.add_argument("--rounds", type=int, default=5, help="alternating measurement rounds per reader")
     p.add_argument("--images", type=int, default=3000, help="images timed per reader and round")
+    p.add_argument("--write-rounds", type=int, default=3, help="alternating rounds of writing with 1 and 2 workers")
     p.add_argument("--work", default="bench/data", help="work folder (git-ignored)")
     args = p.parse_args()
     workers = args.workers or default_workers()
@@ -160,29 +199,46 @@ def main() -> None:
           f"median of {args.rounds} alternating rounds of {args.images} images")
     print()
 
-    write_1, _ = time_writing(src, work / "shards", args.size, args.format, 1)
-    write_n, shards = time_writing(src, work / "shards", args.size, args.format, workers)
+    # Writing: 1 and 2 workers in alternating rounds; the ratio is taken within each round.
+    writes: dict[int, list[tuple[float, float]]] = {1: [], 2: []}
+    scaling = []
+    for _ in range(args.write_rounds):
+        for w in (1, 2):
+            rate, cpu, shards = time_writing(src, work / "shards", args.size, args.format, w)
+            writes[w].append((rate, cpu))
+        scaling.append(writes[2][-1][0] / writes[1][-1][0])
+    write_rate = {w: statistics.median(r for r, _ in v) for w, v in writes.items()}
+    write_cpu = {w: statistics.median(c for _, c in v) for w, v in writes.items()}
     blobs = []
     for tar_path in sorted(shards.glob("train-*.tar")):
         with tarfile.open(tar_path) as tar:
             blobs += [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith("." + args.format)]
 
-    # Each round: raw, ours, raw again, ImageFolder. Ratios are taken within a round (ours against
+    # Each round: raw, ours (both orders), webdataset, raw again, ImageFolder. Ratios are taken within a round (ours against
     # the mean of the raw runs around it, and against the ImageFolder run beside it), then the median
     # over rounds, so slow drifts of the machine's speed cancel.
-    results: dict[str, list[tuple[float, float]]] = {"folder": [], "raw": [], "ours": [], "resampled": []}
-    to_raw, to_folder, resampled_to_raw = [], [], []
+    results: dict[str, list[tuple[float, float]]] = {"folder": [], "raw": [], "ours": [], "resampled": [],
+                                                     "wds": []}
+    to_raw, to_folder, resampled_to_raw, to_wds = [], [], [], []
+    gpu = torch.cuda.is_available() and args.format == "jpg"
+    if gpu:
+        results["gpu"] = []
     warmup = 2 * max(1, workers)
     for _ in range(args.rounds):
         raw_a = raw_decode(blobs, args.format, workers, seconds=args.images / 4000)
         ours = measure(stream_batches(shards, workers, "permutation"), warmup, args.images)
         resampled = measure(stream_batches(shards, workers, "resampled"), warmup, args.images)
+        plain = measure(webdataset_batches(shards, workers), warmup, args.images)
+        if gpu:  # data.decode=gpu: workers read bytes, nvJPEG decodes each batch on the device
+            results["gpu"].append(measure(stream_batches(shards, workers, "permutation", "gpu"), warmup, args.images))
         raw_b = raw_decode(blobs, args.format, workers, seconds=args.images / 4000)
         folder = measure(imagefolder_batches(src, args.size, workers), warmup, args.images // 3)
         results["raw"] += [raw_a, raw_b]
         results["ours"].append(ours)
         results["resampled"].append(resampled)
         results["folder"].append(folder)
+        results["wds"].append(plain)
+        to_wds.append((ours[0] / plain[0], plain[1] / ours[1]))
         resampled_to_raw.append(resampled[0] / ((raw_a[0] + raw_b[0]) / 2))
         to_raw.append((ours[0] / ((raw_a[0] + raw_b[0]) / 2), ((raw_a[1] + raw_b[1]) / 2) / ours[1]))
         to_folder.append((ours[0] / folder[0], folder[1] / ours[1]))
@@ -193,26 +249,38 @@ def main() -> None:
         return "met" if ok else "NOT met"
 
     print(f"{'':<46} {'images/s':>10} {'CPU us/image':>13}")
-    print(f"{'shard writing, 1 worker':<46} {write_1:>10,.0f}")
-    print(f"{f'shard writing, {workers} workers':<46} {write_n:>10,.0f}   ({write_n / workers:,.0f} per core)")
+    for w in (1, 2):
+        each = ", ".join(f"{r:,.0f}" for r, _ in writes[w])
+        print(f"{f'shard writing, {w} worker' + ('s' if w > 1 else ''):<46} {write_rate[w]:>10,.0f} "
+              f"{write_cpu[w]:>13,.0f}   ({write_rate[w] / w:,.0f} per core; runs: {each})")
     rows = [("folder", f"(a) ImageFolder + DataLoader, {workers} workers"),
             ("raw", f"(b) raw decode of stored images, {workers} procs"),
             ("ours", f"(c) TrainStream (permutation), {workers} workers"),
-            ("resampled", f"(d) TrainStream (resampled), {workers} workers")]
+            ("resampled", f"(d) TrainStream (resampled), {workers} workers"),
+            ("wds", f"(e) webdataset .decode(\"rgb\"), {workers} workers")]
+    if gpu:
+        rows.append(("gpu", f"(f) TrainStream, data.decode=gpu ({torch.cuda.get_device_name()})"))
     for key, name in rows:
         each = ", ".join(f"{r:,.0f}" for r, _ in results[key])
         print(f"{name:<46} {rate[key]:>10,.0f} {cpu[key]:>13,.0f}   runs: {each}")
     print()
-    per_core = min(write_1, write_n / workers)
+    per_core = min(write_rate[1], write_rate[2] / 2)
     folder_ratio, folder_cpu = (statistics.median(x) for x in zip(*to_folder))
+    wds_ratio, wds_cpu = (statistics.median(x) for x in zip(*to_wds))
     raw_ratio, raw_cpu = (statistics.median(x) for x in zip(*to_raw))
     print(f"reader / ImageFolder   {folder_ratio:6.2f}x   (goal >= 5x: {goal(folder_ratio >= 5)}); "
           f"by CPU per image {folder_cpu:.2f}x")
     print(f"reader / raw decode    {100 * raw_ratio:6.1f} %  (goal >= 90 %: {goal(raw_ratio >= 0.9)}); "
           f"by CPU per image {100 * raw_cpu:.1f} %")
     print(f"resampled / raw decode {100 * statistics.median(resampled_to_raw):6.1f} %  (data.order=resampled)")
+    print(f"reader / webdataset    {wds_ratio:6.2f}x   (plain webdataset .decode(\"rgb\") as open_clip); "
+          f"by CPU per image {wds_cpu:.2f}x")
     print(f"writing per core       {per_core:6,.0f} images/s (goal >= 1,000: {goal(per_core >= 1000)}); "
-          f"1 worker {write_1:,.0f}/s, {workers} workers {write_n / workers:,.0f}/s per core")
+          f"1 worker {write_rate[1]:,.0f}/s, 2 workers {write_rate[2] / 2:,.0f}/s per core; "
+          f"by CPU per image {1e6 / write_cpu[1]:,.0f}/s per core")
+    scale = statistics.median(scaling)
+    print(f"writing 2 / 1 workers  {scale:6.2f}x   (goal >= 1.8x: {goal(scale >= 1.8)}); rounds: "
+          + ", ".join(f"{s:.2f}" for s in scaling))
     print("(ratios: median over rounds of within-round ratios; round by round, reader / raw decode: "
           + ", ".join(f"{100 * r:.0f} %" for r, _ in to_raw) + ")")
     print(f"load average {os.getloadavg()[0]:.1f} at the end (above {default_workers()} means other programs "

@@ -45,6 +45,10 @@ class DataConfig:
     epoch whatever the shard count, independent of the world size (a run can resume on another number
     of processes) | resampled: each reader draws whole shards with replacement and streams them
     through a shuffle buffer (open_clip's --dataset-resampled; sets with far more shards than readers)."""
+    decode: str = "cpu"
+    """cpu: the data workers decode the stored images | gpu: the workers only read the stored JPEG bytes
+    and each batch is decoded on the GPU (nvJPEG via torchvision; needs jpg shards and CUDA) | auto: gpu
+    where it can run, else cpu."""
     shuffle_buffer_samples: int = 1000
     """resampled: samples held in each worker's shuffle buffer (more = better mixing, more memory)."""
     hflip: bool = True
@@ -256,6 +260,7 @@ class Config:
 # Fields whose value must be one of a fixed set: dotted key -> allowed values.
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.order": ("permutation", "resampled"),
+    "data.decode": ("cpu", "gpu", "auto"),
     "model.arch": ("conv", "dcgan", "vanilla", "resnet"),
     "model.latent": ("auto", "vector", "spatial"),
     "model.output": ("tanh", "sigmoid"),

@@ -554,3 +554,73 @@ def test_read_manifest_errors_are_one_sentence(tmp_path, dataset):
     with pytest.raises(ConfigError, match=r"train-000000.tar listed in .* is missing; re-run `make shards"):
         read_manifest(gone)
     assert read_manifest(dataset["dir"])["splits"]["val"]["count"] == len(dataset["val_keys"])
+
+
+def test_batches_kept_by_the_consumer_are_never_overwritten(clean):
+    """Workers write batches into a ring of shared-memory slots and the main process lends a slot to
+    the consumer instead of copying it. A consumer that keeps every batch (here 3 epochs' worth, far
+    more than the ring) must still see each batch's own pixels: the same as read in-process."""
+    import threading
+
+    n = len(clean["keys"])
+    kept: list[Batch] = []
+    stream = TrainStream(cfg_for(clean["dir"], num_workers=2, batch_size=4), 0, 1)
+    reader = threading.Thread(target=lambda: kept.extend(take(stream, 3 * n // 4)), daemon=True)
+    reader.start()
+    reader.join(timeout=60)
+    assert not reader.is_alive(), "a worker starved of free slots: the stream hangs"
+    reference = take(TrainStream(cfg_for(clean["dir"], num_workers=0, batch_size=4), 0, 1), 3 * n // 4)
+    assert [b.keys for b in kept] == [b.keys for b in reference]
+    for got, want in zip(kept, reference):
+        assert torch.equal(got.images, want.images) and torch.equal(got.labels, want.labels)
+
+
+# --------------------------------------------------------------------------------------------
+# data.decode: cpu | gpu | auto (nvJPEG in the training process; this machine has no GPU)
+# --------------------------------------------------------------------------------------------
+
+
+def _with_decode(cfg: Config, decode: str) -> Config:
+    cfg.data.decode = decode
+    return cfg
+
+
+def test_decode_gpu_without_cuda_is_one_sentence_and_auto_falls_back(dataset):
+    from pipeline.config import validate
+    from pipeline.data.gpu_decode import decode_device
+
+    assert not torch.cuda.is_available()  # the CPU machines these tests run on
+    with pytest.raises(ConfigError) as e:
+        TrainStream(_with_decode(cfg_for(dataset["dir"]), "gpu"), rank=0, world_size=1)
+    assert str(e.value) == ("data.decode=gpu cannot be used: this machine has no CUDA device "
+                            "(torch.cuda.is_available() is False); set data.decode=cpu, or auto to fall back to "
+                            "the CPU where the GPU cannot decode")
+    with pytest.raises(ConfigError, match=r"the shards store png images and only JPEG is decoded on the GPU"):
+        decode_device("gpu", "png")
+    assert decode_device("auto", "jpg") is None and decode_device("cpu", "jpg") is None
+    auto = take(TrainStream(_with_decode(cfg_for(dataset["dir"], num_workers=2), "auto"), 0, 1), 5)
+    cpu = take(TrainStream(cfg_for(dataset["dir"], num_workers=2), 0, 1), 5)
+    assert same(auto, cpu)
+    with pytest.raises(ConfigError, match=r"data.decode is 'nvjpeg' but must be one of cpu, gpu, auto"):
+        validate(_with_decode(cfg_for(dataset["dir"]), "nvjpeg"), check_paths=False)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("order", ["permutation", "resampled"])
+def test_bytes_path_decoded_in_the_main_process_equals_decoding_in_the_workers(dataset, num_workers, order):
+    """data.decode=gpu's plumbing, with the batch decoded by torchvision on the CPU instead of the GPU
+    (the same libjpeg-turbo as Pillow here: the same pixels): workers hand on bytes, a sample whose
+    header is broken is replaced exactly as when the workers decode (the dataset has one)."""
+    import dataclasses
+
+    cfg = cfg_for(dataset["dir"], num_workers=num_workers, batch_size=5, order=order)
+    workers_decode = TrainStream(cfg, 0, 1)
+    reference = take(workers_decode, 12)
+    stream = TrainStream(cfg, 0, 1)
+    stream._decode_on = "cpu"  # what decode_device returns on a GPU machine is "cuda"
+    stream._plan = dataclasses.replace(stream._plan, keep_bytes=True)
+    got = take(stream, 12)
+    assert [b.keys for b in got] == [b.keys for b in reference]
+    assert all(torch.equal(g.images, r.images) and torch.equal(g.labels, r.labels) for g, r in zip(got, reference))
+    assert stream.skipped_samples == workers_decode.skipped_samples
+    assert order == "resampled" or stream.skipped_samples > 0  # 60 samples: a whole epoch, the corrupt one in it

@@ -7,6 +7,7 @@ from typing import Iterator
 
 import numpy as np
 
+from pipeline.data.gpu_decode import jpeg_header_ok
 from pipeline.data.manifest import IMAGE_EXTS
 from pipeline.images import decode_image
 
@@ -28,9 +29,10 @@ class _Decoder:
     A sample that is missing, has no image, fails to decode or has the wrong shape is dropped and
     counted; each good sample carries the running count and the cursor just past itself."""
 
-    def __init__(self, image_ext: str, size: int, skipped: int, limit: int):
+    def __init__(self, image_ext: str, size: int, skipped: int, limit: int, keep_bytes: bool = False):
         self.exts = _image_preference(image_ext)
         self.size, self.skipped, self.limit = size, skipped, limit
+        self.keep_bytes = keep_bytes  # data.decode=gpu: pass the JPEG's bytes on, its header checked
 
     def decode(self, sample: dict) -> dict | None:
         if sample.get("__missing__") or sample.get("__bad__"):
@@ -39,8 +41,11 @@ class _Decoder:
         if ext is None:
             return None
         try:
-            image = decode_image(sample[ext], ext)
             label = int(sample["cls"].decode("ascii").strip()) if "cls" in sample else -1
+            if self.keep_bytes:  # decoded on the GPU in the training process: check the header only
+                ok = ext == "jpg" and jpeg_header_ok(sample[ext], self.size)
+                return {"image": sample[ext], "label": label, "key": sample["__key__"]} if ok else None
+            image = decode_image(sample[ext], ext)
         except Exception as exn:  # noqa: BLE001 - any failure of one sample is that sample's problem
             log.debug("sample %s: %r", sample["__key__"], exn)
             return None

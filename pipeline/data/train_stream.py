@@ -19,6 +19,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.config import Config, ConfigError
 from pipeline.data.decode import MAX_CONSECUTIVE_BAD, _Decoder
+from pipeline.data.gpu_decode import decode_device
 from pipeline.data.manifest import _shards, read_manifest
 from pipeline.data.order import _rng, epoch_order
 from pipeline.data.tar import _RandomAccess, read_tars
@@ -27,6 +28,8 @@ from pipeline.data.transport import Batch, _BufferPool, _load, _SharedSlots, bat
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = 2
+LOCATE_BATCHES = 16
+"""data.order=permutation: batches whose sample locations are computed together (speed only)."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class _TrainPlan:
     batch_size: int
     shuffle_buffer: int  # resampled only
     samples_per_worker_epoch: int  # resampled only
+    keep_bytes: bool = False  # data.decode=gpu: workers hand on JPEG bytes, decoded in the training process
 
 
 # ---- order "permutation": one global order per epoch, read by position ----------------------
@@ -71,18 +75,29 @@ class _ReadByPosition:
     def __init__(self, plan: _TrainPlan, limit: int):
         self.plan, self.limit = plan, limit
         self.reader = _RandomAccess(plan.shards, plan.image_ext)
-        self.decoder = _Decoder(plan.image_ext, plan.size, 0, limit)
+        self.decoder = _Decoder(plan.image_ext, plan.size, 0, limit, plan.keep_bytes)
         self.counts = [c for _, c in plan.shards]
 
-    def _at(self, positions: np.ndarray) -> list[dict | None]:
+    def _locate(self, positions: np.ndarray) -> list[tuple[int, int]]:
         shards, indexes = epoch_order(positions, self.counts, self.plan.seed)
-        return [self.decoder.decode(self.reader.read(int(s), int(i))) for s, i in zip(shards, indexes)]
+        return list(zip(shards.tolist(), indexes.tolist()))
+
+    def _at(self, shard: int, index: int) -> dict | None:
+        return self.decoder.decode(self.reader.read(shard, index))
 
     def __call__(self, batches: Iterator[np.ndarray]) -> Iterator[dict]:
         skipped = 0
         try:
-            for positions in batches:
-                for position, out in zip(positions.tolist(), self._at(positions)):
+            while True:
+                # The order of LOCATE_BATCHES batches at once: the permutation is numpy work whose cost
+                # is per call (~14 us a sample when called per batch of 64, under 1 us this way).
+                # Samples are still read and decoded one at a time, as the batching stage takes them.
+                chunk = list(itertools.islice(batches, LOCATE_BATCHES))
+                if not chunk:
+                    return
+                positions = np.concatenate(chunk)
+                for position, (shard, index) in zip(positions.tolist(), self._locate(positions)):
+                    out = self._at(shard, index)
                     if out is None:
                         skipped += 1
                         if skipped <= 5:
@@ -96,7 +111,7 @@ class _ReadByPosition:
 
     def _replacement(self, position: int) -> dict:
         for probe in range(position + 1, position + self.limit + 1):
-            (out,) = self._at(np.array([probe]))
+            out = self._at(*self._locate(np.array([probe]))[0])
             if out is not None:
                 return out
         raise RuntimeError(f"{self.limit} corrupt or missing samples in a row; the shards seem "
@@ -209,7 +224,8 @@ class _ResampledReaders(IterableDataset):
             # Resume: skip the samples this worker had already delivered, before any decoding.
             partial(_skip_before, epoch=epoch, index=index),
             # Decode the whitelisted image/cls members; corrupt or missing samples are counted, dropped.
-            _Decoder(p.image_ext, p.size, skipped, max(MAX_CONSECUTIVE_BAD, p.samples_per_worker_epoch)),
+            _Decoder(p.image_ext, p.size, skipped, max(MAX_CONSECUTIVE_BAD, p.samples_per_worker_epoch),
+                     p.keep_bytes),
             # Batch on the CPU into uint8 [B,3,H,W]; metadata says which worker and where it stands.
             partial(batched, batch_size=p.batch_size, worker=worker, partial_last=False, out=self.out),
         )
@@ -251,11 +267,13 @@ class TrainStream:
         self.order = d.order
         self.num_workers = d.num_workers
         workers = max(1, d.num_workers)
+        self._decode_on = decode_device(d.decode, m["image_format"])  # None: the workers decode on the CPU
         self._plan = _TrainPlan(
             shards=shards, image_ext=m["image_format"], size=self.image_size, seed=cfg.train.seed,
             rank=rank, world_size=world_size, workers=workers, batch_size=d.batch_size_per_device,
             shuffle_buffer=max(1, d.shuffle_buffer_samples),
-            samples_per_worker_epoch=math.ceil(self.samples_per_epoch / (world_size * workers)))
+            samples_per_worker_epoch=math.ceil(self.samples_per_epoch / (world_size * workers)),
+            keep_bytes=self._decode_on is not None)
         # The identity of the shard set: a position in another set's order means nothing.
         self._shards_id = hashlib.sha256(json.dumps(m["splits"]["train"]["shards"], sort_keys=True)
                                          .encode()).hexdigest()[:16]
@@ -286,7 +304,7 @@ class TrainStream:
             readers = _PermutationReaders(p, self._position)
         else:
             readers = _ResampledReaders(p, self._batches % p.workers, [list(c) for c in self._cursors])
-        loader = _load(readers, self.num_workers, (p.batch_size, p.size, p.size, 3))
+        loader = _load(readers, self.num_workers, (p.batch_size, p.size, p.size, 3), self._decode_on)
         last_skipped = [0] * p.workers  # per physical worker: its running count of replaced samples
         batches = 0
         try:

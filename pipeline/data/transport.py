@@ -41,9 +41,15 @@ class _SharedSlots:
 
     Sending a fresh tensor from a worker costs a new shared-memory file per batch (~30 us per
     128-px image here: file, mapping, page faults), as much as all other reading work together.
-    Instead a worker writes its j-th batch into slot j % slots of its ring and sends only the slot
-    number; the main process copies the batch out (so the consumer owns it) and frees the slot. A
-    semaphore per worker counts free slots, so a slot is never overwritten before it was copied."""
+    Instead a worker writes each batch into a free slot of its ring and sends only the slot number.
+    The main process lends the slot itself to the consumer (no copy: the slot is free again when the
+    last tensor using it is gone), as long as the consumer holds no other lent slot of that worker;
+    otherwise it copies the batch out and frees the slot at once. So a consumer that keeps batches
+    never starves a worker: PREFETCH_BATCHES slots in flight + one being filled + one lent = the ring.
+    A semaphore per worker counts its free slots and a shared flag per slot says which are free, so a
+    slot is never overwritten while a batch in it is waiting or lent."""
+
+    LENT_PER_WORKER = 1
 
     def __init__(self, workers: int, slots: int, batch_shape: tuple[int, ...], context):
         nbytes = workers * slots * math.prod(batch_shape)
@@ -51,34 +57,54 @@ class _SharedSlots:
         _check_shared_memory(nbytes, f"{workers} workers x {slots} batches of {shape} bytes")
         self.buffers = torch.empty((workers, slots, *batch_shape), dtype=torch.uint8).share_memory_()
         self.free = [context.Semaphore(slots) for _ in range(workers)]
+        self.is_free = context.Array("b", [1] * (workers * slots), lock=False)  # written before free[w] moves
         self.slots = slots
         self.parent = os.getpid()
         self.pool = _BufferPool(batch_shape)
+        self.lent = [0] * workers  # main process: slots of each worker the consumer holds
 
     def __getstate__(self):  # what the workers get: no pool (it lives in the main process)
         return {**self.__dict__, "pool": None}
 
     def new_batch(self, index: int) -> tuple[tuple[int, int], np.ndarray]:
-        """In a worker: the slot for its `index`-th batch -> ((worker, slot), [B,H,W,3] array)."""
-        worker, slot = get_worker_info().id, index % self.slots
+        """In a worker: a free slot for its next batch -> ((worker, slot), [B,H,W,3] array)."""
+        worker = get_worker_info().id
         while not self.free[worker].acquire(timeout=1.0):
             if os.getppid() != self.parent:  # the main process is gone: nobody will free a slot
                 raise SystemExit(0)
+        base = worker * self.slots
+        # The semaphore says one is free; start looking at the ring position, so slots rotate.
+        slot = next(s % self.slots for s in range(index, index + self.slots) if self.is_free[base + s % self.slots])
+        self.is_free[base + slot] = 0
         return (worker, slot), self.buffers[worker, slot].numpy()
 
     @staticmethod
     def finish(handle: tuple[int, int], n: int) -> tuple[int, int]:
         return handle  # the pixels stay in shared memory; the main process gets the slot
 
+    def _release(self, worker: int, slot: int) -> None:
+        self.is_free[worker * self.slots + slot] = 1
+        self.free[worker].release()
+
+    def _returned(self, worker: int, slot: int) -> None:
+        self.lent[worker] -= 1
+        self._release(worker, slot)
+
     def take(self, worker: int, slot: int, n: int, pin: bool) -> torch.Tensor:
-        """In the main process: copy a batch out, free its slot -> uint8 [n,3,H,W] (channels_last)."""
+        """In the main process: the batch in a slot -> uint8 [n,3,H,W] (channels_last), lent or copied."""
         if pin:  # pinned memory for asynchronous copies to the GPU (CUDA caches these blocks)
             out = torch.empty((n, *self.buffers.shape[3:]), dtype=torch.uint8, pin_memory=True)
             out.copy_(self.buffers[worker, slot, :n])
+        elif self.lent[worker] < self.LENT_PER_WORKER:
+            # Lend the slot: torch keeps this numpy view alive as long as any tensor uses the memory.
+            view = self.buffers[worker, slot, :n].numpy()
+            self.lent[worker] += 1
+            weakref.finalize(view, self._returned, worker, slot).atexit = False
+            return torch.from_numpy(view).permute(0, 3, 1, 2)
         else:
             out = self.pool.take(n)
             np.copyto(out.numpy(), self.buffers[worker, slot, :n].numpy())
-        self.free[worker].release()
+        self._release(worker, slot)
         return out.permute(0, 3, 1, 2)
 
 
@@ -153,32 +179,67 @@ def _worker_init(worker_id: int) -> None:
     die_with_parent()  # a data worker never outlives the process it reads for
 
 
-def _load(readers: IterableDataset, num_workers: int, batch_shape: tuple[int, ...]) -> Iterator[tuple]:
+class _ByteLists:
+    """data.decode=gpu: batches of the samples' JPEG bytes (a list each), sent through the DataLoader's
+    own queue; the training process decodes them on the device."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+
+    def new_batch(self, index: int) -> tuple[list, list]:
+        blobs = [None] * self.batch_size
+        return blobs, blobs
+
+    @staticmethod
+    def finish(handle: list, n: int) -> list:
+        return handle[:n]
+
+
+def _load(readers: IterableDataset, num_workers: int, batch_shape: tuple[int, ...],
+          decode_on: str | None = None) -> Iterator[tuple]:
     """Run `readers` in the main process (num_workers=0) or in DataLoader workers with shared
     batch slots -> (uint8 [B,3,H,W] channels_last, int64 [B], keys, meta) in the main process.
 
     [B,H,W,3] is the decoder's layout; permute() shows it as [B,3,H,W] without the copy to
-    contiguous NCHW (~60 us per 128-px image). Pinned when CUDA is there, for async copies."""
+    contiguous NCHW (~60 us per 128-px image). Pinned when CUDA is there, for async copies.
+    decode_on (data.decode=gpu): the readers hand on JPEG bytes and each batch is decoded on that
+    device here -> uint8 [B,3,H,W] on the device."""
+    if decode_on is not None:
+        from pipeline.data.gpu_decode import decode_batch
+
+        readers.out = _ByteLists(batch_shape[0])
+        source = readers if num_workers == 0 else _loader(readers, num_workers, multiprocessing.get_context())
+        try:
+            for blobs, labels, keys, meta in source:
+                yield decode_batch(blobs, decode_on, keys), torch.tensor(labels, dtype=torch.int64), keys, meta
+        finally:
+            if num_workers:
+                source._shutdown_workers()
+        return
     if num_workers == 0:
         readers.out = _BufferPool(batch_shape)
         for pixels, labels, keys, meta in readers:
             yield pixels.permute(0, 3, 1, 2), torch.tensor(labels, dtype=torch.int64), keys, meta
         return
     context = multiprocessing.get_context()
-    # Slots per worker: PREFETCH_BATCHES waiting, one being handed over, one being filled. Fewer
-    # would only make a worker wait: the main process copies each batch out as it receives it.
+    # Slots per worker: at most PREFETCH_BATCHES filled or being filled (the DataLoader's outstanding
+    # requests), one lent to the consumer, one spare. Fewer would make a worker wait for the consumer.
     slots = _SharedSlots(num_workers, PREFETCH_BATCHES + 2, batch_shape, context)
     readers.out = slots
     pin = torch.cuda.is_available()
-    # batch_size=None: the workers batch themselves. In-order delivery is round-robin over the
-    # workers (the train stream's per-worker cursors rely on it and check it on every batch).
-    # generator: the loader draws its workers' base seed from it, not from the global RNG that drives
-    # the training step (a draw there would shift a resumed run's noise). The workers die with us.
-    source = iter(DataLoader(readers, batch_size=None, num_workers=num_workers, prefetch_factor=PREFETCH_BATCHES,
-                             multiprocessing_context=context, persistent_workers=False,
-                             generator=torch.Generator().manual_seed(0), worker_init_fn=_worker_init))
+    source = _loader(readers, num_workers, context)
     try:
         for (worker, slot), labels, keys, meta in source:
             yield slots.take(worker, slot, len(keys), pin), torch.tensor(labels, dtype=torch.int64), keys, meta
     finally:
         source._shutdown_workers()  # now, not at garbage collection: an abandoned stream stops its workers
+
+
+def _loader(readers: IterableDataset, num_workers: int, context):
+    # batch_size=None: the workers batch themselves. In-order delivery is round-robin over the
+    # workers (the train stream's per-worker cursors rely on it and check it on every batch).
+    # generator: the loader draws its workers' base seed from it, not from the global RNG that drives
+    # the training step (a draw there would shift a resumed run's noise). The workers die with us.
+    return iter(DataLoader(readers, batch_size=None, num_workers=num_workers, prefetch_factor=PREFETCH_BATCHES,
+                           multiprocessing_context=context, persistent_workers=False,
+                           generator=torch.Generator().manual_seed(0), worker_init_fn=_worker_init))
