@@ -12,6 +12,7 @@ failure. Points:
     after-checkpoint  right after `latest` moved to the new checkpoint
     validation        after the first batch of a validation pass
     media             after the first media panel was written
+    encode-unit       pipeline.encode: right after the main process committed its <step>-th unit
 
 Unset (always, outside tests), `kill_at` is one dictionary lookup.
 """
@@ -23,7 +24,7 @@ import signal
 
 from pipeline.runs import launched_by_torchrun
 
-POINTS = ("step", "checkpoint", "after-checkpoint", "validation", "media")
+POINTS = ("step", "checkpoint", "after-checkpoint", "validation", "media", "encode-unit")
 _SPEC = os.environ.get("VAE_KILL_AT", "")
 
 
