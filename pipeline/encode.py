@@ -374,7 +374,6 @@ def _source_size(inputs: list[Path], run: LoadedRun, options: EncodeOptions) -> 
                               f"{run.image_size} px; make shards with --size {run.image_size}"
                               + ("" if f is None else " (or larger: spatial-latent models encode larger images "
                                                       "in tiles)"))
-        tiling.check_tiling(run.model, options.tile_px, options.overlap_px)
         if size % f:
             raise ConfigError(f"shards {inputs[0]} hold {size} px images, which the model's downsampling factor "
                               f"{f} does not divide; make shards with a --size that is a multiple of {f}")
@@ -524,6 +523,9 @@ def run_encode(args) -> int:
                             batch_size=args.batch_size, precision=precision, tile_px=tile,
                             overlap_px=args.tile_overlap if args.tile_overlap is not None else tile // 4)
     size = _source_size(inputs, run, options)
+    tiled = size > tile  # larger images, or smaller tiles than the training size: through pipeline.tiling
+    if tiled:
+        tiling.check_tiling(run.model, tile, options.overlap_px)
     units = plan_units(inputs, options.splits)
     if not units:
         raise ConfigError(f"{', '.join(map(str, inputs))} list no shards in split {args.split}")
@@ -570,7 +572,7 @@ def run_encode(args) -> int:
                 x = run.to_model_range(pixels.to(device, non_blocking=True).permute(0, 3, 1, 2))
                 with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
                                                      enabled=precision == "bf16"):
-                    if size > run.image_size or (args.tile_size and size > tile):
+                    if tiled:
                         mu, logvar = tiling.tiled_encode(model, x, tile, options.overlap_px)
                     else:
                         mu, logvar = encode_fn(x)
@@ -589,7 +591,8 @@ def run_encode(args) -> int:
             if last:
                 open_units.pop(index).commit(writer_info)
                 committed += 1
-                faults.kill_at("encode-unit", committed, True)
+                faults.kill_at("encode-unit", committed, accelerator.is_main_process)
+                faults.pause_at("encode-unit", committed)
             if stop.received:
                 break
     finally:
