@@ -332,8 +332,9 @@ def _spec_difference(old: dict, new: dict) -> str | None:
     for key in ("run_dir", "checkpoint", "weights"):
         if old.get(key) != new.get(key):
             return f"{key} {old.get(key)} (this command: {new.get(key)})"
-    if [i["path"] for i in old.get("inputs", [])] != [i["path"] for i in new["inputs"]]:
-        return f"inputs {[i['path'] for i in old.get('inputs', [])]} (this command: {[i['path'] for i in new['inputs']]})"
+    old_paths, new_paths = [i["path"] for i in old.get("inputs", [])], [i["path"] for i in new["inputs"]]
+    if old_paths != new_paths:
+        return f"inputs {old_paths} (this command: {new_paths})"
     if old.get("inputs") != new["inputs"]:
         return "inputs whose manifest.json has since changed"
     for key, value in new["options"].items():

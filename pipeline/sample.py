@@ -349,7 +349,8 @@ def encode(run: LoadedRun, args, out: Outputs) -> list[Path]:
             "image_size": run.image_size, "latent_shape": list(run.model.latent_shape), "count": len(index),
             "classes": run.classes, "inputs": [str(p) for p in args.inputs], "split": args.split,
             "format": args.format}
-    written = [save_npy(np.concatenate(mus), folder / "mu.npy"), save_npy(np.concatenate(logvars), folder / "logvar.npy"),
+    written = [save_npy(np.concatenate(mus), folder / "mu.npy"),
+               save_npy(np.concatenate(logvars), folder / "logvar.npy"),
                save_csv(index, folder / "index.csv"), save_json(meta, folder / "meta.json")]
     print(f"encoded {len(index)} samples")
     return written
