@@ -531,6 +531,8 @@ def run_encode(args) -> int:
     if not units:
         raise ConfigError(f"{', '.join(map(str, inputs))} list no shards in split {args.split}")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder; choose another --out")
     spec = encode_spec(run, inputs, options)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

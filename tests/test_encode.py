@@ -284,7 +284,7 @@ def test_tiled_reconstruction_matches_the_untiled_one_away_from_seams_without_a_
 
 @pytest.mark.slow
 @torch.no_grad()
-def test_trained_resnet_tiles_blend_and_one_tile_is_exactly_the_untiled_model(run, tiny_shards):
+def test_trained_resnet_tiles_blend_and_one_tile_is_exactly_the_untiled_model(run, tiny_shards, tmp_path):
     images = sorted((tiny_shards.parent.parent / "images").rglob("*.jpg"))[:1]
     x32 = run.to_model_range(load_images(images, 32))
     untiled = run.model.decode(run.model.encode(x32)[0])
@@ -298,6 +298,15 @@ def test_trained_resnet_tiles_blend_and_one_tile_is_exactly_the_untiled_model(ru
     starts = tiling.tile_starts(96, 32, 8, 2)  # [0, 22, 42, 64]: every line where a blended tile starts or ends
     edges = sorted({s for s in starts[1:]} | {s + 32 for s in starts[:-1]})
     assert seam_step(blended, whole, edges) < 0.5 * seam_step(hard, whole, [32, 64])
+
+    # `reconstruct --native-size`: the image at its own size beside its tiled reconstruction.
+    u8 = load_images(images, 96)
+    Image.fromarray(u8[0].permute(1, 2, 0).numpy()).save(tmp_path / "big.png")
+    sample.main([str(run.run_dir), "reconstruct", str(tmp_path / "big.png"), "--native-size", "--tile-overlap", "8",
+                 "--out", str(tmp_path / "recon"), "--device", "cpu"])
+    pair = np.asarray(Image.open(tmp_path / "recon" / "big.png"))
+    assert pair.shape == (96, 192, 3) and np.array_equal(pair[:, :96], u8[0].permute(1, 2, 0).numpy())
+    assert np.abs(pair[:, 96:].astype(int) - media.to_uint8(blended, run.model.output_range)[0]).max() <= 1
 
 
 # --------------------------------------------------------------------------------------------
