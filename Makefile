@@ -19,7 +19,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 LAUNCH_ENV := $(if $(HAS_GPU),,ACCELERATE_USE_CPU=1)
 LAUNCH_MULTI := $(if $(filter-out 1,$(NPROC)),--multi_gpu,)
 
-.PHONY: help install demo demo-data shards shards-slurm verify train eval batchsize sweep test test-fast test-slurm bench-data bench-train sync clean
+.PHONY: help install demo demo-data shards shards-slurm verify train eval batchsize sweep test test-fast test-slurm bench-data bench-train bench-encode encode sync clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -72,6 +72,14 @@ bench-data: install  ## Benchmark shard writing (1, 2 workers) and reading vs ra
 
 bench-train: install  ## Benchmark the training step vs a bare PyTorch loop (prints the overhead)
 	$(BIN)/python benchmarks/bench_train.py $(ARGS)
+
+encode: install  ## Encode shards into latent shards (resumable): make encode RUN=runs/demo SHARDS=shards/demo OUT=latents/demo NPROC=2
+	$(LAUNCH_ENV) $(BIN)/accelerate launch $(LAUNCH_MULTI) --num_processes $(NPROC) --num_machines 1 \
+		--mixed_precision no --dynamo_backend no -m pipeline.sample $(or $(RUN),runs/demo) encode \
+		$(or $(SHARDS),shards/demo) --format shards --out $(or $(OUT),latents/demo) $(ARGS)
+
+bench-encode: install  ## Benchmark encode --format shards vs a plain loop over the same shards (prints the ratio)
+	$(BIN)/python benchmarks/bench_encode.py $(ARGS)
 
 sweep: install  ## Run a sweep (Optuna; here, or ARGS="--slurm" for a SLURM array): make sweep SWEEP=recipes/sweeps/demo_kl.yaml
 	$(BIN)/python -m pipeline.sweep $(or $(SWEEP),recipes/sweeps/demo_kl.yaml) $(ARGS)

@@ -12,18 +12,23 @@ failure. Points:
     after-checkpoint  right after `latest` moved to the new checkpoint
     validation        after the first batch of a validation pass
     media             after the first media panel was written
+    encode-unit       pipeline.encode: right after the main process committed its <step>-th unit
 
 Unset (always, outside tests), `kill_at` is one dictionary lookup.
+
+VAE_PAUSE_AT=<point>@<step>:<seconds> makes every process that reaches <point> at <step> sleep that
+long there instead (a window in which a test's signal is sure to find work left to do).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 from pipeline.runs import launched_by_torchrun
 
-POINTS = ("step", "checkpoint", "after-checkpoint", "validation", "media")
+POINTS = ("step", "checkpoint", "after-checkpoint", "validation", "media", "encode-unit")
 _SPEC = os.environ.get("VAE_KILL_AT", "")
 
 
@@ -46,3 +51,22 @@ def kill_at(point: str, step: int, main_process: bool) -> None:
     if launched_by_torchrun():
         os.kill(os.getppid(), signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _parse_pause(spec: str) -> tuple[str, int, float] | None:
+    if not spec:
+        return None
+    target, _, seconds = spec.partition(":")
+    parsed = _parse(target)
+    if parsed is None or not seconds.replace(".", "", 1).isdigit():
+        raise ValueError(f"VAE_PAUSE_AT={spec!r} must be <point>@<step>:<seconds>")
+    return (*parsed, float(seconds))
+
+
+_PAUSE = _parse_pause(os.environ.get("VAE_PAUSE_AT", ""))
+
+
+def pause_at(point: str, step: int) -> None:
+    """Sleep if VAE_PAUSE_AT names (point, step)."""
+    if _PAUSE is not None and _PAUSE[:2] == (point, step):
+        time.sleep(_PAUSE[2])

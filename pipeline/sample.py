@@ -1,10 +1,11 @@
-"""What you can do with a trained VAE: sample, reconstruct, interpolate, traverse, encode, score anomalies.
+"""What you can do with a trained VAE: sample, reconstruct, interpolate, traverse, encode, decode, score anomalies.
 
     python -m pipeline.sample RUN_DIR prior [--n 64] [--temperature 1.0] [--separate]
     python -m pipeline.sample RUN_DIR reconstruct IMAGE_OR_FOLDER [...]
     python -m pipeline.sample RUN_DIR interpolate IMAGE_A IMAGE_B [--steps 10]
     python -m pipeline.sample RUN_DIR traverse [--dims 4] [--images IMAGE_OR_FOLDER ...]
     python -m pipeline.sample RUN_DIR encode SHARDS_OR_FOLDER [--split val|train|all] [--format npy|shards]
+    python -m pipeline.sample RUN_DIR decode LATENTS [...] [--format png|npy]
     python -m pipeline.sample RUN_DIR anomaly IMAGES_OR_SHARDS [...] [--top-k 16] [--samples 16]
 
 Options every mode takes: --out PATH, --force (replace an existing output; without it nothing is ever
@@ -12,16 +13,24 @@ overwritten), --checkpoint step-000500 (default: the latest), --weights ema|raw,
 --batch-size N, --image-size N (only when the run's shards are gone). Outputs default to RUN_DIR/samples/.
 
 - prior: a grid of decode(z), z ~ N(0, temperature^2 I) (PNG; --separate also writes one PNG per sample).
-- reconstruct: each image beside decode(mu) of it (PNG), the posterior mean: no sampling noise.
+- reconstruct: each image beside decode(mu) of it (PNG), the posterior mean: no sampling noise. With
+  --native-size (spatial-latent models) images keep their own size (centre-cropped to a multiple of the
+  model's downsampling factor) and go through overlapping tiles of --tile-size px (default: the training
+  size) blended over --tile-overlap px (pipeline.tiling); OUT is then a folder of one PNG per image.
 - interpolate: decode(slerp(mu_A, mu_B, t)) for `steps` values of t in [0, 1] as a strip PNG and an
   animated GIF (forward and back, looping).
 - traverse: for the `dims` latent dimensions with the highest KL (over the images), one grid per
   dimension: rows = images, columns = that dimension of mu set to -3 ... 3 (prior standard deviations).
   Images default to the first validation images of the run's shards.
 - encode: mu and logvar of every sample, with its key and label: OUT/mu.npy, OUT/logvar.npy [N, *latent]
-  float32 and OUT/index.csv (row, key, label, class, source); or with --format shards, WebDataset tars
-  OUT/latents-000000.tar with members <key>.mu.npy, <key>.logvar.npy, <key>.cls, <key>.json (plain
-  numpy .npy and JSON: read them with np.load(allow_pickle=False)). OUT/meta.json describes either.
+  float32 and OUT/index.csv (row, key, label, class, source), OUT/meta.json; or with --format shards
+  (shards folders; under `accelerate launch` on any number of processes and nodes, resumable):
+  WebDataset tars OUT/<split>-NNNNNN.tar, one per source shard, members <key>.mu.npy (--store
+  mu,logvar,z), <key>.cls, <key>.json, and OUT/manifest.json with sha256s and latent statistics
+  (pipeline.encode describes the format and the guarantees).
+- decode: latents back to images: .npy files ([*latent] or [N, *latent]; key = file name, -NNNN for
+  rows) and latent shards folders (--latent mu|z picks the member) -> OUT/<key>.png, or with
+  --format npy float32 [H, W, 3] in [0, 1]. Latents larger than the model's go through tiles.
 - anomaly: per image -ELBO (nats and bits/dim, the likelihood of pipeline.evaluate, K samples of z seeded
   by the image's key) and the reconstruction MSE of decode(mu) on [0, 1], as a CSV sorted worst first,
   and a PNG of the top-k images beside their reconstructions.
@@ -47,10 +56,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline import media
+from pipeline import media, tiling
 from pipeline.config import ConfigError, exit_on_config_error
 from pipeline.data import Batch
 from pipeline.evaluate import log_weights, to_unit_range
+from pipeline.images import describe_error, load_rgb
 from pipeline.inference import (LoadedRun, check_shards, folder_batches, image_files, is_shards_folder, key_noise,
                                 load_images, load_run, split_batches)
 from pipeline.losses import LN2, fixed_log_scale, kl_per_dim
@@ -186,10 +196,40 @@ def _side_by_side(inputs: np.ndarray, recons: np.ndarray, pairs_per_row: int = 4
     return media.make_grid(tiles, nrow=2 * max(1, min(pairs_per_row, len(inputs))))
 
 
+def _tile_options(run: LoadedRun, args) -> tuple[int, int]:
+    tile = args.tile_size or run.image_size
+    return tile, args.tile_overlap if args.tile_overlap is not None else tile // 4
+
+
 @torch.no_grad()
+def reconstruction(run: LoadedRun, x: torch.Tensor, tile_px: int | None = None, overlap_px: int = 0) -> torch.Tensor:
+    """decode(mu) of images x [B,C,H,W] in the model's range; through tiles when larger than tile_px."""
+    if tile_px is not None and max(x.shape[-2:]) > tile_px:
+        mu, _ = tiling.tiled_encode(run.model, x, tile_px, overlap_px)
+        return tiling.tiled_decode(run.model, mu, tile_px, overlap_px)
+    mu, _ = run.model.encode(x)
+    return run.model.decode(mu)
+
+
 def _reconstruct(run: LoadedRun, images_uint8: torch.Tensor) -> np.ndarray:
-    mu, _ = run.model.encode(run.to_model_range(images_uint8))
-    return media.to_uint8(run.model.decode(mu), run.model.output_range)
+    return media.to_uint8(reconstruction(run, run.to_model_range(images_uint8)), run.model.output_range)
+
+
+def load_native(path: Path, multiple: int) -> torch.Tensor:
+    """uint8 [1, 3, H, W]: the image at its own size (EXIF, RGB as `make shards`), centre-cropped to
+    multiples of `multiple`."""
+    try:
+        img = load_rgb(path)
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types for a bad file; all are the user's file
+        raise ConfigError(f"cannot read image {path}: {describe_error(e)}; remove it or convert it to PNG/JPEG") \
+            from None
+    w, h = img.size
+    cw, ch = w - w % multiple, h - h % multiple
+    if not cw or not ch:
+        raise ConfigError(f"image {path} is {w}x{h} px, smaller than the model's downsampling factor {multiple}")
+    left, top = (w - cw) // 2, (h - ch) // 2
+    arr = np.asarray(img.crop((left, top, left + cw, top + ch)), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).unsqueeze(0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,6 +252,8 @@ def prior(run: LoadedRun, args, out: Outputs) -> list[Path]:
 
 
 def reconstruct(run: LoadedRun, args, out: Outputs) -> list[Path]:
+    if args.native_size:
+        return _reconstruct_native(run, args, out)
     path = out.file(Path(args.out) if args.out else run.run_dir / "samples" / "reconstruct.png")
     files = image_files(args.images)
     inputs, recons = [], []
@@ -220,6 +262,21 @@ def reconstruct(run: LoadedRun, args, out: Outputs) -> list[Path]:
         inputs.append(x.permute(0, 2, 3, 1).numpy())
         recons.append(_reconstruct(run, x))
     return [media.save_png(_side_by_side(np.concatenate(inputs), np.concatenate(recons)), path)]
+
+
+def _reconstruct_native(run: LoadedRun, args, out: Outputs) -> list[Path]:
+    tile, overlap = _tile_options(run, args)
+    f = tiling.check_tiling(run.model, tile, overlap)
+    files = image_files(args.images)
+    keys, _ = _folder_keys(files, args.images)
+    folder = out.folder(Path(args.out) if args.out else run.run_dir / "samples" / "reconstruct", ["*.png"])
+    written = []
+    for file, key in zip(files, keys):
+        x = load_native(file, f)
+        recon = media.to_uint8(reconstruction(run, run.to_model_range(x), tile, overlap), run.model.output_range)
+        pair = np.concatenate([x[0].permute(1, 2, 0).numpy(), recon[0]], axis=1)
+        written.append(media.save_png(pair, folder / f"{key.replace('/', '_')}.png"))
+    return written
 
 
 @torch.no_grad()
@@ -273,88 +330,126 @@ def traverse(run: LoadedRun, args, out: Outputs) -> list[Path]:
 
 @torch.no_grad()
 def encode(run: LoadedRun, args, out: Outputs) -> list[Path]:
-    if args.format == "npy":
-        folder = out.folder(Path(args.out) if args.out else run.run_dir / "samples" / "latents",
-                            ["mu.npy", "logvar.npy", "index.csv", "meta.json"])
-    else:
-        folder = out.folder(Path(args.out) if args.out else run.run_dir / "samples" / "latents",
-                            ["latents-*.tar", "meta.json"])
+    """--format npy (one process); --format shards is pipeline.encode (see main)."""
+    folder = out.folder(Path(args.out) if args.out else run.run_dir / "samples" / "latents",
+                        ["mu.npy", "logvar.npy", "index.csv", "meta.json"])
     inputs = Inputs(run, args.inputs, args.split, args.batch_size)
-    writer = _LatentShards(folder, args.max_samples_per_shard) if args.format == "shards" else None
     mus, logvars, index = [], [], []
     for batch, sources in inputs.batches():
         mu, logvar = run.model.encode(run.to_model_range(batch.images))
-        mu, logvar = mu.float().cpu().numpy(), logvar.float().cpu().numpy()
+        mus.append(mu.float().cpu().numpy())
+        logvars.append(logvar.float().cpu().numpy())
         for i, key in enumerate(batch.keys):
             label = int(batch.labels[i])
-            row = {"row": len(index), "key": key, "label": label, "class": _class_name(run, label),
-                   "source": sources[i]}
-            index.append(row)
-            if writer is not None:
-                writer.write(key, mu[i], logvar[i], row)
-        if writer is None:
-            mus.append(mu)
-            logvars.append(logvar)
+            index.append({"row": len(index), "key": key, "label": label, "class": _class_name(run, label),
+                          "source": sources[i]})
+    if not index:
+        raise ConfigError(f"no readable samples in {', '.join(args.inputs)} (split {args.split})")
     meta = {"run_dir": str(run.run_dir), "checkpoint": run.checkpoint.name, "step": run.step, "weights": run.weights,
             "image_size": run.image_size, "latent_shape": list(run.model.latent_shape), "count": len(index),
             "classes": run.classes, "inputs": [str(p) for p in args.inputs], "split": args.split,
             "format": args.format}
-    if not index:
-        raise ConfigError(f"no readable samples in {', '.join(args.inputs)} (split {args.split})")
-    if writer is not None:
-        meta["shards"] = writer.close()
-        written = [folder / s["file"] for s in meta["shards"]]
-    else:
-        shape = (0, *run.model.latent_shape)
-        written = [save_npy(np.concatenate(mus) if mus else np.zeros(shape, np.float32), folder / "mu.npy"),
-                   save_npy(np.concatenate(logvars) if logvars else np.zeros(shape, np.float32),
-                            folder / "logvar.npy"),
-                   save_csv(index, folder / "index.csv")]
-    written.append(save_json(meta, folder / "meta.json"))
+    written = [save_npy(np.concatenate(mus), folder / "mu.npy"),
+               save_npy(np.concatenate(logvars), folder / "logvar.npy"),
+               save_csv(index, folder / "index.csv"), save_json(meta, folder / "meta.json")]
     print(f"encoded {len(index)} samples")
     return written
 
 
-class _LatentShards:
-    """Writes latents-000000.tar, ... of at most `max_samples` samples each (each tar written whole, then renamed)."""
+def _shard_latents(folder: Path, member: str) -> Iterator[tuple[str, np.ndarray]]:
+    """(key, float32 latent) of every sample of a latent shards folder (pipeline.encode's manifest),
+    in manifest order. Only `<key>.<member>.npy` members are read, with np.load(allow_pickle=False)."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{folder / 'manifest.json'} is not valid JSON ({e}); encode the folder again") from None
+    if manifest.get("kind") != "latents":
+        raise ConfigError(f"{folder} holds image shards, not latents; decode takes what `encode --format shards` "
+                          f"writes (or .npy files)")
+    if f"{member}.npy" not in manifest.get("members", []):
+        raise ConfigError(f"latent shards {folder} store {', '.join(manifest.get('members', []))}, not {member}.npy; "
+                          f"pass --latent {'z' if member == 'mu' else 'mu'}")
+    bf16 = manifest.get("latent_dtype") == "bfloat16"
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            with tarfile.open(folder / shard["file"]) as tar:
+                for info in tar:
+                    key, _, ext = info.name.partition(".")
+                    if ext != f"{member}.npy" or not info.isfile():
+                        continue
+                    arr = np.load(io.BytesIO(tar.extractfile(info).read()), allow_pickle=False)
+                    if bf16:
+                        arr = torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16).float().numpy()
+                    yield key, arr.astype(np.float32)
 
-    def __init__(self, folder: Path, max_samples: int):
-        self.folder, self.max_samples = folder, max(1, max_samples)
-        self.shards: list[dict] = []
-        self.tar = None
 
-    def _member(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = len(data), 0, 0o444
-        self.tar.addfile(info, io.BytesIO(data))
+def _npy_latents(path: Path, latent_dims: int) -> Iterator[tuple[str, np.ndarray]]:
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - a bad file is the user's file
+        raise ConfigError(f"cannot read {path} as a .npy array ({describe_error(e)})") from None
+    if arr.ndim == latent_dims:
+        yield path.stem, arr.astype(np.float32)
+    elif arr.ndim == latent_dims + 1:
+        for i, row in enumerate(arr):
+            yield f"{path.stem}-{i:04d}", row.astype(np.float32)
+    else:
+        raise ConfigError(f"{path} holds an array of shape {list(arr.shape)}; decode needs one latent "
+                          f"({latent_dims} dims) or a batch of them ({latent_dims + 1} dims)")
 
-    def write(self, key: str, mu: np.ndarray, logvar: np.ndarray, row: dict) -> None:
-        if self.tar is not None and self.count >= self.max_samples:
-            self._finish()
-        if self.tar is None:
-            self.name = f"latents-{len(self.shards):06d}.tar"
-            self.tmp = self.folder / f".{self.name}.tmp"
-            self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
-            self.count = 0
-        for ext, arr in (("mu.npy", mu), ("logvar.npy", logvar)):
-            buf = io.BytesIO()
-            np.save(buf, np.ascontiguousarray(arr, dtype=np.float32), allow_pickle=False)
-            self._member(f"{key}.{ext}", buf.getvalue())
-        if row["label"] >= 0:
-            self._member(f"{key}.cls", str(row["label"]).encode("ascii"))
-        self._member(f"{key}.json", json.dumps(row).encode("utf-8"))
-        self.count += 1
 
-    def _finish(self) -> None:
-        self.tar.close()
-        os.replace(self.tmp, self.folder / self.name)
-        self.shards.append({"file": self.name, "count": self.count})
-        self.tar = None
+@torch.no_grad()
+def decode(run: LoadedRun, args, out: Outputs) -> list[Path]:
+    tile, overlap = _tile_options(run, args)
+    ext = "png" if args.format == "png" else "npy"
+    folder = out.folder(Path(args.out) if args.out else run.run_dir / "samples" / "decoded", [f"*.{ext}"])
+    model, shape = run.model, tuple(run.model.latent_shape)
 
-    def close(self) -> list[dict]:
-        if self.tar is not None:
-            self._finish()
-        return self.shards
+    def latents() -> Iterator[tuple[str, np.ndarray]]:
+        for p in map(Path, args.latents):
+            if (p / "manifest.json").is_file():
+                yield from _shard_latents(p, args.latent)
+            elif p.is_dir():
+                files = sorted(p.glob("*.npy"))
+                if not files:
+                    raise ConfigError(f"folder {p} holds no .npy files or latent shards")
+                for f in files:
+                    yield from _npy_latents(f, len(shape))
+            elif p.is_file():
+                yield from _npy_latents(p, len(shape))
+            else:
+                raise ConfigError(f"{p} does not exist; give .npy files, folders of them or latent shards folders")
+
+    def flush(keys: list[str], zs: list[np.ndarray]) -> list[Path]:
+        z = torch.from_numpy(np.stack(zs)).to(run.device)
+        if z.shape[1:] == shape:
+            images = model.decode(z)
+        elif len(shape) == 3 and z.shape[1] == shape[0]:
+            images = tiling.tiled_decode(model, z, tile, overlap)
+        else:
+            raise ConfigError(f"latent {keys[0]} has shape {list(z.shape[1:])} but the model's is {list(shape)}"
+                              + (" (larger spatial latents need a spatial-latent model)" if len(shape) == 3 else ""))
+        if ext == "png":
+            u8 = media.to_uint8(images, model.output_range)
+            return [media.save_png(u8[i], folder / f"{k}.png") for i, k in enumerate(keys)]
+        unit = to_unit_range(images.float(), model.output_range).permute(0, 2, 3, 1).cpu().numpy()
+        return [save_npy(unit[i], folder / f"{k}.npy") for i, k in enumerate(keys)]
+
+    written: list[Path] = []
+    keys: list[str] = []
+    zs: list[np.ndarray] = []
+    for key, z in latents():
+        if zs and (len(zs) == args.batch_size or z.shape != zs[0].shape):
+            written += flush(keys, zs)
+            keys, zs = [], []
+        keys.append(key.replace("/", "_"))
+        zs.append(z)
+    if zs:
+        written += flush(keys, zs)
+    if not written:
+        raise ConfigError(f"no latents in {', '.join(args.latents)}")
+    print(f"decoded {len(written)} latents into {folder}")
+    return written
 
 
 @torch.no_grad()
@@ -429,7 +524,7 @@ def anomaly(run: LoadedRun, args, out: Outputs) -> list[Path]:
 
 
 MODES = {"prior": prior, "reconstruct": reconstruct, "interpolate": interpolate, "traverse": traverse,
-         "encode": encode, "anomaly": anomaly}
+         "encode": encode, "decode": decode, "anomaly": anomaly}
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,8 +550,15 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--n", type=int, default=64)
     m.add_argument("--temperature", type=float, default=1.0, help="scale of z ~ N(0, t^2 I)")
     m.add_argument("--separate", action="store_true", help="also one PNG per sample, in a folder beside the grid")
-    m = modes.add_parser("reconstruct", parents=[common], help="images beside their reconstructions")
+    tiles = argparse.ArgumentParser(add_help=False)
+    tiles.add_argument("--tile-size", type=int, help="spatial latents: tile side in px for images larger than it "
+                                                     "(default: the training size)")
+    tiles.add_argument("--tile-overlap", type=int, help="px shared by neighbouring tiles, blended (default: a quarter "
+                                                        "of the tile)")
+    m = modes.add_parser("reconstruct", parents=[common, tiles], help="images beside their reconstructions")
     m.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
+    m.add_argument("--native-size", action="store_true",
+                   help="keep each image's size (spatial latents, tiled); OUT is a folder of one PNG per image")
     m = modes.add_parser("interpolate", parents=[common], help="slerp between two images' latents")
     m.add_argument("image_a", metavar="A")
     m.add_argument("image_b", metavar="B")
@@ -465,11 +567,21 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--dims", type=int, default=4, help="how many dimensions (highest KL first)")
     m.add_argument("--rows", type=int, default=4, help="images (rows) per grid")
     m.add_argument("--images", nargs="+", metavar="IMAGE_OR_FOLDER", help="default: the run's val images")
-    m = modes.add_parser("encode", parents=[common], help="mu and logvar of every sample")
+    m = modes.add_parser("encode", parents=[common, tiles], help="mu and logvar of every sample")
     m.add_argument("inputs", nargs="+", metavar="SHARDS_OR_FOLDER")
     m.add_argument("--split", choices=("val", "train", "all"), default="all", help="for shards folders")
-    m.add_argument("--format", choices=("npy", "shards"), default="npy")
-    m.add_argument("--max-samples-per-shard", type=int, default=10000)
+    m.add_argument("--format", choices=("npy", "shards"), default="npy",
+                   help="shards: latent shards, any number of processes, resumable (pipeline.encode)")
+    m.add_argument("--store", default="mu", help="shards: comma list of mu, logvar, z (z seeded by key and --seed)")
+    m.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="shards: stored dtype")
+    m.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="shards: model precision; auto = bf16 autocast on GPU, fp32 on CPU")
+    m.add_argument("--num-workers", type=int, default=2, help="shards: data loader workers per process")
+    m.add_argument("--compile", action="store_true", help="shards: torch.compile the encoder")
+    m = modes.add_parser("decode", parents=[common, tiles], help="latents (.npy or latent shards) back to images")
+    m.add_argument("latents", nargs="+", metavar="NPY_OR_LATENT_SHARDS")
+    m.add_argument("--format", choices=("png", "npy"), default="png", help="npy: float32 [H, W, 3] in [0, 1]")
+    m.add_argument("--latent", choices=("mu", "z"), default="mu", help="which member of latent shards to decode")
     m = modes.add_parser("anomaly", parents=[common], help="score images by -ELBO, worst first")
     m.add_argument("inputs", nargs="+", metavar="IMAGES_OR_SHARDS")
     m.add_argument("--split", choices=("val", "train", "all"), default="val", help="for shards folders")
@@ -483,6 +595,13 @@ def main(argv: list[str] | None = None) -> list[Path]:
     args = _parser().parse_args(argv)
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.mode == "encode" and args.format == "shards":  # distributed, resumable: its own module
+        from pipeline.encode import run_encode
+
+        code = run_encode(args)
+        if code:
+            sys.exit(code)
+        return []
     run = load_run(args.run_dir, (), args.checkpoint, args.weights, args.device, args.image_size)
     written = MODES[args.mode](run, args, Outputs(args.force))
     for path in written:

@@ -140,11 +140,12 @@ def test_encode_round_trip_keys_labels_and_decoded_mu(run, trained, tiny_shards,
     assert torch.allclose(torch.from_numpy(logvar[[row[k] for k in batch.keys]]), logvar_now, atol=1e-5)
     assert torch.allclose(run.model.decode(saved), run.model.decode(mu_now), atol=1e-5)
 
-    # --format shards: the same numbers as plain .npy members (no pickle), with key, label and JSON.
+    # --format shards (pipeline.encode, tests/test_encode.py): the same numbers as plain .npy members (no
+    # pickle), with key, label and JSON; one latent shard per source shard.
     sample.main([str(trained), "encode", str(tiny_shards), "--format", "shards", "--out", str(tmp_path / "wds"),
-                 "--max-samples-per-shard", "40"])
+                 "--device", "cpu", "--num-workers", "0"])
     seen = {}
-    for tar in sorted((tmp_path / "wds").glob("latents-*.tar")):
+    for tar in sorted((tmp_path / "wds").glob("*-[0-9]*.tar")):
         with tarfile.open(tar) as t:
             for m in t.getmembers():
                 key, _, ext = m.name.partition(".")
@@ -153,8 +154,10 @@ def test_encode_round_trip_keys_labels_and_decoded_mu(run, trained, tiny_shards,
                     seen[key] = np.load(io.BytesIO(data), allow_pickle=False)
                 elif ext == "json":
                     assert json.loads(data)["label"] == expected[key]
-    assert len(list((tmp_path / "wds").glob("latents-*.tar"))) == 3  # 96 samples, 40 per shard
-    assert {k: v.tolist() for k, v in seen.items()} == {r["key"]: mu[int(r["row"])].tolist() for r in index}
+    assert len(list((tmp_path / "wds").glob("*-[0-9]*.tar"))) == 4  # 3 train shards and 1 val shard
+    assert seen.keys() == {r["key"] for r in index}
+    for r in index:
+        assert np.allclose(seen[r["key"]], mu[int(r["row"])], atol=1e-5)
 
 
 def test_anomaly_ranks_noise_above_every_val_image(trained, tiny_shards, tmp_path):
