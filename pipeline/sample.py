@@ -53,7 +53,8 @@ from pipeline.data import Batch
 from pipeline.evaluate import log_weights, to_unit_range
 from pipeline.inference import (LoadedRun, check_shards, folder_batches, image_files, is_shards_folder, key_noise,
                                 load_images, load_run, split_batches)
-from pipeline.losses import LN2, fixed_log_scale, kl_per_dim
+from pipeline.objective.kl import kl_per_dim
+from pipeline.objective.likelihood import LN2, fixed_log_scale
 
 GIF_FRAME_MS = 100
 

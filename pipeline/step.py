@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from pipeline.checkpoint import Parts
 from pipeline.config import Config
 from pipeline.data import DeviceAugment
-from pipeline.losses import VAELoss
+from pipeline.objective import VAELoss
 from pipeline.models import build_model
 from pipeline.optim import EMA, build_optimizer
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.losses import VAELoss
+from pipeline.objective import VAELoss
 from pipeline.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
