@@ -69,6 +69,10 @@ bench-data: install  ## Benchmark shard writing and reading vs ImageFolder and r
 bench-train: install  ## Benchmark the training step vs a bare PyTorch loop (prints the overhead)
 	$(BIN)/python benchmarks/bench_train.py $(ARGS)
 
+.PHONY: bench-gpu
+bench-gpu: install  ## One GPU, <5 min: images/s, MFU, data wait, memory by precision/compile/channels_last/GAN
+	$(BIN)/python benchmarks/bench_gpu.py $(ARGS)
+
 sweep: install  ## Run a sweep (Optuna; here, or ARGS="--slurm" for a SLURM array): make sweep SWEEP=recipes/sweeps/demo_kl.yaml
 	$(BIN)/python -m pipeline.sweep $(or $(SWEEP),recipes/sweeps/demo_kl.yaml) $(ARGS)
 

@@ -251,6 +251,10 @@ def _build_adversary(cfg: Config, accelerator: Accelerator, vae: torch.nn.Module
     disc = build_discriminator(a, cfg.model.in_channels, image_size).to(accelerator.device,
                                                                         memory_format=memory_format)
     critic = torch.compile(disc) if cfg.train.compile else disc
+    if cfg.train.compile and a.adaptive_weight:
+        # The adaptive weight takes two gradients through the compiled VAE's backward (retain_graph) before
+        # the step's backward; AOTAutograd's donated buffers (freed after one backward) forbid that.
+        torch._functorch.config.donated_buffer = False
     optimizer = build_optimizer(disc.parameters(), [], schedule.optim_config())
     module, optimizer = accelerator.prepare(DiscriminatorModule(critic), optimizer)
     disc.requires_grad_(False)  # (after prepare: DDP registers the parameters that require grad)
