@@ -216,6 +216,10 @@ def test_generator_step_moves_only_the_vae_and_discriminator_step_only_the_discr
     assert len(_changed(disc0, a.disc)) == len(disc0)  # every discriminator tensor moved
     assert a.lecam.count.item() == 1 and not any(p.requires_grad for p in a.disc.parameters())
 
+    disc1 = _snapshot(a.disc)  # the next generator step, after a discriminator step: still no gradient reaches D
+    assert "gan_g" in train_step(t, accelerator, micro, step=1, cfg=cfg).terms
+    assert _changed(disc1, a.disc) == [] and all(p.grad is None for p in a.disc.parameters())
+
 
 def test_a_nonfinite_discriminator_step_changes_nothing(tiny_shards):
     from pipeline.step import discriminator_step

@@ -40,11 +40,13 @@ ARCHS = {
     "resnet": ["model.arch=resnet", "model.channels=[8,16]", "model.latent=spatial", "model.latent_channels=2",
                "model.attention_levels=[1]"],  # GroupNorm + attention
     # recipes/flowers_gan.yaml, tiny: the discriminator trains from step index 3, reaches the generator from
-    # 5 (after the kill's checkpoint at 4), with LeCam anchors; W&B offline for the panels' test below.
+    # 5 (after the kill's checkpoint at 4), with LeCam anchors; two optimizers under gradient accumulation
+    # (2 x 4 images: the same 8 per device per step); W&B offline for the panels' test below.
     "gan": ["model.channels=[8,16]", "model.latent_dim=8", "loss.perceptual.weight=0", 'train.mixed_precision="no"',
             "train.channels_last=false", "loss.adversarial.disc_channels=8", "loss.adversarial.disc_layers=2",
             "loss.adversarial.disc_start=3", "loss.adversarial.disc_warmup_steps=2",
-            "loss.adversarial.lecam_weight=0.1", "tracking.mode=offline"],
+            "loss.adversarial.lecam_weight=0.1", "train.grad_accum_steps=2", "data.batch_size_per_device=4",
+            "tracking.mode=offline"],
 }
 RECIPES = {"gan": "recipes/flowers_gan.yaml"}  # the others: recipes/demo.yaml
 
