@@ -162,10 +162,6 @@ def run_row(row: Row, recipe: str, overrides: list[str], shards: Path, device: s
     row.peak_memory_gb = (torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda"
                           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     accelerator.free_memory()
-    del t, stream
-    gc.collect()
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()  # the next row's peak memory is its own
     return row
 
 
@@ -229,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001 - a row that fails (e.g. out of memory) is reported, not fatal
             row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
         rows.append(row)
+        gc.collect()  # the row's trainer is gone with run_row's frame: free it before the next row
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
         print(f"  {precision:4s} compile={compile_!s:5s} channels_last={channels_last!s:5s} "
               f"adversarial={adversarial!s:5s} {row.images_per_second:8.1f} images/s "
               f"({time.perf_counter() - started:.0f} s with warm-up){'  ' + row.error if row.error else ''}",
