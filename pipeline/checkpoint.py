@@ -209,6 +209,9 @@ class Checkpointer:
             else:  # a run trained without the adversarial stage, continued with it: a new discriminator
                 acc.print(f"checkpoint {path} holds no discriminator (trained without loss.adversarial): the "
                           f"discriminator starts from its initial weights")
+        elif (path / "disc.safetensors").is_file():
+            acc.print(f"checkpoint {path} holds a discriminator, but this run has loss.adversarial off: the VAE "
+                      f"continues without it")
         if acc.scaler is not None and (path / "scaler.json").is_file():
             acc.scaler.load_state_dict(json.loads((path / "scaler.json").read_text()))
         same = saved_world == acc.num_processes

@@ -247,3 +247,25 @@ def test_before_disc_start_nothing_of_the_stage_runs(tiny_shards):
     assert train_step(t, accelerator, micro, 7, cfg).fakes  # D trains (warm-up): it needs the fakes
     assert "gan_g" not in train_step(t, accelerator, micro, 7, cfg).terms
     assert "gan_g" in train_step(t, accelerator, micro, 8, cfg).terms
+
+
+def test_switching_the_stage_on_for_a_pretrained_run_and_off_again(tiny_shards, tmp_path, capsys):
+    """Pre-train without the discriminator, continue with it (a fresh discriminator, said once), and back
+    (the VAE continues; the discriminator in the checkpoint is said to be unused)."""
+    from pipeline.checkpoint import Checkpointer
+
+    _, accelerator, plain = _build(tiny_shards, "loss.adversarial.weight=0")
+    ckpt = Checkpointer(tmp_path, accelerator, every_steps=1, keep=3)
+    ckpt.save(1, plain.parts, {"step": 1})
+    _, accelerator, gan = _build(tiny_shards)
+    fresh = _snapshot(gan.adversary.disc)
+    assert ckpt.load(ckpt.resolve("auto"), gan.parts).step == 1
+    assert "holds no discriminator (trained without loss.adversarial)" in capsys.readouterr().out
+    assert _changed(fresh, gan.adversary.disc) == []
+    assert all(torch.equal(a, b) for a, b in zip(plain.vae.state_dict().values(), gan.vae.state_dict().values()))
+
+    ckpt.save(2, gan.parts, {"step": 2})
+    _, accelerator, off = _build(tiny_shards, "loss.adversarial.weight=0")
+    assert ckpt.load(ckpt.resolve("auto"), off.parts).step == 2
+    assert "holds a discriminator, but this run has loss.adversarial off" in capsys.readouterr().out
+
