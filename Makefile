@@ -80,6 +80,9 @@ encode: install  ## Encode shards into latent shards (resumable): make encode RU
 
 bench-encode: install  ## Benchmark encode --format shards vs a plain loop over the same shards (prints the ratio)
 	$(BIN)/python benchmarks/bench_encode.py $(ARGS)
+.PHONY: bench-gpu
+bench-gpu: install  ## One GPU, <5 min: images/s, MFU, data wait, memory by precision/compile/channels_last/GAN
+	$(BIN)/python benchmarks/bench_gpu.py $(ARGS)
 
 sweep: install  ## Run a sweep (Optuna; here, or ARGS="--slurm" for a SLURM array): make sweep SWEEP=recipes/sweeps/demo_kl.yaml
 	$(BIN)/python -m pipeline.sweep $(or $(SWEEP),recipes/sweeps/demo_kl.yaml) $(ARGS)

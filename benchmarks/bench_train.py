@@ -23,7 +23,7 @@ import torch
 from accelerate import Accelerator
 
 from pipeline.config import load_config
-from pipeline.losses import VAELoss
+from pipeline.objective import VAELoss
 from pipeline.meters import IntervalMeter
 from pipeline.models import build_model
 from pipeline.step import build_training, train_step

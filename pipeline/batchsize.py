@@ -45,7 +45,7 @@ from accelerate import Accelerator
 
 from pipeline.config import Config, ConfigError, exit_on_config_error, load_config
 from pipeline.data import read_manifest
-from pipeline.step import build_training, train_step
+from pipeline.step import build_training, discriminator_step, train_step
 
 BUDGET_FRACTION = 0.8
 """Default CPU budget: this share of the memory the process could use (the rest is headroom)."""
@@ -157,7 +157,11 @@ class StepProbe:
         images = torch.randint(0, 256, (batch_size, c, self.image_size, self.image_size), dtype=torch.uint8,
                                device=self.device)
         x = self.augment(images, train=True).contiguous(memory_format=self.memory_format)
-        result = train_step(self.t, self.accelerator, [x], 0, self.cfg)
+        adversary = self.t.adversary  # the heaviest step: both stages on (after disc_start + warm-up)
+        step = adversary.schedule.gen_start if adversary is not None else 0
+        result = train_step(self.t, self.accelerator, [x], step, self.cfg)
+        if adversary is not None:
+            discriminator_step(adversary, self.accelerator, [x], result.fakes, step)
         if self.ema is not None:
             self.ema.update(self.t.vae, 1, result.ok)
         result.terms["total"].item()  # wait for the device: the step is complete when we measure

@@ -8,6 +8,9 @@ Layout of `<run_dir>/checkpoints/`:
         optimizer.safetensors   the optimizer's tensors (Adam moments, step counts) ...
         optimizer.json          ... and the rest of its state dict (param groups)
         scaler.json             the fp16 GradScaler's state (fp16 only)
+        disc.safetensors        the adversarial stage (when loss.adversarial is on): the discriminator
+                                ("disc.*") and its running state ("state.*": the LeCam EMAs) ...
+        disc_optimizer.*        ... and its optimizer, as optimizer.* (its lr is a function of the step)
         rng_rank0.safetensors   per rank: the torch CPU and CUDA generator states
         trainer_rank0.json      per rank: step, images seen, data-stream position, Python and numpy
                                 RNG states, the logging interval's partial sums
@@ -114,9 +117,10 @@ class Checkpointer:
             written.update(_save_tensors(tmp / "model.safetensors", parts.model_state()))
             if parts.ema is not None:
                 written.update(_save_tensors(tmp / "ema.safetensors", parts.ema.state_dict()))
-            tensors, rest = encode_state(parts.optimizer.state_dict())
-            written.update(_save_tensors(tmp / "optimizer.safetensors", tensors))
-            written.update(_save_json(tmp / "optimizer.json", rest))
+            written.update(_save_optimizer(tmp, "optimizer", parts.optimizer))
+            if parts.disc is not None:
+                written.update(_save_tensors(tmp / "disc.safetensors", parts.disc_model_state()))
+                written.update(_save_optimizer(tmp, "disc_optimizer", parts.disc_optimizer))
             if acc.scaler is not None:
                 written.update(_save_json(tmp / "scaler.json", acc.scaler.state_dict()))
         everything = gather_object([written]) if acc.num_processes > 1 else [written]
@@ -197,13 +201,17 @@ class Checkpointer:
                 parts.ema.load_state_dict(_load_tensors(path / "ema.safetensors"))
             else:  # EMA switched on for a run that trained without it: start it from the weights
                 parts.ema.module.load_state_dict(parts.vae.state_dict())
-        optimizer_state = decode_state(json.loads((path / "optimizer.json").read_text()),
-                                       _load_tensors(path / "optimizer.safetensors"))
-        try:
-            parts.optimizer.load_state_dict(optimizer_state)
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise ConfigError(f"checkpoint {path}: the optimizer state does not fit this run's parameters ({e}); "
-                              f"resume with the recipe the run was trained with") from None
+        _load_optimizer(path, "optimizer", parts.optimizer)
+        if parts.disc is not None:
+            if (path / "disc.safetensors").is_file():
+                parts.load_disc_state(_load_tensors(path / "disc.safetensors"), path)
+                _load_optimizer(path, "disc_optimizer", parts.disc_optimizer)
+            else:  # a run trained without the adversarial stage, continued with it: a new discriminator
+                acc.print(f"checkpoint {path} holds no discriminator (trained without loss.adversarial): the "
+                          f"discriminator starts from its initial weights")
+        elif (path / "disc.safetensors").is_file():
+            acc.print(f"checkpoint {path} holds a discriminator, but this run has loss.adversarial off: the VAE "
+                      f"continues without it")
         if acc.scaler is not None and (path / "scaler.json").is_file():
             acc.scaler.load_state_dict(json.loads((path / "scaler.json").read_text()))
         same = saved_world == acc.num_processes
@@ -222,6 +230,9 @@ class Parts:
     loss: torch.nn.Module  # the loss, whose learned log-variance is a parameter
     optimizer: Any  # the prepared optimizer (state_dict / load_state_dict)
     ema: torch.nn.Module | None
+    disc: torch.nn.Module | None = None  # the adversarial stage's discriminator (bare), when on
+    disc_state: torch.nn.Module | None = None  # its running state (buffers: the LeCam EMAs)
+    disc_optimizer: Any = None  # its prepared optimizer
 
     def model_state(self) -> dict[str, torch.Tensor]:
         return {**{f"vae.{k}": v for k, v in self.vae.state_dict().items()},
@@ -237,6 +248,24 @@ class Parts:
                 first = str(e).split("\n\t", 1)[-1].split("\n")[0]
                 raise ConfigError(f"checkpoint {path} does not fit this run's {name} ({first}); resume with the "
                                   f"recipe the run was trained with, or start over with train.resume=never") from None
+
+    def disc_model_state(self) -> dict[str, torch.Tensor]:
+        state = {f"disc.{k}": v for k, v in self.disc.state_dict().items()}
+        if self.disc_state is not None:
+            state.update({f"state.{k}": v for k, v in self.disc_state.state_dict().items()})
+        return state
+
+    def load_disc_state(self, state: dict[str, torch.Tensor], path: Path) -> None:
+        modules = [("discriminator", self.disc, "disc.")]
+        if self.disc_state is not None:
+            modules.append(("discriminator state", self.disc_state, "state."))
+        for name, module, prefix in modules:
+            try:
+                module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+            except RuntimeError as e:
+                first = str(e).split("\n\t", 1)[-1].split("\n")[0]
+                raise ConfigError(f"checkpoint {path} does not fit this run's {name} ({first}); resume with the "
+                                  f"loss.adversarial settings the run was trained with") from None
 
 
 class BestWeights:
@@ -425,6 +454,20 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, int
     save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, str(path))
     _fsync(path)
     return {path.name: path.stat().st_size}
+
+
+def _save_optimizer(folder: Path, stem: str, optimizer) -> dict[str, int]:
+    tensors, rest = encode_state(optimizer.state_dict())
+    return {**_save_tensors(folder / f"{stem}.safetensors", tensors), **_save_json(folder / f"{stem}.json", rest)}
+
+
+def _load_optimizer(path: Path, stem: str, optimizer) -> None:
+    state = decode_state(json.loads((path / f"{stem}.json").read_text()), _load_tensors(path / f"{stem}.safetensors"))
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise ConfigError(f"checkpoint {path}: the {stem.replace('_', ' ')} state does not fit this run's parameters "
+                          f"({e}); resume with the recipe the run was trained with") from None
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:

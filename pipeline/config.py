@@ -135,6 +135,50 @@ class PerceptualConfig:
 
 
 @dataclass
+class AdversarialConfig:
+    """The adversarial stage (pipeline/objective/adversarial.py): a PatchGAN discriminator with its own
+    optimizer, trained from `disc_start`; its loss reaches the generator `disc_warmup_steps` later."""
+
+    weight: float = 0.0
+    """Weight of the generator's adversarial term (on top of the adaptive weight); 0 disables the stage."""
+    loss: str = "hinge"
+    """hinge | non_saturating (softplus) — for both the discriminator and the generator."""
+    disc_layers: int = 3
+    """Stride-2 conv layers of the PatchGAN (taming's n_layers); each halves the logit map."""
+    disc_channels: int = 64
+    """Channels of the first discriminator layer (taming's ndf); doubled per layer, at most 8x."""
+    disc_start: float = 0.0
+    """When the discriminator starts training: a step (a whole number >= 1) or, below 1, a fraction of
+    train.max_steps (0.3 = after 30% of the run); 0 = from the first step."""
+    disc_warmup_steps: int = 0
+    """Steps the discriminator trains alone before its loss reaches the generator (so the generator never
+    sees an untrained, random discriminator)."""
+    adaptive_weight: bool = True
+    """Scale the generator's adversarial term by ||grad L_rec|| / ||grad L_gan|| at the decoder's last
+    layer (Esser et al. 2021), computed in float32; false uses the fixed `weight` alone."""
+    adaptive_weight_max: float = 1.0e4
+    """Upper clamp of the adaptive weight (taming's 1e4)."""
+    lecam_weight: float = 0.0
+    """LeCam regularisation of the discriminator (Tseng et al. 2021); 0 disables it."""
+    lecam_ema_decay: float = 0.999
+    """Decay of the EMAs of the mean real/fake logits that LeCam anchors to."""
+    r1_weight: float = 0.0
+    """R1 gradient penalty on real images (Mescheder et al. 2018), weight gamma/2; 0 disables it."""
+    lr: float = 1.0e-4
+    """Peak learning rate of the discriminator's optimizer (Adam)."""
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    """Adam betas of the discriminator (taming: 0.5, 0.9)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay of the discriminator."""
+    schedule: str = "constant"
+    """constant | cosine: the discriminator's lr over its own steps (from disc_start to max_steps)."""
+    warmup_steps: int = 0
+    """Linear lr warm-up of the discriminator, counted from disc_start."""
+    grad_clip_norm: float = 1.0
+    """Clip the discriminator's gradient norm; 0 disables clipping (the norm is still checked)."""
+
+
+@dataclass
 class LossConfig:
     recon: str = "l1"
     """l1 | mse | bce (needs model.output=sigmoid) | gaussian (learned log-variance)."""
@@ -152,6 +196,8 @@ class LossConfig:
     """Weight of total variation, normalised per pixel (kornia); 0 disables it."""
     sparsity_weight: float = 0.0
     """Weight of the L1 penalty on mu (seed 004's sparse term); 0 disables it."""
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+    """The adversarial stage (off while adversarial.weight is 0); README: Sharp reconstructions."""
 
 
 @dataclass
@@ -268,6 +314,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.gaussian_logvar": ("scalar", "channel"),
     "loss.kl.schedule": ("constant", "linear", "cyclical"),
     "loss.perceptual.distance": ("l1", "l2"),
+    "loss.adversarial.loss": ("hinge", "non_saturating"),
+    "loss.adversarial.schedule": ("constant", "cosine"),
     "optim.name": ("adam", "adamw"),
     "optim.schedule": ("constant", "cosine", "exponential"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
@@ -429,6 +477,7 @@ def validate(cfg: Config, source: str = "recipe", check_paths: bool = True) -> N
     p = cfg.loss.perceptual
     if p.layer_weights and len(p.layer_weights) != len(p.layers):
         raise ConfigError(f"{source}: loss.perceptual.layer_weights needs one weight per entry of loss.perceptual.layers")
+    _validate_adversarial(cfg, source)
     for side in ("encoder", "decoder"):
         for i, spec in enumerate(getattr(cfg.model, side)):
             if spec.block not in BLOCK_NAMES:
@@ -440,6 +489,31 @@ def validate(cfg: Config, source: str = "recipe", check_paths: bool = True) -> N
             raise ConfigError(
                 f"{source}: data.shards folder {shards} has no manifest.json; build it with "
                 f"`make shards SRC=<image folder> NAME={shards.name}` (or `make demo-data`)")
+
+
+def _validate_adversarial(cfg: Config, source: str) -> None:
+    a = cfg.loss.adversarial
+    for key in ("weight", "lecam_weight", "r1_weight", "weight_decay", "grad_clip_norm", "disc_start"):
+        if getattr(a, key) < 0:
+            raise ConfigError(f"{source}: loss.adversarial.{key} must be 0 or more, got {getattr(a, key)}")
+    if a.disc_start >= 1 and a.disc_start != int(a.disc_start):
+        raise ConfigError(f"{source}: loss.adversarial.disc_start is {a.disc_start}: give a whole step number, or a "
+                          f"fraction of train.max_steps below 1")
+    for key in ("disc_warmup_steps", "warmup_steps"):
+        if getattr(a, key) < 0:
+            raise ConfigError(f"{source}: loss.adversarial.{key} must be 0 or more, got {getattr(a, key)}")
+    if a.disc_layers < 1 or a.disc_channels < 1:
+        raise ConfigError(f"{source}: loss.adversarial.disc_layers and disc_channels must be at least 1")
+    if a.lr <= 0 or a.adaptive_weight_max <= 0:
+        raise ConfigError(f"{source}: loss.adversarial.lr and adaptive_weight_max must be positive")
+    if len(a.betas) != 2:
+        raise ConfigError(f"{source}: loss.adversarial.betas must have two values, got {a.betas}")
+    if not 0 <= a.lecam_ema_decay < 1:
+        raise ConfigError(f"{source}: loss.adversarial.lecam_ema_decay must be in [0, 1), got {a.lecam_ema_decay}")
+    if a.weight > 0 and a.r1_weight > 0 and cfg.train.compile:
+        raise ConfigError(f"{source}: loss.adversarial.r1_weight needs a double backward through the "
+                          f"discriminator, which torch.compile does not support; set train.compile=false or "
+                          f"loss.adversarial.r1_weight=0")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -16,7 +16,7 @@ What `evaluate()` reports (RUN_DIR/eval/metrics.json, and the run's W&B summary 
 - psnr, ssim: of decode(mu) (the posterior mean: deterministic) against the input, both in [0, 1];
   PSNR = 10 log10(1 / MSE) per image, capped at PSNR_CAP_DB for a perfect reconstruction, then averaged
   over images; SSIM is kornia's (11 px Gaussian window) averaged over pixels, then images.
-- perceptual: the recipe's loss.perceptual distance (pipeline.losses.PerceptualDistance) of decode(mu).
+- perceptual: the recipe's loss.perceptual distance (pipeline.objective.perceptual.PerceptualDistance) of decode(mu).
   Computed when the recipe names real backbone weights (loss.perceptual.weights = hub or a file),
   whatever loss.perceptual.weight is, since a distance in random features means nothing; --perceptual on
   forces it, --perceptual off skips it (null in the file).
@@ -60,8 +60,10 @@ from accelerate import Accelerator
 from pipeline import faults, media
 from pipeline.config import ConfigError, exit_on_config_error
 from pipeline.inference import check_shards, key_noise, load_run, split_batches
-from pipeline.losses import (GAUSSIAN_LOGVAR_RANGE, LN2, PerceptualDistance, fixed_log_scale, kl_per_dim,
-                             log_normal_diag, log_standard_normal)
+from pipeline.objective.kl import kl_per_dim
+from pipeline.objective.likelihood import (GAUSSIAN_LOGVAR_RANGE, LN2, fixed_log_scale, iwae_bounds,
+                                           iwae_group_sizes, log_importance_weights)
+from pipeline.objective.perceptual import PerceptualDistance
 from pipeline.tracking import dataset_artifact, load_or_create_run_id, model_artifact, staging_in, use_artifact
 
 PSNR_CAP_DB = 100.0
@@ -174,28 +176,6 @@ def _all_names(accelerator, names: list[str]) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def iwae_group_sizes(k: int) -> list[int]:
-    """1, 2, 4, ... (the powers of two dividing k), then k: each size divides the next one."""
-    sizes, g = [], 1
-    while k % g == 0 and g < k:
-        sizes.append(g)
-        g *= 2
-    return sizes + [k]
-
-
-def iwae_bounds(log_w: torch.Tensor) -> dict[int, torch.Tensor]:
-    """log-likelihood lower bounds [B] for each group size g of iwae_group_sizes(K), from log weights [K, B].
-
-    For group size g the K samples form K/g disjoint groups; the bound is the mean over groups of
-    logsumexp(group) - log g (Burda et al.'s IWAE_g, averaged). g = 1 is the Monte-Carlo ELBO and g = K the
-    IWAE_K bound. Because every size divides the next, log-mean-exp over a union of groups is >= the mean
-    of the groups' values (Jensen), so the bounds never decrease as g grows, for any weights."""
-    k, b = log_w.shape
-    log_w = log_w.double()
-    return {g: (torch.logsumexp(log_w.view(k // g, g, b), dim=1) - math.log(g)).mean(0)
-            for g in iwae_group_sizes(k)}
-
-
 LIKELIHOODS = {
     "gaussian": ("discretized_gaussian", True, "discretised Gaussian, learned sigma"),
     "mse": ("discretized_gaussian", True, "discretised Gaussian, maximum-likelihood fixed sigma"),
@@ -243,8 +223,7 @@ def log_weights(run, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, ke
         kc = e.shape[0]
         z = (mu.unsqueeze(0) + e * std.unsqueeze(0)).reshape(kc * b, *mu.shape[1:])  # sample-major
         lp = run.loss.log_px_z(run.model.decode(z), x, log_scale).view(kc, b)
-        reps = (kc,) + (1,) * (mu.dim() - 1)
-        lw = lp + (log_standard_normal(z) - log_normal_diag(z, mu.repeat(reps), logvar.repeat(reps))).view(kc, b)
+        lw = log_importance_weights(lp, z, mu, logvar)
         log_px.append(lp.double())
         log_w.append(lw.double())
     return torch.cat(log_px), torch.cat(log_w)
@@ -257,7 +236,7 @@ def evaluate(run, batches: Callable[[], Iterable], accelerator, iwae_k: int = 64
 
     run: a pipeline.inference.LoadedRun on accelerator.device. batches: returns a fresh iterator of Batch
     (called twice when an l1/mse likelihood needs its scale fitted first). perceptual: a
-    pipeline.losses.PerceptualDistance or None. Every rank returns the same dict."""
+    pipeline.objective.perceptual.PerceptualDistance or None. Every rank returns the same dict."""
     if iwae_k < 1:
         raise ConfigError(f"--iwae-k must be at least 1, got {iwae_k}")
     model, device = run.model, run.device

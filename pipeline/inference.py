@@ -38,7 +38,7 @@ from torch import Tensor
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.data import Batch, DeviceAugment, read_manifest, val_batches
 from pipeline.images import IMAGE_EXTENSIONS, describe_error, load_image
-from pipeline.losses import VAELoss
+from pipeline.objective import VAELoss
 from pipeline.models import VAE, build_model
 
 MODEL_INFO_FILE = "model_info.json"

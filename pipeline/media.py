@@ -223,3 +223,28 @@ def bar_chart(values: Sequence[float], height: int = 160, title: str = "") -> np
     draw.line([margin, base, width - margin, base], fill=(0, 0, 0))
     draw.text((margin, 2), f"{title}  max {peak:.3g}  ({v.size} dims)".strip(), fill=(0, 0, 0))
     return np.asarray(img, dtype=np.uint8)
+
+
+def logit_heatmap(logits: Tensor, size: tuple[int, int]) -> np.ndarray:
+    """Patch logits [B, 1, h, w] -> uint8 [B, H, W, 3] (nearest upsampling, each patch a block): green where
+    the discriminator says real (sigmoid(logit) -> 1), red where it says fake (-> 0)."""
+    p = torch.sigmoid(logits.detach().float().cpu())
+    p = torch.nn.functional.interpolate(p, size=size, mode="nearest")[:, 0]
+    rgb = torch.stack([1.0 - p, p, torch.full_like(p, 0.15)], dim=-1)
+    return (rgb.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
+def discriminator_panel(model: nn.Module, critic: nn.Module, images: Tensor) -> tuple[np.ndarray, dict[str, float]]:
+    """Four rows: the inputs, the discriminator's patch logits on them, the reconstructions decode(mu), its
+    logits on those (logit_heatmap's colours). Returns the grid and the mean logit on real and on fake."""
+    with evaluating(model), evaluating(critic):
+        mu, _ = _encode_mu(model, images)
+        recon = model.decode(mu).float()
+        real = images.to(recon.device, torch.float32)
+        device = next(critic.parameters()).device
+        logits_real, logits_fake = critic(real.to(device)), critic(recon.to(device))
+    size = tuple(images.shape[-2:])
+    rows = [to_uint8(real, model.output_range), logit_heatmap(logits_real, size),
+            to_uint8(recon, model.output_range), logit_heatmap(logits_fake, size)]
+    means = {"real": float(logits_real.float().mean()), "fake": float(logits_fake.float().mean())}
+    return make_grid(np.concatenate(rows), nrow=len(images)), means

@@ -21,17 +21,23 @@ class IntervalMeter:
         self.sums: dict[str, torch.Tensor] = {}
         self.steps = 0
 
-    def add(self, terms: dict[str, torch.Tensor], nonfinite: dict[str, torch.Tensor], ok: torch.Tensor) -> None:
+    def add(self, terms: dict[str, torch.Tensor], nonfinite: dict[str, torch.Tensor], ok: torch.Tensor,
+            training_step: bool = True) -> None:
         """terms: each loss term's mean over the step's micro-batches; nonfinite: per term (and
-        "grad_norm") a 0/1 flag, the same on every rank; ok: no flag set (the update was applied)."""
+        "grad_norm") a 0/1 flag, the same on every rank; ok: no flag set (the update was applied).
+        Each term is averaged over the applied steps that had it (the discriminator's terms exist only
+        once it trains). training_step=False: a second optimizer's step within the same training step
+        (the discriminator's), which does not count toward the skipped training steps."""
         okf = ok.float()
         for name, value in terms.items():
             value = value.detach().float()
             self._acc(f"loss/{name}", torch.where(torch.isfinite(value), value, 0.0) * okf)
+            self._acc(f"count/{name}", okf)
         for name, flag in nonfinite.items():
             self._acc(f"nonfinite/{name}", flag.float())
-        self._acc("ok_steps", okf)
-        self.steps += 1
+        if training_step:
+            self._acc("ok_steps", okf)
+            self.steps += 1
 
     def _acc(self, key: str, value: torch.Tensor) -> None:
         self.sums[key] = self.sums[key] + value if key in self.sums else value
@@ -48,7 +54,9 @@ class IntervalMeter:
         raw = dict(zip(names, total[:-1]))
         good = raw.pop("ok_steps", 0.0) / world  # the same on every rank
         skipped = self.steps - round(good)
-        means = {k: v / world / good for k, v in raw.items() if k.startswith("loss/") and good > 0}
+        counts = {k.split("/", 1)[1]: v / world for k, v in raw.items() if k.startswith("count/")}
+        means = {k: v / world / counts.get(k[5:], good) for k, v in raw.items()
+                 if k.startswith("loss/") and counts.get(k[5:], good) > 0}
         bad = {k.split("/", 1)[1]: round(v / world) for k, v in raw.items() if k.startswith("nonfinite/") and v > 0}
         self.reset()
         return means, bad, skipped, round(total[-1])

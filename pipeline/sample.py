@@ -63,7 +63,8 @@ from pipeline.evaluate import log_weights, to_unit_range
 from pipeline.images import describe_error, load_rgb
 from pipeline.inference import (LoadedRun, check_shards, folder_batches, image_files, is_shards_folder, key_noise,
                                 load_images, load_run, split_batches)
-from pipeline.losses import LN2, fixed_log_scale, kl_per_dim
+from pipeline.objective.kl import kl_per_dim
+from pipeline.objective.likelihood import LN2, fixed_log_scale
 
 GIF_FRAME_MS = 100
 

@@ -1,24 +1,35 @@
 """The training step, shared by train.py, pipeline.batchsize and benchmarks/bench_train.py so the three
 always build and measure the same thing.
 
-    t = build_training(cfg, accelerator, image_size)   # model, loss, augmentation, EMA, optimizer, prepared
-    result = train_step(t, accelerator, micro_batches, step, cfg)   # StepResult, all on the device
+    t = build_training(cfg, accelerator, image_size)   # model, loss, augmentation, EMA, optimizer(s), prepared
+    result = train_step(t, accelerator, micro_batches, step, cfg)     # the VAE (generator) step
     t.ema.update(t.vae, step, result.ok)
+    if t.adversary is not None and t.adversary.schedule.disc_active(step):
+        d = discriminator_step(t.adversary, accelerator, micro_batches, result.fakes, step)   # its own optimizer
+
+Two optimizers, two steps, each over the same micro-batches with its own `accelerator.accumulate`:
+the generator step reads the discriminator only through `Adversary.generator_term` (D's parameters are
+frozen there and it is called without DDP, so no gradient reaches them and the generator's backward
+all-reduces the generator's gradients only); the discriminator step sees the reconstructions detached,
+so the generator's graph is not part of its backward.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
 
 from pipeline.checkpoint import Parts
-from pipeline.config import Config
+from pipeline.config import AdversarialConfig, Config
 from pipeline.data import DeviceAugment
-from pipeline.losses import VAELoss
 from pipeline.models import build_model
-from pipeline.optim import EMA, build_optimizer
+from pipeline.objective import VAELoss
+from pipeline.objective.adversarial import (AdversarialSchedule, LeCamEMA, adaptive_weight, build_discriminator,
+                                            decoder_last_layer, discriminator_loss, generator_loss, lecam_penalty,
+                                            r1_penalty)
+from pipeline.optim import EMA, build_optimizer, lr_at, set_lr
 
 
 class TrainModule(torch.nn.Module):
@@ -31,7 +42,51 @@ class TrainModule(torch.nn.Module):
 
     def forward(self, images: torch.Tensor, step: int):
         out = self.vae(images)
-        return self.loss(out, images, step)
+        return out.recon, self.loss(out, images, step)
+
+
+class DiscriminatorModule(torch.nn.Module):
+    """The discriminator on real and (detached) fake images in one forward: (logits_real, logits_fake)."""
+
+    def __init__(self, critic: torch.nn.Module):
+        super().__init__()
+        self.critic = critic
+
+    def forward(self, real: torch.Tensor, fake: torch.Tensor):
+        logits = self.critic(torch.cat([real, fake]))
+        return logits[: real.shape[0]], logits[real.shape[0]:]
+
+
+@dataclass
+class Adversary:
+    """The discriminator side of the adversarial stage, built by build_training when loss.adversarial.weight > 0."""
+
+    cfg: AdversarialConfig
+    schedule: AdversarialSchedule
+    disc: torch.nn.Module  # the bare NLayerDiscriminator (not DDP, not compiled): checkpoints, media
+    critic: torch.nn.Module  # disc, compiled when train.compile: the generator step calls it without DDP
+    module: torch.nn.Module  # DiscriminatorModule(critic), prepared (DDP on several processes)
+    optimizer: torch.optim.Optimizer
+    lecam: LeCamEMA
+    last_layer: torch.nn.Parameter  # the decoder's last layer, where the adaptive weight is measured
+
+    def generator_term(self, accelerator, recon: torch.Tensor, rec_total: torch.Tensor
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The generator's adversarial term for reconstructions `recon` (with their graph) and the terms to
+        log. D's parameters are frozen (no gradient reaches them) and D runs outside DDP."""
+        self.disc.requires_grad_(False)
+        with accelerator.autocast():
+            logits = self.critic(recon)
+        with torch.autocast(recon.device.type, enabled=False):
+            g = generator_loss(self.cfg.loss, logits)
+            if self.cfg.adaptive_weight:
+                scaler = accelerator.scaler  # fp16: measure scaled gradients, which do not underflow
+                w = adaptive_weight(rec_total, g, self.last_layer, self.cfg.adaptive_weight_max,
+                                    loss_scale=getattr(scaler, "_scale", None) if scaler is not None else None)
+            else:
+                w = torch.ones((), device=recon.device)
+            term = self.cfg.weight * w * g
+        return term, {"gan_g": g.detach(), "gan_adaptive_weight": w, "gan_g_weighted": term.detach()}
 
 
 @dataclass
@@ -46,10 +101,13 @@ class Training:
     module: torch.nn.Module  # TrainModule(vae, loss), prepared (DDP on several processes)
     optimizer: torch.optim.Optimizer
     memory_format: torch.memory_format
+    adversary: Adversary | None = None
 
     @property
     def parts(self) -> Parts:
-        return Parts(self.vae, self.loss, self.optimizer, self.ema)
+        a = self.adversary
+        return Parts(self.vae, self.loss, self.optimizer, self.ema, disc=a.disc if a else None,
+                     disc_state=a.lecam if a else None, disc_optimizer=a.optimizer if a else None)
 
 
 @dataclass
@@ -58,10 +116,11 @@ class StepResult:
     grad_norm: torch.Tensor
     nonfinite: dict[str, torch.Tensor]  # per term and "grad_norm": 1.0 if non-finite on any rank
     ok: torch.Tensor  # nothing non-finite: the update was applied
+    fakes: list[torch.Tensor] = field(default_factory=list)  # detached reconstructions per micro-batch
 
 
 def train_step(t: Training, accelerator, micro_batches, step: int, cfg: Config) -> StepResult:
-    """One optimizer step over `grad_accum_steps` micro-batches; every result stays on the device.
+    """One optimizer step of the VAE over `grad_accum_steps` micro-batches; every result stays on the device.
 
     A step with a non-finite loss term (on any rank) or gradient changes nothing: the fused optimizer
     skips the update through found_inf (the GradScaler's path), BatchNorm statistics are put back,
@@ -69,27 +128,94 @@ def train_step(t: Training, accelerator, micro_batches, step: int, cfg: Config) 
     collective, so every rank takes the same decision without a host sync."""
     buffers = [b for b in t.vae.buffers()]  # BatchNorm running statistics move in every forward
     saved = [b.clone() for b in buffers]
+    adversary = t.adversary if t.adversary is not None and t.adversary.schedule.gen_active(step) else None
+    keep_fakes = t.adversary is not None and t.adversary.schedule.disc_active(step)
     sums: dict[str, torch.Tensor] = {}
+    fakes = []
     for images in micro_batches:
         with accelerator.accumulate(t.module):
-            result = t.module(images, step)
-            accelerator.backward(result.total)
-        for name, value in {**result.terms, "total": result.total}.items():
+            recon, result = t.module(images, step)
+            total, terms = result.total, dict(result.terms)
+            if adversary is not None:  # the discriminator's verdict, weighted adaptively
+                gan, gan_terms = adversary.generator_term(accelerator, recon, result.total)
+                total = total + gan
+                terms.update(gan_terms)
+            accelerator.backward(total)
+        if keep_fakes:
+            fakes.append(recon.detach())
+        for name, value in {**terms, "total": total}.items():
             sums[name] = sums[name] + value.detach().float() if name in sums else value.detach().float()
     terms = {name: value / len(micro_batches) for name, value in sums.items()}
     clip = cfg.optim.grad_clip_norm or float("inf")  # inf: measure the norm, change nothing
     grad_norm = accelerator.clip_grad_norm_(t.module.parameters(), clip)  # identical on every rank
-    names = [*terms, "grad_norm"]
-    flags = (~torch.isfinite(torch.stack([*terms.values(), grad_norm.float()]))).float()
-    if accelerator.num_processes > 1:
-        flags = accelerator.reduce(flags, "sum").clamp(max=1.0)
-    ok = flags.sum() == 0
+    ok, flags = _agree(terms, grad_norm, accelerator)
     _skip_unless(ok, t.optimizer, accelerator)
     t.optimizer.step()
     t.optimizer.zero_grad(set_to_none=True)
     for b, before in zip(buffers, saved):
         b.copy_(torch.where(ok, b, before))
-    return StepResult(terms, grad_norm, dict(zip(names, flags.unbind())), ok)
+    return StepResult(terms, grad_norm, flags, ok, fakes)
+
+
+def discriminator_step(a: Adversary, accelerator, micro_batches, fakes, step: int) -> StepResult:
+    """One optimizer step of the discriminator on the step's real micro-batches and the generator's
+    detached reconstructions of them; non-finite handling as in train_step (its own flags and skip)."""
+    a.disc.requires_grad_(True)
+    set_lr(a.optimizer, lr_at(a.schedule.lr_step(step), a.schedule.optim_config(), a.schedule.lr_steps()))
+    cfg = a.cfg
+    sums: dict[str, torch.Tensor] = {}
+    for real, fake in zip(micro_batches, fakes):
+        reps = fake.shape[0] // real.shape[0]  # several samples of z per input: as many reals
+        real = real.repeat(reps, 1, 1, 1) if reps > 1 else real
+        if cfg.r1_weight > 0:
+            real = real.detach().requires_grad_(True)
+        with accelerator.accumulate(a.module):
+            logits_real, logits_fake = a.module(real, fake)
+            with torch.autocast(real.device.type, enabled=False):
+                loss = discriminator_loss(cfg.loss, logits_real, logits_fake)
+                terms = {"gan_d": loss.detach(), "gan_logits_real": logits_real.detach().float().mean(),
+                         "gan_logits_fake": logits_fake.detach().float().mean(),
+                         "gan_disc_accuracy": 0.5 * ((logits_real.detach() > 0).float().mean()
+                                                     + (logits_fake.detach() < 0).float().mean())}
+                if cfg.lecam_weight > 0:
+                    lecam = lecam_penalty(logits_real, logits_fake, a.lecam.real, a.lecam.fake)
+                    loss = loss + cfg.lecam_weight * lecam
+                    terms["gan_lecam"] = lecam.detach()
+                if cfg.r1_weight > 0:
+                    r1 = r1_penalty(logits_real, real)
+                    loss = loss + cfg.r1_weight * r1
+                    terms["gan_r1"] = r1.detach()
+            accelerator.backward(loss)
+        terms["gan_d_total"] = loss.detach()
+        for name, value in terms.items():
+            sums[name] = sums[name] + value.float() if name in sums else value.float()
+    terms = {name: value / len(micro_batches) for name, value in sums.items()}
+    clip = cfg.grad_clip_norm or float("inf")
+    grad_norm = accelerator.clip_grad_norm_(a.module.parameters(), clip)
+    # The LeCam anchors move with the mean logits over every rank, in the flags' collective.
+    means = torch.stack([terms["gan_logits_real"], terms["gan_logits_fake"]])
+    ok, flags, means = _agree(terms, grad_norm, accelerator, means)
+    _skip_unless(ok, a.optimizer, accelerator)
+    a.optimizer.step()
+    a.optimizer.zero_grad(set_to_none=True)
+    a.lecam.update(means[0], means[1], ok)
+    a.disc.requires_grad_(False)
+    return StepResult(terms, grad_norm, {f"gan_{k}" if k == "grad_norm" else k: v for k, v in flags.items()}, ok)
+
+
+def _agree(terms: dict[str, torch.Tensor], grad_norm: torch.Tensor, accelerator, means: torch.Tensor | None = None):
+    """(ok, per-name flags[, means averaged over ranks]): the non-finite flags of every rank, in one
+    small all-reduce, so every rank skips the same steps without a host sync."""
+    names = [*terms, "grad_norm"]
+    flags = (~torch.isfinite(torch.stack([*terms.values(), grad_norm.float()]))).float()
+    n = flags.shape[0]
+    packed = flags if means is None else torch.cat([flags, means.float()])
+    if accelerator.num_processes > 1:
+        packed = accelerator.reduce(packed, "sum")
+    flags = packed[:n].clamp(max=1.0)
+    ok = flags.sum() == 0
+    result = (ok, dict(zip(names, flags.unbind())))
+    return result if means is None else (*result, packed[n:] / accelerator.num_processes)
 
 
 def _skip_unless(ok: torch.Tensor, optimizer, accelerator) -> None:
@@ -113,4 +239,24 @@ def build_training(cfg: Config, accelerator: Accelerator, image_size: int) -> Tr
     # The loss's own parameters (the gaussian log-variance) get no weight decay.
     optimizer = build_optimizer(vae.parameters(), [p for p in loss_fn.parameters() if p.requires_grad], cfg.optim)
     module, optimizer = accelerator.prepare(module, optimizer)
-    return Training(vae, loss_fn, augment, ema, module, optimizer, memory_format)
+    adversary = _build_adversary(cfg, accelerator, vae, image_size, memory_format) if cfg.loss.adversarial.weight > 0 else None
+    return Training(vae, loss_fn, augment, ema, module, optimizer, memory_format, adversary)
+
+
+def _build_adversary(cfg: Config, accelerator: Accelerator, vae: torch.nn.Module, image_size: int,
+                     memory_format: torch.memory_format) -> Adversary:
+    """The discriminator with its own optimizer, prepared by Accelerate like the VAE."""
+    a = cfg.loss.adversarial
+    schedule = AdversarialSchedule(a, cfg.train.max_steps)
+    disc = build_discriminator(a, cfg.model.in_channels, image_size).to(accelerator.device,
+                                                                        memory_format=memory_format)
+    critic = torch.compile(disc) if cfg.train.compile else disc
+    if cfg.train.compile and a.adaptive_weight:
+        # The adaptive weight takes two gradients through the compiled VAE's backward (retain_graph) before
+        # the step's backward; AOTAutograd's donated buffers (freed after one backward) forbid that.
+        torch._functorch.config.donated_buffer = False
+    optimizer = build_optimizer(disc.parameters(), [], schedule.optim_config())
+    module, optimizer = accelerator.prepare(DiscriminatorModule(critic), optimizer)
+    disc.requires_grad_(False)  # (after prepare: DDP registers the parameters that require grad)
+    lecam = LeCamEMA(a.lecam_ema_decay).to(accelerator.device)
+    return Adversary(a, schedule, disc, critic, module, optimizer, lecam, decoder_last_layer(vae))

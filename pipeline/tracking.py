@@ -39,7 +39,7 @@ from pipeline.preemption import EXIT_PREEMPTED
 RUN_ID_FILE = "wandb_run_id"
 METRICS_FILE = "metrics.jsonl"
 MAX_INTERPOLATION_PAIRS = 4
-MEDIA_KINDS = ("recon", "samples", "interpolations", "traversals")
+MEDIA_KINDS = ("recon", "samples", "interpolations", "traversals", "disc")
 """The panels log_media draws (media/<kind>-<step>.png, W&B key media/<kind>); other PNGs in media/
 are log_eval's bar charts (W&B key val/<name>)."""
 
@@ -248,7 +248,7 @@ class Tracker:
         return getattr(model, "_orig_mod", getattr(model, "module", model))
 
     def log_media(self, step: int, model: nn.Module, val_images: Tensor, fixed_z: Tensor | None = None,
-                  pairs: Sequence[tuple[int, int]] | None = None) -> dict[str, Path]:
+                  pairs: Sequence[tuple[int, int]] | None = None, critic: nn.Module | None = None) -> dict[str, Path]:
         """Reconstruction grid, prior samples, interpolation strips and traversals of the highest-KL
         latent dims, all from the same fixed inputs every time so steps are comparable.
 
@@ -257,7 +257,9 @@ class Tracker:
           tracking.media_images are shown.
         fixed_z: prior noise [N, *latent_shape]; default: fixed_noise(model).
         pairs: (i, j) index pairs into val_images for the interpolation strips; default (0, 1), (2, 3), ...
-        Writes run_dir/media/{recon,samples,interpolations,traversals}-<step:06d>.png; returns them.
+        critic: the adversarial stage's discriminator (bare), or None; adds the `disc` panel of its patch
+          logits on the inputs and on their reconstructions.
+        Writes run_dir/media/{recon,samples,interpolations,traversals,disc}-<step:06d>.png; returns them.
         """
         if not self.active:
             return {}
@@ -284,6 +286,11 @@ class Tracker:
             np.concatenate(traversals),
             "rows: latent dims " + ", ".join(f"{d} ({float(kl[d]):.2f} nats)" for d in dims)
             + f"; columns: that dim of mu set to {list(media.TRAVERSAL_VALUES)}")
+        if critic is not None:
+            panel, means = media.discriminator_panel(model, critic, images)
+            pictures["disc"] = (panel, "rows: inputs, the discriminator's patch logits on them, reconstructions "
+                                       "from mu, its logits on those (green: judged real, red: judged fake); mean "
+                                       f"logit real {means['real']:.3f}, fake {means['fake']:.3f}")
         return self._log_pictures(step, pictures)
 
     def _as_model_input(self, images: Tensor, model: nn.Module) -> Tensor:

@@ -40,7 +40,7 @@ from pipeline.models import training_flops_per_image
 from pipeline.optim import lr_at, set_lr
 from pipeline.preemption import EXIT_PREEMPTED, StopFlag
 from pipeline.runs import die_with_parent, launched_by_torchrun, own_run_folder
-from pipeline.step import Training, build_training, train_step
+from pipeline.step import Training, build_training, discriminator_step, train_step
 from pipeline.tracking import Tracker
 
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU; a GPU not listed reports no MFU rather than a guess.
@@ -129,10 +129,13 @@ def main(cfg: Config) -> int:
         if step + 1 in cfg.train.inject_nan_at_steps and cfg.train.inject_nan_rank in (-1, accelerator.process_index):
             micro = [m * float("nan") for m in micro]  # fault injection for the non-finite guard's tests
         set_lr(t.optimizer, lr_at(step, cfg.optim, cfg.train.max_steps))
-        result = train_step(t, accelerator, micro, step, cfg)
+        result = train_step(t, accelerator, micro, step, cfg)  # the VAE (generator)
+        if t.adversary is not None and t.adversary.schedule.disc_active(step):  # the discriminator, own optimizer
+            disc = discriminator_step(t.adversary, accelerator, micro, result.fakes, step)
+            meter.add({**disc.terms, "gan_grad_norm": disc.grad_norm}, disc.nonfinite, disc.ok, training_step=False)
         step += 1
         if t.ema is not None:
-            t.ema.update(t.vae, step, result.ok)
+            t.ema.update(t.vae, step, result.ok)  # the VAE only
         nonfinite_run = torch.where(result.ok, torch.zeros_like(nonfinite_run), nonfinite_run + 1)
         meter.add({**result.terms, "grad_norm": result.grad_norm}, result.nonfinite, result.ok)
         faults.kill_at("step", step, main_process)
@@ -177,7 +180,8 @@ def main(cfg: Config) -> int:
         t_other = time.perf_counter()
         if tracker.is_due("media", step, final=last):
             with preserved_rng(device):
-                tracker.log_media(step, _eval_model(t), media_images)
+                tracker.log_media(step, _eval_model(t), media_images,
+                                  critic=t.adversary.disc if t.adversary is not None else None)
         if tracker.is_due("eval", step, final=last):
             with preserved_rng(device):
                 metrics = validate(_eval_model(t), t.loss, t.augment,

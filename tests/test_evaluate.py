@@ -15,7 +15,7 @@ import torch
 from conftest import ROOT, TEST_ENV, free_port
 from pipeline import evaluate
 from pipeline.config import load_config, save_config
-from pipeline.losses import PerceptualDistance
+from pipeline.objective.perceptual import PerceptualDistance
 from pipeline.inference import key_noise, load_run, split_batches
 
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))

@@ -11,19 +11,18 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import ConfigError, KLConfig, LossConfig, PerceptualConfig
-from pipeline.losses import (
-    VAELoss,
+from pipeline.objective import VAELoss
+from pipeline.objective.image import total_variation
+from pipeline.objective.kl import kl_beta, kl_per_dim
+from pipeline.objective.likelihood import (
     bernoulli_log_prob,
     bits_per_dim,
     discretized_gaussian_log_prob,
     discretized_laplace_log_prob,
     fixed_log_scale,
     iwae_bound,
-    kl_beta,
-    kl_per_dim,
     log_normal_diag,
     log_standard_normal,
-    total_variation,
 )
 from pipeline.models.base import VAEOutput
 

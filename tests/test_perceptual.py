@@ -14,9 +14,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pipeline import perceptual
+from pipeline import classifier
+from pipeline.objective import perceptual
 from pipeline.config import ConfigError, LossConfig, PerceptualConfig
-from pipeline.losses import PerceptualDistance, VAELoss
+from pipeline.objective import VAELoss
+from pipeline.objective.perceptual import PerceptualDistance
 from pipeline.models.base import VAEOutput
 from tests.conftest import ROOT, TEST_ENV
 
@@ -217,7 +219,7 @@ def test_classifier_trainer_end_to_end(tiny_shards, tmp_path):
     recipe.write_text(f"data: {{shards: {tiny_shards}, batch_size_per_device: 16, num_workers: 0}}\n"
                       f"loss: {{perceptual: {{backbone: {TINY}, layers: [1, 2]}}}}\n")
     out = tmp_path / "clf.safetensors"
-    cmd = [sys.executable, "-m", "pipeline.perceptual", str(recipe), "train.seed=1", "--steps", "12",
+    cmd = [sys.executable, "-m", "pipeline.classifier", str(recipe), "train.seed=1", "--steps", "12",
            "--out", str(out), "--log-every", "6"]
     proc = subprocess.run(cmd, cwd=ROOT, env=TEST_ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -249,4 +251,4 @@ def test_classifier_trainer_refuses_shards_without_classes(tmp_path):
     recipe.write_text(f"data: {{shards: {shards}}}\n")
     cfg = load_config(recipe)
     with pytest.raises(ConfigError, match="needs class labels"):
-        perceptual.train_classifier(cfg, tmp_path / "o.safetensors", 1, None, 0.0, "none")
+        classifier.train_classifier(cfg, tmp_path / "o.safetensors", 1, None, 0.0, "none")

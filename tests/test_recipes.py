@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.losses import VAELoss
+from pipeline.objective import VAELoss
 from pipeline.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 # The image size each recipe is written for (its shards' SIZE); resnet_f8 runs at 32 px here to keep an
 # 83.7M-parameter forward/backward cheap on CPU — the architecture is size-agnostic (f = 8).
-SIZES = {"flowers": 128, "dogs64": 64, "vanilla64": 64, "resnet_f8": 32, "demo": 64}
+SIZES = {"flowers": 128, "flowers_gan": 128, "dogs64": 64, "vanilla64": 64, "resnet_f8": 32, "demo": 64}
 
 
 def test_all_recipes_are_covered():
@@ -34,9 +34,20 @@ def test_recipe_builds_and_trains_one_step(recipe):
     low, high = model.output_range
     x = torch.rand(2, 3, size, size) * (high - low) + low
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.mixed_precision == "bf16"):
-        result = loss_fn(model(x), x, step=cfg.train.max_steps // 2)
-    result.total.backward()
-    assert torch.isfinite(result.total)
+        out = model(x)
+        result = loss_fn(out, x, step=cfg.train.max_steps // 2)
+        total = result.total
+        if cfg.loss.adversarial.weight > 0:  # the generator's adversarial term, as pipeline.step adds it
+            from pipeline.objective.adversarial import (adaptive_weight, build_discriminator, decoder_last_layer,
+                                                        generator_loss)
+
+            disc = build_discriminator(cfg.loss.adversarial, cfg.model.in_channels, size).requires_grad_(False)
+            gan = generator_loss(cfg.loss.adversarial.loss, disc(out.recon))
+            w = adaptive_weight(result.total, gan, decoder_last_layer(model), cfg.loss.adversarial.adaptive_weight_max)
+            assert torch.isfinite(w) and w > 0
+            total = total + cfg.loss.adversarial.weight * w * gan
+    total.backward()
+    assert torch.isfinite(total)
     assert {"recon", "kl", "kl_weighted", "beta"} <= set(result.terms)
     if cfg.loss.perceptual.weight:
         assert "perceptual" in result.terms

@@ -39,16 +39,25 @@ ARCHS = {
               "model.samples_per_input=2"],  # BatchNorm, several draws of z per input
     "resnet": ["model.arch=resnet", "model.channels=[8,16]", "model.latent=spatial", "model.latent_channels=2",
                "model.attention_levels=[1]"],  # GroupNorm + attention
+    # recipes/flowers_gan.yaml, tiny: the discriminator trains from step index 3, reaches the generator from
+    # 5 (after the kill's checkpoint at 4), with LeCam anchors; two optimizers under gradient accumulation
+    # (2 x 4 images: the same 8 per device per step); W&B offline for the panels' test below.
+    "gan": ["model.channels=[8,16]", "model.latent_dim=8", "loss.perceptual.weight=0", 'train.mixed_precision="no"',
+            "train.channels_last=false", "loss.adversarial.disc_channels=8", "loss.adversarial.disc_layers=2",
+            "loss.adversarial.disc_start=3", "loss.adversarial.disc_warmup_steps=2",
+            "loss.adversarial.lecam_weight=0.1", "train.grad_accum_steps=2", "data.batch_size_per_device=4",
+            "tracking.mode=offline"],
 }
+RECIPES = {"gan": "recipes/flowers_gan.yaml"}  # the others: recipes/demo.yaml
 
 
 def args(shards: Path, run_dir: Path, arch: str, workers: int, *extra: str) -> list[str]:
-    return ["recipes/demo.yaml", f"data.shards={shards}", f"run.dir={run_dir.parent}", f"run.name={run_dir.name}",
-            *ARCHS[arch], "data.batch_size_per_device=8", f"data.num_workers={workers}",
+    return [RECIPES.get(arch, "recipes/demo.yaml"), f"data.shards={shards}", f"run.dir={run_dir.parent}",
+            f"run.name={run_dir.name}", "data.batch_size_per_device=8", f"data.num_workers={workers}",
             "data.val_batch_size_per_device=8", "tracking.log_every_steps=1", "tracking.media_every_steps=5",
             "tracking.eval_every_steps=5", "tracking.media_images=4", "tracking.mode=disabled",
             "train.checkpoint_every_steps=4", "train.keep_checkpoints=10", f"train.max_steps={STEPS}",
-            "optim.warmup_steps=2", "loss.kl.warmup_steps=5", "data.rotation_degrees=10", *extra]
+            "optim.warmup_steps=2", "loss.kl.warmup_steps=5", "data.rotation_degrees=10", *ARCHS[arch], *extra]
 
 
 def command(nproc: int, argv: list[str]) -> list[str]:
@@ -105,6 +114,7 @@ CASES = [
     ("resnet", 1, 0, "validation", 10),   # in the middle of the validation pass at step 10
     ("conv", 2, 2, "group", 8),           # kill -9 of the launcher's group right after a checkpoint
     ("resnet", 2, 1, "checkpoint", 12),   # while step 12's checkpoint is being written
+    ("gan", 2, 1, "external", 7),         # the adversarial stage: discriminator, its optimizer, LeCam state
 ]
 
 
@@ -150,6 +160,36 @@ def test_sigkill_anywhere_then_same_command_resumes_bitwise(tiny_shards, tmp_pat
              if k.startswith("loss/") and ref[s][k] != r[k]}
     assert not diffs, f"resumed losses differ from the uninterrupted run: {dict(list(diffs.items())[:8])}"
     assert json.loads((run_dir / "summary.json").read_text())["step"] == STEPS
+
+
+def test_gan_recipe_under_ddp_logs_the_adversarial_terms_and_the_discriminator_panels(reference):
+    """recipes/flowers_gan.yaml on 2 processes (the resume case's uninterrupted run): the adversarial
+    stage's scalars and the discriminator's logit panels reach the W&B offline run."""
+    import numpy as np
+    from PIL import Image
+
+    from pipeline import wandb_log
+
+    run_dir = reference("gan", 2, 1)
+    assert json.loads((run_dir / "summary.json").read_text())["world_size"] == 2
+    rows = wandb_log.history(run_dir)
+    logged = {k: [r["_step"] for r in rows if k in r] for k in {k for r in rows for k in r}}
+    # The discriminator trains from step index 3 (logged as step 4), the generator sees it from 5 (step 6).
+    for key in ("loss/gan_d", "loss/gan_logits_real", "loss/gan_logits_fake", "loss/gan_disc_accuracy",
+                "loss/gan_lecam", "loss/gan_grad_norm"):
+        assert logged.get(key, [None])[0] == 4, (key, logged.get(key))
+    for key in ("loss/gan_g", "loss/gan_adaptive_weight", "loss/gan_g_weighted"):
+        assert logged.get(key, [None])[0] == 6, (key, logged.get(key))
+    weights = [r["loss/gan_adaptive_weight"] for r in rows if "loss/gan_adaptive_weight" in r]
+    assert all(0 < w < 1e4 for w in weights), weights
+    panels = [(step, path) for key, step, path in wandb_log.media(run_dir) if key == "media/disc"]
+    assert [s for s, _ in panels] == [5, 10, 15, 16], panels
+    for _, path in panels:
+        pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+        tile = (pixels.shape[0] - 2) // 4  # four rows: inputs, their logits, reconstructions, their logits
+        heat = pixels[2 + tile: 2 * tile, 2:-2]
+        assert heat[..., 1].mean() > 20 and heat[..., 0].mean() > 20  # the heat map's red/green, not black
+        assert pixels[2:tile].std() > 5  # the inputs row is an image
 
 
 def test_resume_on_fewer_processes_continues_the_run(tiny_shards, tmp_path):

@@ -1,6 +1,7 @@
-"""The perceptual loss's timm backbone, and a trainer for your own backbone (seed 000's flower classifier).
+"""The perceptual term: a frozen timm backbone and the channel-normalised feature distance over it.
 
     backbone, mean, std = build_backbone(cfg.loss.perceptual)   # frozen-ready features_only model
+    distance = PerceptualDistance(cfg.loss.perceptual, output_range=(-1, 1))   # what VAELoss adds
 
 `loss.perceptual.weights` says where the weights come from:
 - `hub`: timm's pretrained weights (Hugging Face Hub). Tried from the local cache first with the Hub in
@@ -19,37 +20,26 @@ the exact command), copy the file over and set `loss.perceptual.weights=weights/
 Copying a populated Hugging Face cache (~/.cache/huggingface/hub) also works: `hub` then loads from it
 without touching the network.
 
-Seed 000 used the features of a classifier trained on its own flower labels. The same here:
-
-    python -m pipeline.perceptual recipes/flowers.yaml [key=value ...] [--out FILE.safetensors] [--steps N]
-           [--lr LR] [--init auto|hub|none|PATH] [--batch-size N]
-    accelerate launch -m pipeline.perceptual recipes/flowers.yaml ...     # several GPUs
-
-trains timm's `loss.perceptual.backbone` with num_classes = the manifest's classes on the shards' `cls`
-labels (Accelerate, the recipe's data settings and precision), reports the val accuracy, and writes a
-safetensors file (with the backbone name and classes in its metadata) that `loss.perceptual.weights`
-accepts.
+The classifier trainer that makes such a file from your own shards is pipeline/classifier.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import difflib
-import json
 import logging
 import math
 import os
 import socket
 import threading
-import time
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from pipeline.config import ConfigError, PerceptualConfig
+from pipeline.objective.image import to_unit_range
 
 log = logging.getLogger(__name__)
 
@@ -272,193 +262,94 @@ def _create_from_hub(name: str, layers: tuple[int, ...]) -> nn.Module:
 
 
 # --------------------------------------------------------------------------------------------
-# Training a classifier on the shards' labels (seed 000's perception network)
+# Perceptual distance
 # --------------------------------------------------------------------------------------------
 
 
-def _parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m pipeline.perceptual",
-        description="Train loss.perceptual.backbone as a classifier on the shards' class labels and save "
-                    "weights that loss.perceptual.weights accepts.")
-    p.add_argument("recipe", help="recipe YAML (its data: section and loss.perceptual.backbone are used)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, as for training")
-    p.add_argument("--out", default=None,
-                   help="output .safetensors (default: runs/<recipe>-perceptual/<backbone>.safetensors)")
-    p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
-    p.add_argument("--lr", type=float, default=None, help="peak AdamW lr (default 1e-3 from scratch, 1e-4 fine-tuning)")
-    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default 0.05)")
-    p.add_argument("--init", default="auto",
-                   help="starting weights: hub | none | PATH; auto = the recipe's loss.perceptual.weights when "
-                        "that is hub or an existing file, else none (from scratch)")
-    p.add_argument("--batch-size", type=int, default=None, 
-                   help="per-device batch (default: data.batch_size_per_device)")
-    p.add_argument("--log-every", type=int, default=50, help="print the running loss/accuracy every N steps")
-    p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
-    args = p.parse_args(argv)
-    if args.steps < 1:
-        p.error("--steps must be at least 1")
-    return args
+class PerceptualDistance(nn.Module):
+    """Distance between channel-normalised feature maps of a frozen timm backbone (LPIPS without the
+    learned linear layers): for each feature level l with weight w_l,
 
+        f_hat = f / (||f||_2 over channels + 1e-10)                      (unit vectors, like LPIPS)
+        d_l   = mean over (image, h, w) of
+                sum_c (f_hat_r - f_hat_t)^2            distance: l2 -- LPIPS without its linear layers, in [0, 4]
+                sum_c |f_hat_r - f_hat_t| / sqrt(C_l)  distance: l1 -- the L1 norm scaled to the L2 norm's scale:
+                                                       <= ||f_hat_r - f_hat_t||_2 <= 2 (Cauchy-Schwarz), equal to
+                                                       it when the difference is spread evenly over channels,
+                                                       so the value does not grow with the layer's width
+        d     = sum_l w_l * d_l.
 
-def _init_source(init: str, recipe_weights: str) -> str:
-    if init != "auto":
-        return init
-    if recipe_weights == "hub" or (recipe_weights != "none" and Path(recipe_weights).expanduser().is_file()):
-        return recipe_weights
-    return "none"
+    Inputs in the model's output range are converted to [0, 1], then normalised with the backbone's own
+    pretrained_cfg mean/std; 1-channel images are repeated to RGB. Target features are computed under
+    no_grad; gradients flow through the frozen backbone into the reconstruction.
 
+    The backbone is NOT a registered submodule: it stays out of parameters() (so no optimizer or DDP ever
+    sees it) and out of state_dict() (checkpoints do not carry tens of MB of frozen weights; it is rebuilt
+    from loss.perceptual.weights when the loss is built). `.to()/.cuda()/.cpu()` of this module or of any
+    parent move it along (see `_apply`); dtype conversions (.half(), .to(bfloat16)) do not touch it: it stays
+    float32 and runs in bf16/fp16 under autocast. It is always in eval mode, whatever .train() says.
+    """
 
-def build_classifier(name: str, num_classes: int, init: str) -> nn.Module:
-    """timm classifier `name` with a fresh num_classes head, its trunk from init = hub | none | PATH."""
-    import timm
+    def __init__(self, cfg: PerceptualConfig, output_range: tuple[float, float], image_channels: int = 3):
+        super().__init__()
 
-    if not timm.is_model(name):
-        raise ConfigError(f"loss.perceptual.backbone {name!r} is not a timm model")
-    if init == "none":
-        return timm.create_model(name, pretrained=False, num_classes=num_classes)
-    if init == "hub":
-        # Reuse the hub logic (fast offline failure) on a features model, then copy its trunk over.
-        import dataclasses as _dc
+        if image_channels not in (1, 3):
+            raise ConfigError(f"loss.perceptual needs 1- or 3-channel images, got model.in_channels={image_channels}")
+        if cfg.distance not in ("l1", "l2"):
+            raise ConfigError(f"loss.perceptual.distance is {cfg.distance!r} but must be l1 or l2")
+        if cfg.layer_weights and len(cfg.layer_weights) != len(cfg.layers):
+            raise ConfigError("loss.perceptual.layer_weights needs one weight per entry of loss.perceptual.layers")
+        backbone, mean, std = build_backbone(cfg)
+        backbone.eval().requires_grad_(False)
+        object.__setattr__(self, "backbone", backbone)  # plain attribute: not registered (see class doc)
+        object.__setattr__(self, "_mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        object.__setattr__(self, "_std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.name = cfg.backbone
+        self.weights_source = cfg.weights
+        self.distance = cfg.distance
+        self.layer_weights = [float(w) for w in (cfg.layer_weights or [1.0] * len(cfg.layers))]
+        self.output_range = (float(output_range[0]), float(output_range[1]))
 
-        feats, _, _ = build_backbone(_dc.replace(PerceptualConfig(), backbone=name, weights="hub", layers=[0]))
-        del feats
-        return timm.create_model(name, pretrained=True, num_classes=num_classes)  # now cached: no network
-    path = Path(init).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"--init {init!r} is neither hub, none nor an existing weights file")
-    check_weights_file(name, path)
-    # num_classes differs from the file's head (if any): timm drops the head and loads the rest.
-    return timm.create_model(name, pretrained=True, num_classes=num_classes,
-                             pretrained_cfg_overlay=dict(file=str(path)))
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        device = fn(torch.empty(0)).device  # where .to()/.cuda()/.cpu() sends tensors; dtype is ignored
+        self.backbone.to(device)
+        object.__setattr__(self, "_mean", self._mean.to(device))
+        object.__setattr__(self, "_std", self._std.to(device))
+        return self
 
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.eval()
+        return self
 
-def _save_safetensors(model: nn.Module, path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
+    def extra_repr(self) -> str:
+        return (f"backbone={self.name} (weights: {self.weights_source}; frozen, not in parameters/state_dict), "
+                f"distance={self.distance}, layer_weights={self.layer_weights}")
 
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    os.replace(tmp, path)  # atomic: a killed run never leaves a half-written weights file
+    def features(self, x01: Tensor) -> list[Tensor]:
+        """Images in [0, 1] [N, C, H, W] -> channel-normalised float32 feature maps, one per layer."""
+        if x01.shape[1] == 1:
+            x01 = x01.expand(-1, 3, -1, -1)
+        x = (x01.float() - self._mean) / self._std
+        feats = self.backbone(x)
+        return [f / (f.float().norm(dim=1, keepdim=True) + 1e-10) for f in (ff.float() for ff in feats)]
 
-
-def train_classifier(cfg, out: Path, steps: int, lr: float | None, weight_decay: float, init: str,
-                     batch_size: int | None = None, log_every: int = 50) -> dict:
-    """Train and save; returns {"val_accuracy", "train_accuracy", "steps", "out", ...}. See the module doc."""
-    import dataclasses as _dc
-
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    from pipeline.data import DeviceAugment, TrainStream, read_manifest, val_batches
-
-    manifest = read_manifest(cfg.data.shards)
-    classes = list(manifest["classes"])
-    if len(classes) < 2:
-        raise ConfigError(f"{cfg.data.shards}/manifest.json lists {len(classes)} classes; training a classifier "
-                          f"needs class labels (shard a folder with one sub-folder per class)")
-    if batch_size:
-        cfg = _dc.replace(cfg, data=_dc.replace(cfg.data, batch_size_per_device=batch_size))
-    name = cfg.loss.perceptual.backbone
-    source = _init_source(init, cfg.loss.perceptual.weights)
-
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
-    set_seed(cfg.train.seed)
-    model = build_classifier(name, len(classes), source)
-    pc = model.pretrained_cfg
-    mean = torch.tensor(pc.get("mean", (0.485, 0.456, 0.406)), dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(pc.get("std", (0.229, 0.224, 0.225)), dtype=torch.float32).view(1, -1, 1, 1)
-    mean, std = mean.to(accelerator.device), std.to(accelerator.device)
-    augment = DeviceAugment(cfg.data, (0.0, 1.0)).to(accelerator.device)  # [0, 1] like PerceptualDistance
-    peak_lr = lr if lr is not None else (1e-3 if source == "none" else 1e-4)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=weight_decay)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.print(f"training {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
-                      f"init: {source}) on {len(classes)} classes for {steps} steps, lr {peak_lr:g}")
-
-    stream = TrainStream(cfg, accelerator.process_index, accelerator.num_processes)
-    loss_sum = torch.zeros((), device=accelerator.device)
-    correct = torch.zeros((), device=accelerator.device)
-    seen = torch.zeros((), device=accelerator.device)
-    model.train()
-    t0 = time.perf_counter()
-    it = iter(stream)
-    for step in range(1, steps + 1):
-        batch = next(it)
-        labels = batch.labels.to(accelerator.device, non_blocking=True)
-        x = (augment(batch.images.to(accelerator.device, non_blocking=True), train=True) - mean) / std
-        with accelerator.autocast():
-            logits = model(x)
-            loss = nn.functional.cross_entropy(logits.float(), labels)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        schedule.step()
-        loss_sum += loss.detach() * labels.numel()
-        correct += (logits.detach().argmax(1) == labels).sum()
-        seen += labels.numel()
-        if step % log_every == 0 or step == steps:
-            n = seen.item()
-            accelerator.print(f"step {step}/{steps}  loss {loss_sum.item() / n:.4f}  train acc {correct.item() / n:.3f}"
-                              f"  {time.perf_counter() - t0:.0f} s")
-            train_acc = correct.item() / n
-            loss_sum.zero_(), correct.zero_(), seen.zero_()
-
-    # Validation accuracy, each val sample once over all ranks.
-    model.eval()
-    stats = torch.zeros(2, device=accelerator.device)
-    with torch.no_grad():
-        for batch in val_batches(cfg, accelerator.process_index, accelerator.num_processes):
-            labels = batch.labels.to(accelerator.device)
-            x = (augment(batch.images.to(accelerator.device), train=False) - mean) / std
-            with accelerator.autocast():
-                pred = model(x).argmax(1)
-            stats += torch.stack([(pred == labels).sum().float(), torch.tensor(float(labels.numel()),
-                                                                               device=stats.device)])
-    stats = accelerator.reduce(stats, "sum")
-    val_acc = (stats[0] / stats[1]).item() if stats[1] > 0 else float("nan")
-    result = {"out": str(out), "backbone": name, "classes": classes, "steps": steps, "init": source,
-              "train_accuracy": train_acc, "val_accuracy": val_acc, "val_samples": int(stats[1].item())}
-    if accelerator.is_main_process:
-        meta = {"backbone": name, "num_classes": str(len(classes)), "classes": json.dumps(classes),
-                "val_accuracy": f"{val_acc:.4f}", "steps": str(steps), "init": source,
-                "shards": str(cfg.data.shards), "format": "timm state_dict (pipeline.perceptual)"}
-        _save_safetensors(accelerator.unwrap_model(model), out, meta)
-        accelerator.print(f"val accuracy {val_acc:.3f} on {result['val_samples']} images (chance "
-                          f"{1 / len(classes):.3f}); wrote {out}\nuse it with: loss.perceptual.backbone={name} "
-                          f"loss.perceptual.weights={out}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return result
-
-
-def main(argv: list[str] | None = None) -> int:
-    import sys
-
-    from pipeline.config import exit_on_config_error, load_config
-
-    args = _parse_args(sys.argv[1:] if argv is None else argv)
-
-    @exit_on_config_error
-    def run() -> int:
-        cfg = load_config(args.recipe, args.overrides)
-        out = Path(args.out) if args.out else Path(cfg.run.dir) / f"{cfg.name}-perceptual" / (
-            cfg.loss.perceptual.backbone.replace("/", "_") + ".safetensors")
-        if out.suffix != ".safetensors":
-            raise ConfigError(f"--out {out} must end in .safetensors")
-        if out.exists() and not args.force:
-            raise ConfigError(f"--out {out} exists; pass --force to overwrite it or choose another path")
-        train_classifier(cfg, out, args.steps, args.lr, args.weight_decay, args.init, args.batch_size,
-                         args.log_every)
-        return 0
-
-    return run()
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    def forward(self, recon: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+        """recon [L*B, C, H, W] (sample-major), target [B, C, H, W], both in the output range -> the distance:
+        a scalar (reduction='mean', averaged over images and samples)
+        or per reconstruction [L*B] (reduction='none')."""
+        recon = to_unit_range(recon, self.output_range)
+        target = to_unit_range(target, self.output_range)
+        b = target.shape[0]
+        reps = recon.shape[0] // b
+        # The backbone runs under the caller's autocast, if any (bf16 convolutions on fp32 weights).
+        with torch.no_grad():
+            ft = self.features(target)
+        fr = self.features(recon)
+        per_image = recon.new_zeros(recon.shape[0], dtype=torch.float32)
+        for w, a, t in zip(self.layer_weights, fr, ft):
+            diff = a.view(reps, *t.shape) - t.unsqueeze(0)
+            d = diff.abs().sum(2) / math.sqrt(t.shape[1]) if self.distance == "l1" else diff.square().sum(2)
+            per_image = per_image + w * d.flatten(2).mean(2).flatten()
+        return per_image.mean() if reduction == "mean" else per_image

@@ -1,0 +1,263 @@
+"""VAELoss: reconstruction + beta-weighted KL + optional perceptual / SSIM / TV / sparsity terms, and the
+per-model likelihood methods evaluation needs (log p(x|z), negative ELBO, IWAE log weights).
+
+    loss_fn = VAELoss(cfg.loss, model.output_range, image_channels=3)    # ConfigError on a bad combination
+    result = loss_fn(model(x), x, step)           # LossResult(total, terms, kl_per_dim)
+    result.total.backward()
+
+Reductions (the units every weight in a recipe multiplies):
+
+    total = recon_weight      * recon         per-sub-pixel mean of the reconstruction loss, also averaged
+                                              over the samples_per_input samples of z (see below)
+          + kl_weighted                       beta(step) * sum_d max(free_bits, mean_b KL_bd)   (nats / image)
+          + perceptual.weight * perceptual    channel-normalised feature distance of a frozen timm backbone
+          + ssim_loss                         ssim_weight * (1 - SSIM), SSIM on images in [0, 1]
+          + tv_weight         * tv            total variation per pixel (see `total_variation`)
+          + sparsity_weight   * sparsity      mean |mu| over batch and latent dimensions
+
+- `recon` is the element-wise loss e(x_hat, x) averaged over every sub-pixel (C*H*W) of every image and
+  every Monte-Carlo sample: l1 |x_hat - x|, mse (x_hat - x)^2, bce the binary cross-entropy (images in
+  [0, 1]), gaussian the negative log-density 0.5*(log s^2 + (x_hat - x)^2 / s^2 + log 2pi) with a learned
+  log-variance log s^2 (one scalar, or one per channel) that this module owns as an nn.Parameter, so it
+  is optimized together with the model. Pixel differences (l1, mse, gaussian, tv) are taken in the
+  model's output range (like the seeds: seed 000's 5 x L1 was on [-1, 1] images); terms with absolute
+  constants (SSIM, the perceptual backbone, bce) see images converted to [0, 1].
+  The per-image SUM of the same element-wise loss (nats for gaussian and bce) is `recon_per_image`.
+- The KL term is the closed-form KL(N(mu, diag sigma^2) || N(0, I)) summed over the latent dimensions
+  and averaged over the batch, i.e. nats per image (seed 002's / AntixK's convention). `kl` in the
+  terms is that raw value (no free bits, no beta); `kl_weighted` is what enters the total.
+- With samples_per_input L > 1 the recon is [L*B, ...] sample-major; the target is broadcast over the
+  L samples and every image term is averaged over them (seed 001's `no_of_sample`).
+- `step` = optimizer steps already taken (0 at the first step); it only drives the beta schedule.
+
+forward() never calls .item() or anything else that waits for the device, with one exception: bce
+checks once (and on every CPU call) that the values are inside [0, 1]. Every term is computed in
+float32 with autocast disabled, so bf16/fp16 training changes only the networks' precision.
+
+Likelihood conventions (evaluation, issue 6) are documented at `log_px_z`; the model-free helpers it
+uses live in pipeline.objective.likelihood; bits/dim = nats / (C*H*W*ln 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import kornia
+import torch
+from torch import Tensor, nn
+
+from pipeline.config import ConfigError, LossConfig
+from pipeline.objective.image import to_unit_range, total_variation
+from pipeline.objective.kl import check_kl, kl_beta, kl_per_dim
+from pipeline.objective.likelihood import (GAUSSIAN_LOGVAR_RANGE, LOG_2PI, RECON_KINDS, bce_elementwise,
+                                           bernoulli_log_prob, discretized_gaussian_log_prob,
+                                           discretized_laplace_log_prob, log_importance_weights,
+                                           unit_range_violation)
+from pipeline.objective.perceptual import PerceptualDistance
+
+
+@dataclass
+class LossResult:
+    total: Tensor
+    """Scalar with grad: the weighted sum that is backpropagated."""
+    terms: dict[str, Tensor]
+    """Detached float32 scalars by name: recon, kl, kl_weighted, beta always; perceptual, ssim, ssim_loss,
+    tv, sparsity when their weight is > 0. Raw (unweighted) values except kl_weighted (= beta * free-bits KL)
+    and ssim_loss (= ssim_weight * (1 - ssim)), which are the amounts that entered the total."""
+    kl_per_dim: Tensor
+    """[D] detached: batch-mean KL per latent dimension in nats (no free bits, no beta)."""
+
+
+class VAELoss(nn.Module):
+    """recon + KL + perceptual + SSIM + TV + sparsity, configured by the recipe's `loss:` section.
+
+    Parameters: only the gaussian likelihood's learned log-variance (`gaussian_logvar`, shape [] or [C]),
+    which the trainer optimizes with the model. The perceptual backbone is frozen and deliberately kept
+    out of parameters() and state_dict() (see pipeline.objective.perceptual.PerceptualDistance)."""
+
+    def __init__(self, cfg: LossConfig, output_range: tuple[float, float], image_channels: int):
+        super().__init__()
+        self.cfg = cfg
+        self.output_range = (float(output_range[0]), float(output_range[1]))
+        self.image_channels = int(image_channels)
+        if cfg.recon not in RECON_KINDS:
+            raise ConfigError(f"loss.recon is {cfg.recon!r} but must be one of {', '.join(RECON_KINDS)}")
+        if cfg.recon == "bce" and self.output_range != (0.0, 1.0):
+            raise ConfigError(
+                f"loss.recon is bce, which needs outputs in [0, 1], but the model's output range is "
+                f"{self.output_range}; set model.output=sigmoid or use loss.recon=l1/mse/gaussian")
+        for key in ("recon_weight", "ssim_weight", "tv_weight", "sparsity_weight"):
+            if getattr(cfg, key) < 0:
+                raise ConfigError(f"loss.{key} must be 0 or more, got {getattr(cfg, key)}")
+        if cfg.perceptual.weight < 0:
+            raise ConfigError(f"loss.perceptual.weight must be 0 or more, got {cfg.perceptual.weight}")
+        if cfg.ssim_weight > 0 and (cfg.ssim_window < 3 or cfg.ssim_window % 2 == 0):
+            raise ConfigError(f"loss.ssim_window must be an odd number of at least 3, got {cfg.ssim_window}")
+        check_kl(cfg.kl)
+
+        self.gaussian_logvar: nn.Parameter | None = None
+        if cfg.recon == "gaussian":
+            if cfg.gaussian_logvar not in ("scalar", "channel"):
+                raise ConfigError(f"loss.gaussian_logvar is {cfg.gaussian_logvar!r} but must be scalar or channel")
+            shape = () if cfg.gaussian_logvar == "scalar" else (self.image_channels,)
+            # log sigma^2 = 0: sigma = 1 output-range unit at the start; learned with the model.
+            self.gaussian_logvar = nn.Parameter(torch.zeros(shape))
+        self.perceptual = (PerceptualDistance(cfg.perceptual, self.output_range, self.image_channels)
+                           if cfg.perceptual.weight > 0 else None)
+        self._range_checked = False
+
+    # -- pieces ---------------------------------------------------------------------------------
+
+    def beta(self, step: int) -> float:
+        return kl_beta(self.cfg.kl, step)
+
+    def _logvar_image(self) -> Tensor:
+        """The gaussian log-variance, clamped, shaped to broadcast against [.., C, H, W]."""
+        lv = self.gaussian_logvar.float().clamp(*GAUSSIAN_LOGVAR_RANGE)
+        return lv.view(-1, 1, 1) if lv.dim() == 1 else lv
+
+    def _check_bce_inputs(self, recon: Tensor, target: Tensor) -> None:
+        if self._range_checked and recon.device.type != "cpu":
+            return  # checked once: a check per step would make the host wait for the device
+        for name, t in (("target", target), ("reconstruction", recon)):
+            if unit_range_violation(t.detach()):
+                raise ValueError(f"loss.recon is bce but the {name} has values outside [0, 1]; "
+                                 f"feed images scaled to [0, 1] and use model.output=sigmoid")
+        self._range_checked = True
+
+    def recon_elementwise(self, recon: Tensor, target: Tensor) -> Tensor:
+        """The element-wise reconstruction loss, float32, shaped [L, B, C, H, W].
+
+        recon [L*B, C, H, W] (sample-major), target [B, C, H, W]: the target is broadcast over the L samples."""
+        b = target.shape[0]
+        if recon.shape[0] % b or recon.shape[1:] != target.shape[1:]:
+            raise ValueError(f"reconstruction {tuple(recon.shape)} does not match target {tuple(target.shape)} "
+                             f"(expected [L*B, C, H, W] with B = {b})")
+        with torch.autocast(recon.device.type, enabled=False):
+            r = recon.float().view(-1, *target.shape)
+            t = target.float().unsqueeze(0)
+            kind = self.cfg.recon
+            if kind == "l1":
+                return (r - t).abs()
+            if kind == "mse":
+                return (r - t).square()
+            if kind == "bce":
+                self._check_bce_inputs(recon, target)
+                return bce_elementwise(r, t.clamp(0.0, 1.0).expand_as(r))
+            lv = self._logvar_image()
+            return 0.5 * (lv + (r - t).square() * torch.exp(-lv) + LOG_2PI)
+
+    def recon_per_image(self, recon: Tensor, target: Tensor) -> Tensor:
+        """[B]: the element-wise reconstruction loss summed over C*H*W, averaged over the L samples.
+
+        For gaussian and bce this is -log p(x|z) in nats of the continuous density / continuous Bernoulli;
+        the weighted `recon` term is this divided by C*H*W. For bits/dim use log_px_z (discretised)."""
+        return self.recon_elementwise(recon, target).flatten(2).sum(2).mean(0)
+
+    # -- forward --------------------------------------------------------------------------------
+
+    def forward(self, out, target: Tensor, step: int) -> LossResult:
+        """out: a VAEOutput (recon [L*B,C,H,W] sample-major, mu/logvar [B, *latent]); target [B,C,H,W] in
+        the model's output range; step: optimizer steps already taken (drives beta)."""
+        cfg = self.cfg
+        device = target.device
+        recon = out.recon
+        b = target.shape[0]
+        terms: dict[str, Tensor] = {}
+        reps = recon.shape[0] // b
+
+        perc = None
+        if self.perceptual is not None:  # first, under the caller's autocast: the backbone runs in bf16/fp16
+            perc = self.perceptual(recon, target)
+
+        with torch.autocast(device.type, enabled=False):
+            rec = self.recon_elementwise(recon, target).mean()
+            total = cfg.recon_weight * rec
+            terms["recon"] = rec
+
+            kl_bd = kl_per_dim(out.mu, out.logvar)  # [B, D]
+            kl_d = kl_bd.mean(0)  # [D] batch mean
+            kl_raw = kl_d.sum()
+            kl_pen = kl_d.clamp(min=cfg.kl.free_bits_nats).sum() if cfg.kl.free_bits_nats > 0 else kl_raw
+            beta = self.beta(step)
+            kl_weighted = beta * kl_pen
+            total = total + kl_weighted
+            terms["kl"] = kl_raw
+            terms["kl_weighted"] = kl_weighted
+            terms["beta"] = torch.full((), beta, device=device)  # a fill kernel, no host-to-device copy
+
+            if perc is not None:
+                total = total + cfg.perceptual.weight * perc
+                terms["perceptual"] = perc
+
+            if cfg.ssim_weight > 0:
+                recon01 = to_unit_range(recon, self.output_range)
+                target01 = to_unit_range(target, self.output_range)
+                t01 = target01.repeat(reps, 1, 1, 1) if reps > 1 else target01
+                ssim = kornia.metrics.ssim(recon01, t01, cfg.ssim_window, max_val=1.0).mean()
+                ssim_loss = cfg.ssim_weight * (1.0 - ssim)
+                total = total + ssim_loss
+                terms["ssim"] = ssim
+                terms["ssim_loss"] = ssim_loss
+
+            if cfg.tv_weight > 0:
+                tv = total_variation(recon).mean()
+                total = total + cfg.tv_weight * tv
+                terms["tv"] = tv
+
+            if cfg.sparsity_weight > 0:
+                sparsity = out.mu.float().abs().mean()
+                total = total + cfg.sparsity_weight * sparsity
+                terms["sparsity"] = sparsity
+
+        return LossResult(total=total, terms={k: v.detach() for k, v in terms.items()},
+                          kl_per_dim=kl_d.detach())
+
+    # -- evaluation -----------------------------------------------------------------------------
+
+    def log_px_z(self, recon: Tensor, target: Tensor, log_scale: float | Tensor | None = None) -> Tensor:
+        """log p(x | z) per decoded sample in nats: recon [L*B, C, H, W] (sample-major), target [B, ...]
+        in the output range -> [L*B]. Sum over C*H*W of:
+
+        - gaussian: discretised Gaussian (256 bins per sub-pixel on the output range, edge bins to +-inf)
+          with the learned sigma, or `log_scale` (log sigma) when given;
+        - mse: discretised Gaussian with a fixed sigma, log sigma = `log_scale` (required: e.g.
+          fixed_log_scale('mse', mean recon term) = log RMS error, the maximum-likelihood fixed sigma);
+        - l1: discretised Laplace with a fixed scale b, log b = `log_scale` (required; fixed_log_scale('l1', ...)
+          = log mean |error|);
+        - bce: continuous Bernoulli log-likelihood x log p + (1-x) log(1-p) on [0, 1] (not discretised;
+          see bernoulli_log_prob).
+        Scales are in output-range units. bits/dim = -log p / (C*H*W*ln 2).
+        """
+        reps = recon.shape[0] // target.shape[0]
+        with torch.autocast(recon.device.type, enabled=False):
+            r = recon.float().view(reps, *target.shape)
+            t = target.float().unsqueeze(0).expand_as(r)
+            kind = self.cfg.recon
+            if kind == "bce":
+                lp = bernoulli_log_prob(t.clamp(0.0, 1.0), r)
+            else:
+                if log_scale is None:
+                    if kind != "gaussian":
+                        raise ValueError(f"log_px_z for loss.recon={kind} needs log_scale (the fixed scale of the "
+                                         f"discretised {'Laplace' if kind == 'l1' else 'Gaussian'}); "
+                                         f"see fixed_log_scale")
+                    log_scale = 0.5 * self._logvar_image()
+                fn = discretized_laplace_log_prob if kind == "l1" else discretized_gaussian_log_prob
+                lp = fn(t, r, log_scale, self.output_range)
+            return lp.flatten(2).sum(2).flatten()
+
+    def neg_elbo(self, out, target: Tensor, log_scale: float | Tensor | None = None) -> Tensor:
+        """[B] negative ELBO in nats: -mean_l log p(x | z_l) (log_px_z, discretised) + KL summed over the
+        latent dimensions (closed form; beta = 1, no free bits). Divide by C*H*W*ln 2 for bits/dim."""
+        b = target.shape[0]
+        lp = self.log_px_z(out.recon, target, log_scale).view(-1, b).mean(0)
+        return -lp + kl_per_dim(out.mu, out.logvar).sum(1)
+
+    def iwae_log_weights(self, out, target: Tensor, log_scale: float | Tensor | None = None) -> Tensor:
+        """[K, B] log importance weights log p(x|z_k) + log p(z_k) - log q(z_k|x) for an output decoded from
+        K = recon.shape[0] // B sample-major samples (build the model with samples_per_input=K, or call
+        reparameterize(mu, logvar, K) and decode). Feed to iwae_bound / iwae_bounds."""
+        return log_importance_weights(self.log_px_z(out.recon, target, log_scale), out.z, out.mu, out.logvar)
+
+
