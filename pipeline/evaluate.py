@@ -92,8 +92,11 @@ def ssim_per_image(recon01: torch.Tensor, target01: torch.Tensor, window: int = 
 
 
 @torch.no_grad()
-def validate(model, loss_fn, augment, batches: Iterable, accelerator, step: int) -> dict:
-    """Mean reconstruction / KL / -ELBO / PSNR / SSIM over the split, KL per latent dimension and active units.
+def validate(model, loss_fn, augment, batches: Iterable, accelerator, step: int,
+             field_metrics: ReconstructionMetrics | None = None) -> dict:
+    """Mean reconstruction / KL / -ELBO / PSNR / SSIM over the split, KL per latent dimension and active units,
+    and with `field_metrics` (metrics.in_validation) val/sharpness_ratio, val/lpips, val/rfid of the sampled
+    reconstructions.
 
     `model` is the EMA (or raw) VAE, `loss_fn` the training VAELoss (its terms at `step`). Sampling z uses
     the global RNG; callers that need an untouched RNG stream wrap this in torch.random.fork_rng().
@@ -104,6 +107,7 @@ def validate(model, loss_fn, augment, batches: Iterable, accelerator, step: int)
     sums: dict[str, torch.Tensor] = {}
     mu_sum = mu_sq_sum = kl_dim_sum = None
     count = torch.zeros((), dtype=torch.float64, device=device)
+    field = field_metrics.fresh() if field_metrics is not None else None
 
     def add(name: str, per_image: torch.Tensor) -> None:
         sums[name] = sums.get(name, 0) + per_image.double().sum()
@@ -126,6 +130,8 @@ def validate(model, loss_fn, augment, batches: Iterable, accelerator, step: int)
         target01 = to_unit_range(x, model.output_range)
         add("psnr", psnr_per_image(recon01, target01))
         add("ssim", ssim_per_image(recon01, target01))
+        if field is not None:
+            field.update(recon01, target01)
         mu = out.mu.flatten(1).double()
         logvar = out.logvar.flatten(1).double()
         kl_dim = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)
@@ -145,6 +151,7 @@ def validate(model, loss_fn, augment, batches: Iterable, accelerator, step: int)
     scalars = accelerator.reduce(scalars, "sum")
     mu_sum, mu_sq_sum, kl_dim_sum = (accelerator.reduce(t, "sum") for t in (mu_sum, mu_sq_sum, kl_dim_sum))
     total = scalars[-1].item()  # one sync, at the end of the pass
+    extra = field.results(accelerator) if field is not None else {}  # its own single all-reduce
     model.train(was_training)
     if total == 0:
         return {"count": 0}
@@ -159,6 +166,7 @@ def validate(model, loss_fn, augment, batches: Iterable, accelerator, step: int)
     metrics["val/active_units"] = int((cov_mu > ACTIVE_UNIT_THRESHOLD).sum().item())
     metrics["val/latent_dims"] = int(cov_mu.numel())
     metrics["count"] = int(total)
+    metrics.update({f"val/{k}": v for k, v in extra.items() if isinstance(v, float)})
     metrics["kl_per_dim"] = kl_per_dim.float().cpu().tolist()
     metrics["mu_variance_per_dim"] = cov_mu.float().cpu().tolist()
     return metrics

@@ -285,6 +285,10 @@ class ReconstructionMetrics:
                 + _fetch_hint("metrics.inception_weights", INCEPTION_URL, "--inception-weights"))
         return cls(lpips_model, inception, device, cfg.lpips_net, cfg.fid_features)
 
+    def fresh(self) -> "ReconstructionMetrics":
+        """An empty accumulator sharing the loaded networks (one per validation pass)."""
+        return ReconstructionMetrics(self.lpips_model, self.inception, self.device, self.lpips_net, self.fid_features)
+
     @torch.no_grad()
     def update(self, recon01: Tensor, target01: Tensor) -> None:
         recon01, target01 = recon01.float().clamp(0, 1), target01.float().clamp(0, 1)

@@ -115,7 +115,8 @@ def ldm_run(tiny_shards, tmp_path_factory) -> Path:
             "model.attention_levels=[1]", "model.latent_channels=4", "model.output=linear",
             "model.downsample_padding=ldm", "data.batch_size_per_device=8", "data.num_workers=0",
             "train.max_steps=6", "train.checkpoint_every_steps=6", "optim.ema_decay=0.5",
-            "tracking.mode=disabled", "tracking.eval_every_steps=1000", "tracking.media_every_steps=1000"]
+            "tracking.mode=disabled", "tracking.eval_every_steps=1000", "tracking.media_every_steps=1000",
+            "metrics.in_validation=true"]  # (also checked here: the final validation reports the sharpness ratio)
     r = subprocess.run([sys.executable, "pipeline/train.py", *args], cwd=ROOT, env=TEST_ENV, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -173,3 +174,13 @@ def test_export_safetensors_round_trips_the_ema_model_and_refuses_unmappable_dif
     bad = _cli(str(tmp_path / "tanh"), "--format", "diffusers", "--out", str(tmp_path / "nope"))
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     assert "model.output is tanh" in bad.stderr and not (tmp_path / "nope").exists()
+
+
+@pytest.mark.slow
+def test_training_validation_reports_the_sharpness_ratio_when_metrics_in_validation(ldm_run):
+    """metrics.in_validation=true (off by default): the final validation pass logs val/sharpness_ratio; with no
+    weights files configured, LPIPS and rFID are skipped (one line each), not failed."""
+    logged = [json.loads(line) for line in (ldm_run / "metrics.jsonl").read_text().splitlines()]
+    ratios = [m["val/sharpness_ratio"] for m in logged if "val/sharpness_ratio" in m]
+    assert len(ratios) == 1 and 0 < ratios[0] < 10
+    assert not any("val/lpips" in m or "val/rfid" in m for m in logged)
