@@ -19,7 +19,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 LAUNCH_ENV := $(if $(HAS_GPU),,ACCELERATE_USE_CPU=1)
 LAUNCH_MULTI := $(if $(filter-out 1,$(NPROC)),--multi_gpu,)
 
-.PHONY: help install demo demo-data shards shards-slurm verify train eval batchsize sweep test test-fast test-slurm bench-data bench-train bench-encode encode sync clean
+.PHONY: help install demo demo-data shards shards-slurm verify train eval export batchsize sweep test test-fast test-slurm bench-data bench-train bench-encode encode sync clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -52,8 +52,12 @@ train: install  ## Train: make train RECIPE=recipes/flowers.yaml NPROC=8 ARGS="t
 	$(LAUNCH_ENV) $(BIN)/accelerate launch $(LAUNCH_MULTI) --num_processes $(NPROC) --num_machines 1 \
 		--mixed_precision no --dynamo_backend no pipeline/train.py $(RECIPE) $(ARGS)
 
-eval: install  ## Evaluate a finished run (PSNR, SSIM, -ELBO, bits/dim, IWAE, active units): make eval RUN=runs/demo
+eval: install  ## Evaluate a run (PSNR, SSIM, LPIPS, rFID, sharpness, -ELBO, bits/dim, IWAE): make eval RUN=runs/demo
 	$(BIN)/python -m pipeline.evaluate $(or $(RUN),runs/demo) $(ARGS)
+
+export: install  ## Export a run's EMA weights: make export RUN=runs/ldm FORMAT=diffusers|safetensors OUT=exported/ldm
+	$(BIN)/python -m pipeline.export $(or $(RUN),runs/demo) --format $(or $(FORMAT),safetensors) \
+		--out $(or $(OUT),exported/$(notdir $(or $(RUN),runs/demo))) $(ARGS)
 
 batchsize: install  ## Largest per-device batch for a recipe: make batchsize RECIPE=recipes/flowers.yaml
 	$(BIN)/python -m pipeline.batchsize $(RECIPE) $(ARGS)

@@ -92,8 +92,12 @@ class ModelConfig:
     """resnet: an explicit encoder block list; when given it replaces channels/blocks_per_level."""
     decoder: list[BlockSpec] = field(default_factory=list)
     """resnet: an explicit decoder block list; when given it replaces channels/blocks_per_level."""
+    downsample_padding: str = "symmetric"
+    """resnet: symmetric (conv3x3 stride 2, one pixel of zeros on every side) | ldm (one pixel of zeros on the
+    right and bottom only, then conv3x3 stride 2: LDM's and diffusers' Downsample; needed to export to diffusers)."""
     output: str = "tanh"
-    """Output activation, which also sets the data range: tanh -> [-1, 1], sigmoid -> [0, 1]."""
+    """Output activation, which also sets the data range: tanh -> [-1, 1], sigmoid -> [0, 1], linear -> [-1, 1]
+    with no activation (LDM's decoder: it ends at its last conv; what diffusers' AutoencoderKL can express)."""
     samples_per_input: int = 1
     """Monte-Carlo samples of z per input; the reconstruction term is averaged over them (seed 001)."""
     logvar_min: float = -30.0
@@ -291,6 +295,24 @@ class TrackingConfig:
 
 
 @dataclass
+class MetricsConfig:
+    """The metrics the field reports beside PSNR/SSIM (pipeline.metrics): LPIPS and rFID need weights files
+    that nothing here downloads; without a path the metric is skipped with a line saying what to fetch."""
+
+    lpips_net: str = "alex"
+    """alex | vgg | squeeze: the LPIPS backbone (its linear heads ship in the lpips wheel)."""
+    lpips_backbone_weights: str = ""
+    """Local torchvision ImageNet weights of that backbone (e.g. alexnet-owt-7be5be79.pth); empty skips LPIPS."""
+    inception_weights: str = ""
+    """Local torch-fidelity InceptionV3 weights (weights-inception-2015-12-05-6726825d.pth); empty skips rFID."""
+    fid_features: int = 2048
+    """rFID's InceptionV3 feature layer (torch-fidelity's feature_layer_fid): 2048 (pool3, what papers report) |
+    768 | 192 | 64 (cheaper, not comparable with published FIDs)."""
+    in_validation: bool = False
+    """Also compute them (and the weight-free sharpness ratio) in training's validation passes (val/*)."""
+
+
+@dataclass
 class Config:
     name: str = ""
     """The recipe's name (file name without .yaml); set by load_config."""
@@ -301,6 +323,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 # Fields whose value must be one of a fixed set: dotted key -> allowed values.
@@ -309,7 +332,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.decode": ("cpu", "gpu", "auto"),
     "model.arch": ("conv", "dcgan", "vanilla", "resnet"),
     "model.latent": ("auto", "vector", "spatial"),
-    "model.output": ("tanh", "sigmoid"),
+    "model.output": ("tanh", "sigmoid", "linear"),
+    "model.downsample_padding": ("symmetric", "ldm"),
     "loss.recon": ("l1", "mse", "bce", "gaussian"),
     "loss.gaussian_logvar": ("scalar", "channel"),
     "loss.kl.schedule": ("constant", "linear", "cyclical"),
@@ -321,6 +345,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "tracking.mode": ("offline", "online", "disabled"),
     "tracking.best_mode": ("min", "max"),
+    "metrics.lpips_net": ("alex", "vgg", "squeeze"),
 }
 BLOCK_NAMES = ("resnet", "attention", "downsample", "upsample", "conv", "norm_act")
 

@@ -35,6 +35,9 @@ What `evaluate()` reports (RUN_DIR/eval/metrics.json, and the run's W&B summary 
   distribution over 8-bit values, so its bits/dim are flagged as not comparable.
 - kl_per_dim (nats, a list), mu_variance_per_dim, active_units (Cov_x E_q[z_d] > ACTIVE_UNIT_THRESHOLD),
   inactive_dims, and a latent-usage plot (eval/latent_usage.png: KL and Var(mu) per dimension).
+- lpips, rfid (with local weights files: metrics.* / --lpips-weights, --inception-weights; otherwise null
+  and one line says which file to fetch) and sharpness_ratio (no weights) of decode(mu) against the input:
+  pipeline.metrics says which implementation each number comes from.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ from accelerate import Accelerator
 from pipeline import faults, media
 from pipeline.config import ConfigError, exit_on_config_error
 from pipeline.inference import check_shards, key_noise, load_run, split_batches
+from pipeline.metrics import ReconstructionMetrics
 from pipeline.objective.kl import kl_per_dim
 from pipeline.objective.likelihood import (GAUSSIAN_LOGVAR_RANGE, LN2, fixed_log_scale, iwae_bounds,
                                            iwae_group_sizes, log_importance_weights)
@@ -90,8 +94,11 @@ def ssim_per_image(recon01: torch.Tensor, target01: torch.Tensor, window: int = 
 
 
 @torch.no_grad()
-def validate(model, loss_fn, augment, batches: Iterable, accelerator, step: int) -> dict:
-    """Mean reconstruction / KL / -ELBO / PSNR / SSIM over the split, KL per latent dimension and active units.
+def validate(model, loss_fn, augment, batches: Iterable, accelerator, step: int,
+             field_metrics: ReconstructionMetrics | None = None) -> dict:
+    """Mean reconstruction / KL / -ELBO / PSNR / SSIM over the split, KL per latent dimension and active units,
+    and with `field_metrics` (metrics.in_validation) val/sharpness_ratio, val/lpips, val/rfid of the sampled
+    reconstructions.
 
     `model` is the EMA (or raw) VAE, `loss_fn` the training VAELoss (its terms at `step`). Sampling z uses
     the global RNG; callers that need an untouched RNG stream wrap this in torch.random.fork_rng().
@@ -102,6 +109,7 @@ def validate(model, loss_fn, augment, batches: Iterable, accelerator, step: int)
     sums: dict[str, torch.Tensor] = {}
     mu_sum = mu_sq_sum = kl_dim_sum = None
     count = torch.zeros((), dtype=torch.float64, device=device)
+    field = field_metrics.fresh() if field_metrics is not None else None
 
     def add(name: str, per_image: torch.Tensor) -> None:
         sums[name] = sums.get(name, 0) + per_image.double().sum()
@@ -124,6 +132,8 @@ def validate(model, loss_fn, augment, batches: Iterable, accelerator, step: int)
         target01 = to_unit_range(x, model.output_range)
         add("psnr", psnr_per_image(recon01, target01))
         add("ssim", ssim_per_image(recon01, target01))
+        if field is not None:
+            field.update(recon01, target01)
         mu = out.mu.flatten(1).double()
         logvar = out.logvar.flatten(1).double()
         kl_dim = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)
@@ -143,6 +153,7 @@ def validate(model, loss_fn, augment, batches: Iterable, accelerator, step: int)
     scalars = accelerator.reduce(scalars, "sum")
     mu_sum, mu_sq_sum, kl_dim_sum = (accelerator.reduce(t, "sum") for t in (mu_sum, mu_sq_sum, kl_dim_sum))
     total = scalars[-1].item()  # one sync, at the end of the pass
+    extra = field.results(accelerator) if field is not None else {}  # its own single all-reduce
     model.train(was_training)
     if total == 0:
         return {"count": 0}
@@ -157,6 +168,7 @@ def validate(model, loss_fn, augment, batches: Iterable, accelerator, step: int)
     metrics["val/active_units"] = int((cov_mu > ACTIVE_UNIT_THRESHOLD).sum().item())
     metrics["val/latent_dims"] = int(cov_mu.numel())
     metrics["count"] = int(total)
+    metrics.update({f"val/{k}": v for k, v in extra.items() if isinstance(v, float)})
     metrics["kl_per_dim"] = kl_per_dim.float().cpu().tolist()
     metrics["mu_variance_per_dim"] = cov_mu.float().cpu().tolist()
     return metrics
@@ -231,12 +243,14 @@ def log_weights(run, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, ke
 
 @torch.no_grad()
 def evaluate(run, batches: Callable[[], Iterable], accelerator, iwae_k: int = 64, seed: int = 0,
-             log_scale: float | None = None, perceptual=None, decode_batch: int = 256) -> dict:
+             log_scale: float | None = None, perceptual=None, decode_batch: int = 256,
+             field_metrics: ReconstructionMetrics | None = None) -> dict:
     """The metrics of the module docstring over every sample `batches()` yields on this rank, summed over ranks.
 
     run: a pipeline.inference.LoadedRun on accelerator.device. batches: returns a fresh iterator of Batch
     (called twice when an l1/mse likelihood needs its scale fitted first). perceptual: a
-    pipeline.objective.perceptual.PerceptualDistance or None. Every rank returns the same dict."""
+    pipeline.objective.perceptual.PerceptualDistance or None. field_metrics: LPIPS / rFID / sharpness
+    (pipeline.metrics), None for all three null. Every rank returns the same dict."""
     if iwae_k < 1:
         raise ConfigError(f"--iwae-k must be at least 1, got {iwae_k}")
     model, device = run.model, run.device
@@ -267,6 +281,8 @@ def evaluate(run, batches: Callable[[], Iterable], accelerator, iwae_k: int = 64
         sums.add("ssim", ssim_per_image(r01, t01))
         if perceptual is not None:
             sums.add("perceptual", perceptual(recon, x, reduction="none"))
+        if field_metrics is not None:
+            field_metrics.update(r01, t01)
         kl_bd = kl_per_dim(mu, logvar).double()
         sums.add("dim:kl", kl_bd.sum(0))
         sums.add("kl", kl_bd.sum(1))
@@ -305,11 +321,14 @@ def evaluate(run, batches: Callable[[], Iterable], accelerator, iwae_k: int = 64
     var_mu = (total["dim:mu_sq"] / n - mean_mu.square()).clamp_min(0)
     active = var_mu > ACTIVE_UNIT_THRESHOLD
     name, comparable, description = LIKELIHOODS[kind]
+    field = (field_metrics.results(accelerator) if field_metrics is not None
+             else {"lpips": None, "lpips_net": None, "rfid": None, "rfid_features": None, "sharpness_ratio": None})
     return {
         "count": int(n),
         "psnr": mean("psnr"),
         "ssim": mean("ssim"),
         "perceptual": mean("perceptual") if perceptual is not None else None,
+        **field,
         "neg_elbo_nats": mean("neg_elbo"),
         "recon_nll_nats": mean("recon_nll"),
         "kl_nats": mean("kl"),
@@ -431,6 +450,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the per-sample noise of z")
     p.add_argument("--image-size", type=int, help="the shards' SIZE, only needed when the run's shards are gone")
     p.add_argument("--decode-batch", type=int, default=256, help="images per decoder call in the IWAE pass")
+    p.add_argument("--lpips-weights", metavar="FILE", help="torchvision ImageNet weights of the LPIPS backbone "
+                   "(alexnet-owt-7be5be79.pth for the default alex); = metrics.lpips_backbone_weights=FILE")
+    p.add_argument("--inception-weights", metavar="FILE", help="torch-fidelity's InceptionV3 weights for rFID "
+                   "(weights-inception-2015-12-05-6726825d.pth); = metrics.inception_weights=FILE")
     p.add_argument("--out", help="metrics file (default RUN_DIR/eval/metrics.json)")
     return p
 
@@ -446,9 +469,15 @@ def main(argv: list[str] | None = None) -> dict:
     shards = args.shards or run.cfg.data.shards
     check_shards(shards, run.image_size)
     perceptual = build_perceptual(run, args.perceptual)
+    if args.lpips_weights:
+        run.cfg.metrics.lpips_backbone_weights = args.lpips_weights
+    if args.inception_weights:
+        run.cfg.metrics.inception_weights = args.inception_weights
+    field_metrics = ReconstructionMetrics.build(run.cfg.metrics, run.device,
+                                                accelerator.print if accelerator.is_main_process else None)
     rank, world = accelerator.process_index, accelerator.num_processes
     metrics = evaluate(run, lambda: split_batches(run.cfg, shards, args.split, rank, world), accelerator,
-                       args.iwae_k, args.seed, args.log_scale, perceptual, args.decode_batch)
+                       args.iwae_k, args.seed, args.log_scale, perceptual, args.decode_batch, field_metrics)
     info = {"run_dir": str(run.run_dir), "checkpoint": run.checkpoint.name, "step": run.step,
             "weights": run.weights, "shards": str(shards), "split": args.split, "world_size": world,
             "image_size": run.image_size, "latent_shape": list(run.model.latent_shape), "seed": args.seed,
@@ -466,12 +495,20 @@ def main(argv: list[str] | None = None) -> dict:
     return metrics
 
 
+def _fmt(value: float | None, how) -> str:
+    """A figure with how it was computed (the LPIPS net, the Inception feature layer), or why it is missing."""
+    return "skipped (no weights file)" if value is None else f"{value:.4f} ({how})"
+
+
 def _report(m: dict, out: Path, run_id: str | None) -> str:
     perceptual = "off" if m["perceptual"] is None else f"{m['perceptual']:.4f}"
     comparable = "" if m["bits_per_dim_comparable"] else " (not comparable: continuous likelihood)"
+    inception = f"inception-{m['rfid_features']}"
     lines = [
         f"{m['run_dir']} {m['checkpoint']} ({m['weights']}), {m['split']} split of {m['shards']}: {m['count']} images",
         f"  psnr {m['psnr']:.2f} dB   ssim {m['ssim']:.4f}   perceptual {perceptual}",
+        f"  lpips {_fmt(m['lpips'], m['lpips_net'])}   rfid {_fmt(m['rfid'], inception)}"
+        f"   sharpness ratio {m['sharpness_ratio']:.3f} (1 = as much fine detail as the inputs)",
         f"  -elbo {m['neg_elbo_nats']:.1f} nats = {m['elbo_bits_per_dim']:.4f} bits/dim   "
         f"iwae(k={m['iwae_k']}) {m['iwae_bits_per_dim']:.4f} bits/dim{comparable}",
         f"  likelihood {m['likelihood_description']}",

@@ -35,6 +35,7 @@ from pipeline.checkpoint import BestWeights, Checkpointer, preserved_rng, restor
 from pipeline.config import Config, ConfigError, cli_config, exit_on_config_error, save_config
 from pipeline.data import TrainStream, read_manifest, val_batches
 from pipeline.evaluate import validate
+from pipeline.metrics import ReconstructionMetrics
 from pipeline.meters import IntervalMeter
 from pipeline.models import training_flops_per_image
 from pipeline.optim import lr_at, set_lr
@@ -97,6 +98,9 @@ def main(cfg: Config) -> int:
     tracker.log_model_info(t.vae, flops_per_image)
     tracker.use_dataset(cfg.data.shards)  # lineage: the shard set (manifest, sha256s) is this run's input
     best = BestWeights(run_dir, cfg.tracking.best_metric, cfg.tracking.best_mode) if main_process else None
+    # LPIPS / rFID / sharpness in validation only when asked (metrics.in_validation): weights load once here.
+    field_metrics = (ReconstructionMetrics.build(cfg.metrics, device, accelerator.print if main_process else None)
+                     if cfg.metrics.in_validation else None)
     stop = StopFlag()
     if manifest["splits"]["val"]["count"] == 0:  # decided from the manifest, identically on every rank
         raise ConfigError(f"data.shards {cfg.data.shards} has no validation images; rebuild it with "
@@ -186,7 +190,7 @@ def main(cfg: Config) -> int:
             with preserved_rng(device):
                 metrics = validate(_eval_model(t), t.loss, t.augment,
                                    val_batches(cfg, accelerator.process_index, accelerator.num_processes),
-                                   accelerator, step)
+                                   accelerator, step, field_metrics)
             tracker.log_eval(step, metrics)
             if best is not None:
                 best.update(step, metrics, _eval_model(t))

@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT, TEST_ENV
 from pipeline.batchsize import GB, largest_batch
 
-TINY = ["model.channels=[8,16]", "model.latent_dim=8"]
+TINY = ["model.arch=conv", "model.channels=[8,16]", "model.latent_dim=8"]
 
 
 class Curve:

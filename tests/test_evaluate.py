@@ -29,7 +29,8 @@ def train_tiny_run(shards: Path) -> Path:
     if (run_dir / "summary.json").exists():
         return run_dir
     args = ["recipes/demo.yaml", f"data.shards={shards}", f"run.dir={run_dir.parent}", f"run.name={run_dir.name}",
-            "model.channels=[8,16]", "model.latent_dim=8", "data.batch_size_per_device=16", "data.num_workers=1",
+            "model.arch=conv", "model.channels=[8,16]", "model.latent_dim=8", "data.batch_size_per_device=16",
+            "data.num_workers=1",
             "data.shuffle_buffer_samples=32", "data.val_batch_size_per_device=4", "tracking.log_every_steps=50",
             "tracking.media_every_steps=1000", "tracking.eval_every_steps=1000",
             f"train.checkpoint_every_steps={TRAIN_STEPS}", "optim.warmup_steps=5", "loss.kl.warmup_steps=20",
@@ -268,7 +269,7 @@ def test_image_size_of_a_run_whose_shards_are_gone(tmp_path):
 
 @pytest.mark.slow
 def test_a_vector_latent_tells_its_image_size_from_its_weights(tmp_path):
-    run_dir = _fake_run(tmp_path, ["model.channels=[8,16]", "model.latent_dim=8"], 24)
+    run_dir = _fake_run(tmp_path, ["model.arch=conv", "model.channels=[8,16]", "model.latent_dim=8"], 24)
     assert load_run(run_dir, device="cpu").image_size == 24  # the decoder's Linear has 16 x 6 x 6 outputs
 
 

@@ -32,7 +32,8 @@ def submit(cluster: SlurmCluster, script: str, shards: Path, runs: Path, *overri
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(env_extra or {})
     recipe = ["recipes/demo.yaml", f"data.shards={shards}", f"run.dir={runs}",
-              "model.channels=[8,16]", "model.latent_dim=8", "data.batch_size_per_device=8", "data.num_workers=1",
+              "model.arch=conv", "model.channels=[8,16]", "model.latent_dim=8", "data.batch_size_per_device=8",
+              "data.num_workers=1",
               "data.shuffle_buffer_samples=16", "data.val_batch_size_per_device=8", "tracking.log_every_steps=1",
               "tracking.media_every_steps=1000", "tracking.eval_every_steps=1000", "tracking.media_images=4",
               "optim.warmup_steps=2", "loss.kl.warmup_steps=5", *overrides]
@@ -163,7 +164,8 @@ def test_a_sweep_runs_as_an_array_and_resubmitting_continues_it(cluster, tiny_sh
     import yaml
 
     sweep = {"name": "arr", "recipe": "recipes/demo.yaml", "sweep_dir": str(tmp_path / "sweeps"),
-             "overrides": [f"data.shards={tiny_shards}", "model.channels=[8,16]", "model.latent_dim=8",
+             "overrides": [f"data.shards={tiny_shards}", "model.arch=conv", "model.channels=[8,16]",
+                           "model.latent_dim=8",
                            "data.batch_size_per_device=8", "data.num_workers=0", "data.val_batch_size_per_device=8",
                            "train.max_steps=4", "tracking.eval_every_steps=4", "tracking.media_every_steps=4",
                            "tracking.media_images=4", "tracking.mode=disabled"],

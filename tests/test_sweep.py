@@ -18,7 +18,8 @@ from conftest import ROOT, TEST_ENV
 from pipeline.config import ConfigError
 from pipeline.sweep import load_sweep
 
-TINY = ["model.channels=[8,16]", "model.latent_dim=8", "data.batch_size_per_device=8", "data.num_workers=0",
+TINY = ["model.arch=conv", "model.channels=[8,16]", "model.latent_dim=8", "data.batch_size_per_device=8",
+        "data.num_workers=0",
         "data.val_batch_size_per_device=8", "train.max_steps=4", "train.checkpoint_every_steps=4",
         "tracking.log_every_steps=2", "tracking.media_every_steps=4", "tracking.eval_every_steps=4",
         "tracking.media_images=4"]

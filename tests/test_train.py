@@ -26,11 +26,12 @@ ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 
 def tiny_args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
     return ["recipes/demo.yaml", f"data.shards={shards}", f"run.dir={run_dir.parent}", f"run.name={run_dir.name}",
-            "model.channels=[8,16]", "model.latent_dim=8", "data.batch_size_per_device=8", "data.num_workers=1",
+            "model.arch=conv", "model.channels=[8,16]", "model.latent_dim=8", "data.batch_size_per_device=8",
+            "data.num_workers=1",
             "data.shuffle_buffer_samples=16", "data.val_batch_size_per_device=8",
             "tracking.log_every_steps=1", "tracking.media_every_steps=10", "tracking.eval_every_steps=10",
             "tracking.media_images=4", "train.checkpoint_every_steps=5", "optim.warmup_steps=2",
-            "loss.kl.warmup_steps=5", *extra]
+            "loss.kl.warmup_steps=5", "loss.tv_weight=0.05", *extra]  # a TV term, whose logging is checked
 
 
 def command(nproc: int, args: list[str], machines: int = 1, rank: int = 0, port: int | None = None) -> list[str]:
@@ -215,7 +216,8 @@ def step_setup(tiny_shards):
     from pipeline.step import build_training
 
     cfg = load_config("recipes/demo.yaml", [f"data.shards={tiny_shards}", "model.arch=resnet", "model.channels=[8,16]",
-                                            "model.latent=spatial", "model.latent_channels=2", "train.grad_accum_steps=2"])
+                                            "model.latent=spatial", "model.latent_channels=2", "train.grad_accum_steps=2",
+                                            "loss.tv_weight=0.05"])  # the test checks the TV term too
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
     return cfg, accelerator, build_training(cfg, accelerator, 32)
 

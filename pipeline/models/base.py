@@ -30,7 +30,8 @@ from torch import Tensor, nn
 
 from pipeline.config import ConfigError, ModelConfig
 
-OUTPUT_RANGES: dict[str, tuple[float, float]] = {"tanh": (-1.0, 1.0), "sigmoid": (0.0, 1.0)}
+OUTPUT_RANGES: dict[str, tuple[float, float]] = {"tanh": (-1.0, 1.0), "sigmoid": (0.0, 1.0), "linear": (-1.0, 1.0)}
+"""The data range each output activation implies (linear: no activation, trained towards [-1, 1] like LDM's)."""
 
 
 @dataclass
@@ -95,6 +96,8 @@ class VAE(nn.Module):
     def decode(self, z: Tensor) -> Tensor:
         """Latents [N, *latent_shape] -> images [N, C, H, W] in output_range."""
         out = self.decode_raw(z)
+        if self.output == "linear":
+            return out
         return torch.tanh(out) if self.output == "tanh" else torch.sigmoid(out)
 
     def forward(self, x: Tensor, n_samples: int | None = None) -> VAEOutput:

@@ -18,7 +18,8 @@ Two ways to configure it, both compiled to one list of typed blocks and checked 
 2. Explicit lists (seed 004's "structure file" as YAML), cfg.encoder / cfg.decoder of
    BlockSpec(block, out, repeat), block one of:
      resnet (out channels, 1x1 skip when they change), attention (single head, keeps channels),
-     downsample (conv3x3 stride 2, keeps channels), upsample (nearest x2 + conv3x3, keeps channels),
+     downsample (conv3x3 stride 2, keeps channels; cfg.downsample_padding: symmetric pads one pixel on every
+     side, ldm pads right and bottom only, as LDM and diffusers do), upsample (nearest x2 + conv3x3, keeps channels),
      conv (conv3x3 to out channels), norm_act (GroupNorm + SiLU, keeps channels);
    out = 0 keeps the incoming channel count; repeat stacks the block.
    How the lists meet the latent: the encoder list starts from the image (in_channels channels);
@@ -80,12 +81,13 @@ class AttentionBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, c: int):
+    def __init__(self, c: int, padding: str = "symmetric"):
         super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=1)
+        self.ldm = padding == "ldm"  # the same parameters either way: a checkpoint's keys do not depend on it
+        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=0 if self.ldm else 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x)
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.ldm else x)
 
 
 class Upsample(nn.Module):
@@ -97,13 +99,13 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _make(block: str, c_in: int, c_out: int) -> nn.Module:
+def _make(block: str, c_in: int, c_out: int, downsample_padding: str = "symmetric") -> nn.Module:
     if block == "resnet":
         return ResnetBlock(c_in, c_out)
     if block == "attention":
         return AttentionBlock(c_in)
     if block == "downsample":
-        return Downsample(c_in)
+        return Downsample(c_in, downsample_padding)
     if block == "upsample":
         return Upsample(c_in)
     if block == "conv":
@@ -160,7 +162,7 @@ def _check_levels_cfg(cfg: ModelConfig, image_size: int) -> None:
 
 
 def _build_stack(specs: list[BlockSpec], side: str, c: int, size: int, image_size: int,
-                 explicit: bool) -> tuple[nn.Sequential, int, int]:
+                 explicit: bool, downsample_padding: str = "symmetric") -> tuple[nn.Sequential, int, int]:
     """Build `specs` from c channels at size px; return (modules, channels out, size out)."""
     n_down = sum(s.repeat for s in specs if s.block == "downsample")
     modules: list[nn.Module] = []
@@ -188,7 +190,7 @@ def _build_stack(specs: list[BlockSpec], side: str, c: int, size: int, image_siz
                 size //= 2
             elif spec.block == "upsample":
                 size *= 2
-            modules.append(_make(spec.block, c, c_out))
+            modules.append(_make(spec.block, c, c_out, downsample_padding))
             c = c_out
     return nn.Sequential(*modules), c, size
 
@@ -201,7 +203,7 @@ class ResNetVAE(VAE):
         lc = cfg.latent_channels
         enc_specs = cfg.encoder or _level_specs(cfg, "encoder")
         encoder, c_enc, side = _build_stack(enc_specs, "encoder", cfg.in_channels, image_size, image_size,
-                                            explicit=bool(cfg.encoder))
+                                            explicit=bool(cfg.encoder), downsample_padding=cfg.downsample_padding)
         super().__init__(cfg, image_size, (lc, side, side))
         self.encoder = encoder
         self.heads = nn.Conv2d(c_enc, 2 * lc, 1)
