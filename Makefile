@@ -19,7 +19,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 LAUNCH_ENV := $(if $(HAS_GPU),,ACCELERATE_USE_CPU=1)
 LAUNCH_MULTI := $(if $(filter-out 1,$(NPROC)),--multi_gpu,)
 
-.PHONY: help install demo demo-data shards shards-slurm verify train eval export batchsize sweep test test-fast test-slurm bench-data bench-train bench-encode encode sync clean
+.PHONY: help install demo demo-data shards shards-slurm verify train eval export batchsize sweep test test-fast test-slurm bench-data bench-train bench-quality bench-encode encode sync clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -76,6 +76,9 @@ bench-data: install  ## Benchmark shard writing (1, 2 workers) and reading vs ra
 
 bench-train: install  ## Benchmark the training step vs a bare PyTorch loop (prints the overhead)
 	$(BIN)/python benchmarks/bench_train.py $(ARGS)
+
+bench-quality: install  ## Same wall time with and without the adversarial stage: PSNR, SSIM, sharpness (LPIPS/rFID with weights)
+	$(BIN)/python benchmarks/bench_quality.py $(ARGS)
 
 encode: install  ## Encode shards into latent shards (resumable): make encode RUN=runs/demo SHARDS=shards/demo OUT=latents/demo NPROC=2
 	$(LAUNCH_ENV) $(BIN)/accelerate launch $(LAUNCH_MULTI) --num_processes $(NPROC) --num_machines 1 \
