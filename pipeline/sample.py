@@ -255,6 +255,9 @@ def prior(run: LoadedRun, args, out: Outputs) -> list[Path]:
 def reconstruct(run: LoadedRun, args, out: Outputs) -> list[Path]:
     if args.native_size:
         return _reconstruct_native(run, args, out)
+    if args.tile_size or args.tile_overlap is not None:
+        raise ConfigError("--tile-size and --tile-overlap apply with --native-size (without it images are resized "
+                          "to the training size, one tile each)")
     path = out.file(Path(args.out) if args.out else run.run_dir / "samples" / "reconstruct.png")
     files = image_files(args.images)
     inputs, recons = [], []
