@@ -482,7 +482,9 @@ def main(argv: list[str] | None = None) -> dict:
             "weights": run.weights, "shards": str(shards), "split": args.split, "world_size": world,
             "image_size": run.image_size, "latent_shape": list(run.model.latent_shape), "seed": args.seed,
             "perceptual_backbone": (f"{run.cfg.loss.perceptual.backbone} ({run.cfg.loss.perceptual.weights})"
-                                    if perceptual is not None else None)}
+                                    if perceptual is not None else None),
+            "lpips_weights": run.cfg.metrics.lpips_backbone_weights or None,
+            "inception_weights": run.cfg.metrics.inception_weights or None}
     metrics = {**info, **metrics}
     if accelerator.is_main_process:
         out = Path(args.out) if args.out else run.run_dir / "eval" / "metrics.json"

@@ -296,7 +296,12 @@ class ReconstructionMetrics:
         self.sums[2] += high_frequency_energy(recon01).sum()
         self.sums[3] += high_frequency_energy(target01).sum()
         if self.lpips_model is not None:
-            self.sums[1] += self.lpips_model(recon01 * 2 - 1, target01 * 2 - 1).double().sum()
+            try:
+                self.sums[1] += self.lpips_model(recon01 * 2 - 1, target01 * 2 - 1).double().sum()
+            except RuntimeError as e:  # its pooling layers run out of pixels on tiny images
+                raise ConfigError(f"LPIPS ({self.lpips_net}) cannot run on {recon01.shape[-1]} px images "
+                                  f"({str(e).splitlines()[0][:120]}); it needs at least 32 px, so leave "
+                                  f"metrics.lpips_backbone_weights empty for these images") from None
         if self.fid is not None:
             for moments, images in zip(self.fid, (recon01, target01)):
                 uint8 = (images * 255).round().to(torch.uint8)  # what a PNG of the image holds

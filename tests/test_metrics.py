@@ -172,6 +172,9 @@ def test_lpips_of_identical_images_is_zero_symmetric_and_positive_otherwise(weig
     assert model(x, x).abs().max().item() == 0
     torch.testing.assert_close(model(x, y), model(y, x), rtol=1e-6, atol=1e-7)
     assert (model(x, y) > 0).all()
+    tiny = metrics.ReconstructionMetrics(model, None, "cpu")
+    with pytest.raises(ConfigError, match="LPIPS \\(alex\\) cannot run on 16 px images"):
+        tiny.update(torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16))
 
 
 def test_lpips_heads_come_from_the_wheel_and_the_backbone_from_the_given_file(weights):
