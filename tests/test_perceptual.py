@@ -20,7 +20,7 @@ from pipeline.config import ConfigError, LossConfig, PerceptualConfig
 from pipeline.objective import VAELoss
 from pipeline.objective.perceptual import PerceptualDistance
 from pipeline.models.base import VAEOutput
-from tests.conftest import ROOT, TEST_ENV
+from conftest import ROOT, TEST_ENV
 
 TANH = (-1.0, 1.0)
 TINY = "test_resnet"  # timm's own 0.4 M-parameter test model: features at 5 levels
