@@ -56,7 +56,7 @@ from pipeline.data import IMAGE_EXTS, read_manifest, read_tars
 from pipeline.images import decode_image
 from pipeline.inference import LoadedRun, key_noise, load_run
 from pipeline.preemption import EXIT_PREEMPTED, SIGNALS
-from pipeline.runs import RunFolderBusy, RunLock, die_with_parent, launched_by_torchrun
+from pipeline.runs import RunLock, die_with_parent, launched_by_torchrun, own_run_folder
 from pipeline import faults, tiling
 
 SPEC_FILE = "encode.json"
@@ -414,23 +414,9 @@ def _prepare_folder(out: Path, spec: dict, force: bool, accelerator) -> bool:
 
 def _lock(out: Path, accelerator) -> RunLock | None:
     """Rank 0 holds out/.lock for the whole encode: two launches never write one folder."""
-    error, lock = None, None
-    if accelerator.is_main_process:
-        try:
-            lock = RunLock(out)
-        except RunFolderBusy:
-            error = ConfigError(f"{out} is being written by another encode that is still running (its holder is "
-                                f"named in {out / '.lock'}); wait for it to finish or choose another --out")
-    got = torch.tensor([0 if error else 1], device=accelerator.device)
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast
-
-        got = broadcast(got, from_process=0)
-    if error is not None:
-        raise error
-    if not got.item():
-        raise SystemExit(2)  # rank 0 says why
-    return lock
+    return own_run_folder(out, accelerator, busy=lambda e: ConfigError(
+        f"{out} is being written by another encode that is still running (its holder is named in "
+        f"{out / '.lock'}); wait for it to finish or choose another --out"))
 
 
 def _complete_units(out: Path, units: list[Unit], accelerator) -> list[bool]:

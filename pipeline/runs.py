@@ -28,6 +28,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -131,15 +132,17 @@ class RunLock:
             self.fd = None
 
 
-def own_run_folder(run_dir: Path, accelerator) -> RunLock | None:
+def own_run_folder(run_dir: Path, accelerator, busy: Callable[[RunFolderBusy], Exception] | None = None
+                   ) -> RunLock | None:
     """The main process takes the run folder's lock; every rank learns whether it got it, so all stop
-    together (with the main process's one sentence) when another live run holds the folder."""
+    together (with the main process's one sentence) when another live run holds the folder. `busy` turns
+    the RunFolderBusy into the caller's own error (pipeline.encode words it for an output folder)."""
     lock, error = None, None
     if accelerator.is_main_process:
         try:
             lock = RunLock(run_dir)
         except RunFolderBusy as e:
-            error = e
+            error = busy(e) if busy is not None else e
     got = torch.tensor([0 if error else 1], device=accelerator.device)
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast

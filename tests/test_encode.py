@@ -406,3 +406,26 @@ def test_encode_sbatch_on_two_nodes_requeues_on_usr1_and_finishes_identically(
     resumed = re.search(r"encoding (\d) of 4 units on 2 processes \((\d) already complete", text)
     assert resumed and int(resumed.group(2)) >= 1, text[-3000:]
     assert output_bytes(out) == output_bytes(reference)
+
+
+def test_an_output_folder_held_by_a_live_encode_is_refused_with_one_sentence(spatial_run, tiny_shards, tmp_path):
+    """Two launches never write one folder: while another process holds out/.lock, an encode into it exits 2
+    with one sentence and writes nothing there."""
+    out = tmp_path / "latents"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from pipeline.runs import RunLock; lock = RunLock(Path(sys.argv[1])); "
+                               "print('held', flush=True); time.sleep(120)", str(out)],
+                              cwd=ROOT, env=TEST_ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r = subprocess.run(encode_cmd(1, encode_args(spatial_run, tiny_shards, out)), cwd=ROOT, env=TEST_ENV,
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: {out} is being written by another encode that is still running (its holder is named in "
+        f"{out / '.lock'}); wait for it to finish or choose another --out")
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
