@@ -130,11 +130,11 @@ class Checkpointer:
             files = {name: size for part in everything for name, size in part.items()}
             _save_json(tmp / MANIFEST, {"format": FORMAT, "step": step, "world_size": acc.num_processes,
                                         "files": dict(sorted(files.items()))})
-            _fsync(tmp)
+            fsync_path(tmp)
             if final.exists():  # a run restarted with resume=never reaches this step again
                 _discard(final)
             os.replace(tmp, final)
-            _fsync(self.dir)
+            fsync_path(self.dir)
             _write_text(self.dir / "latest", final.name)  # the commit point
             self._prune()
         acc.wait_for_everyone()
@@ -440,7 +440,7 @@ def _name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     """Flush a file's or a folder's entries to disk (a folder: the names in it, e.g. after a rename)."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -452,7 +452,7 @@ def _fsync(path: Path) -> None:
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, int]:
     # clone(): safetensors refuses tensors that share memory (views of one buffer)
     save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, str(path))
-    _fsync(path)
+    fsync_path(path)
     return {path.name: path.stat().st_size}
 
 
@@ -494,7 +494,7 @@ def _write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync(path.parent)
+    fsync_path(path.parent)
 
 
 def _discard(path: Path) -> None:

@@ -51,12 +51,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.checkpoint import fsync_path
 from pipeline.config import ConfigError
 from pipeline.data import IMAGE_EXTS, read_manifest, read_tars
 from pipeline.images import decode_image
 from pipeline.inference import LoadedRun, key_noise, load_run
 from pipeline.preemption import EXIT_PREEMPTED, SIGNALS
 from pipeline.runs import RunLock, die_with_parent, launched_by_torchrun, own_run_folder
+from pipeline.shards import sha256_file
 from pipeline import faults, tiling
 
 SPEC_FILE = "encode.json"
@@ -186,22 +188,6 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -209,7 +195,7 @@ def write_json_atomic(path: Path, data: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 class _UnitWriter:
@@ -257,7 +243,7 @@ class _UnitWriter:
         final = self.out / self.unit.file
         os.replace(self.tmp, final)
         sidecar = {"file": self.unit.file, "source": self.unit.source_name, "split": self.unit.split,
-                   "count": self.count, "skipped": self.skipped, "sha256": _sha256(final),
+                   "count": self.count, "skipped": self.skipped, "sha256": sha256_file(final),
                    "bytes": final.stat().st_size, "channel_sum": self.sum.tolist(),
                    "channel_sumsq": self.sumsq.tolist(), "values_per_channel": self.values_per_channel,
                    "writer": writer}
@@ -280,7 +266,7 @@ def unit_is_complete(out: Path, unit: Unit) -> bool:
         sidecar = json.loads(side.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError, OSError):
         return False
-    return sidecar.get("sha256") == _sha256(tar) and sidecar.get("file") == unit.file
+    return sidecar.get("sha256") == sha256_file(tar) and sidecar.get("file") == unit.file
 
 
 # --------------------------------------------------------------------------------------------

@@ -690,7 +690,8 @@ def merge_parts(src: str | Path, out_dir: str | Path = "shards", name: str | Non
 # ------------------------------------------------------------------------------------------------
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks (shards and pipeline.encode's latent shards)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -736,7 +737,7 @@ def verify_shards(folder: str | Path) -> list[str]:
                 problems.append(f"{sh['file']}: truncated ({nbytes} of {sh['bytes']} bytes)")
             elif nbytes > sh["bytes"]:
                 problems.append(f"{sh['file']}: {nbytes} bytes, the manifest says {sh['bytes']}")
-            elif _sha256_file(p) != sh["sha256"]:
+            elif sha256_file(p) != sh["sha256"]:
                 problems.append(f"{sh['file']}: altered (sha256 differs from the manifest)")
             try:
                 samples = _read_samples(p)

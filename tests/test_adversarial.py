@@ -15,6 +15,8 @@ from pipeline.objective.adversarial import (AdversarialSchedule, LeCamEMA, NLaye
                                             build_discriminator, decoder_last_layer, discriminator_loss,
                                             generator_loss, lecam_penalty, max_layers, r1_penalty)
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
+
 
 # --------------------------------------------------------------------------------------------
 # Pieces
@@ -158,18 +160,6 @@ GAN = ["model.arch=resnet", "model.channels=[8,16]", "model.latent=spatial", "mo
        "loss.adversarial.weight=0.5", "loss.adversarial.disc_channels=8", "loss.adversarial.disc_layers=2",
        "loss.adversarial.lecam_weight=0.1", "loss.adversarial.r1_weight=0.1", "train.grad_accum_steps=2",
        "data.batch_size_per_device=4"]
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """Accelerate keeps one process-wide state; these tests build accelerators of several precisions."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def _build(tiny_shards, *extra, mixed_precision="no"):

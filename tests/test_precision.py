@@ -13,23 +13,12 @@ import torch
 
 from pipeline.config import load_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_accelerator_state")]
 
 TINY = ["model.arch=resnet", "model.channels=[8,16]", "model.latent=spatial", "model.latent_channels=2",
         "data.batch_size_per_device=4", "optim.schedule=constant", "optim.warmup_steps=0", "optim.ema_decay=0.9"]
 GAN = ["loss.adversarial.weight=0.5", "loss.adversarial.disc_channels=8", "loss.adversarial.disc_layers=2",
        "loss.adversarial.disc_start=1", "loss.adversarial.lecam_weight=0.1"]
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def _trainer(cfg):
