@@ -62,11 +62,53 @@ class BlockSpec:
     """One entry of an explicit `resnet` encoder/decoder list (seed 004's structure file, typed)."""
 
     block: str = ""
-    """resnet | attention | downsample | upsample | conv | norm_act"""
+    """resnet | attention | downsample | upsample | conv | norm_act | quantize"""
     out: int = 0
     """Output channels (resnet, conv); 0 keeps the input channel count."""
     repeat: int = 1
     """How many times to stack this block."""
+    codebook_size: int = 0
+    """quantize: codes of this block's codebook; 0 takes model.quantizer.codebook_size."""
+
+
+@dataclass
+class QuantizerConfig:
+    """Quantized latents (pipeline/models/quantize.py): the bottleneck, and every `quantize` block of a resnet
+    block list, look their input up in a codebook instead of sampling a Gaussian; the KL term is then
+    replaced by the quantizer's own loss. Tokens: a spatial latent has one token per position (its
+    latent_channels values); a vector latent is cut into latent_dim / token_dim tokens."""
+
+    kind: str = "none"
+    """none (a Gaussian VAE) | vq (nearest code, straight-through gradients, codebook loss) | ema (the codebook
+    follows an exponential moving average of its assigned encoder outputs, all-reduced over ranks) | fsq
+    (finite scalar quantization: each dimension rounded to `fsq_levels` values; no codebook to collapse)."""
+    latent: bool = True
+    """Quantize the bottleneck; false quantizes only the `quantize` blocks of model.encoder/decoder."""
+    codebook_size: int = 1024
+    """vq/ema: number of codes (fsq: the product of fsq_levels)."""
+    lookup_dim: int = 0
+    """vq/ema: look codes up in a space of this many dimensions, reached by a linear projection of the token and
+    projected back after the lookup (ViT-VQGAN's / LlamaGen's factorised codes); 0 looks up the token itself."""
+    l2_normalize: bool = False
+    """vq/ema: compare l2-normalised tokens with l2-normalised codes (cosine similarity; ViT-VQGAN)."""
+    commitment: float = 0.25
+    """beta: weight of the commitment loss ||z_e - sg(e)||^2 that keeps the encoder near its codes."""
+    codebook_weight: float = 1.0
+    """vq: weight of the codebook loss ||sg(z_e) - e||^2 (ema updates the codebook without a loss)."""
+    ema_decay: float = 0.99
+    """ema: decay of the codebook's moving averages, one update per optimizer step."""
+    ema_epsilon: float = 1.0e-5
+    """ema: Laplace smoothing of the cluster sizes (keeps unused codes from dividing by zero)."""
+    fsq_levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
+    """fsq: values per dimension (Mentzer et al. 2023: [8, 5, 5, 5] = 1000 codes, [8, 8, 8, 5, 5, 5] = 64000);
+    tokens of another width are projected to len(fsq_levels) dimensions and back."""
+    token_dim: int = 4
+    """Vector latents only: values per token (latent_dim must be a multiple of it)."""
+    restart_every_steps: int = 0
+    """vq/ema: every this many optimizer steps, codes used fewer than `restart_threshold` times (over all ranks)
+    since the last check are moved onto encoder outputs gathered from every rank; 0 never restarts."""
+    restart_threshold: float = 1.0
+    """vq/ema: a code assigned fewer tokens than this since the last check is dead."""
 
 
 @dataclass
@@ -104,6 +146,8 @@ class ModelConfig:
     """Lower clamp of the encoder's log-variance (nats); keeps exp() finite in bf16/fp16."""
     logvar_max: float = 20.0
     """Upper clamp of the encoder's log-variance (nats)."""
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    """Quantized latents (VQ-VAE / VQGAN / FSQ tokenizers); kind none keeps the Gaussian VAE."""
 
 
 @dataclass
@@ -334,6 +378,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.latent": ("auto", "vector", "spatial"),
     "model.output": ("tanh", "sigmoid", "linear"),
     "model.downsample_padding": ("symmetric", "ldm"),
+    "model.quantizer.kind": ("none", "vq", "ema", "fsq"),
     "loss.recon": ("l1", "mse", "bce", "gaussian"),
     "loss.gaussian_logvar": ("scalar", "channel"),
     "loss.kl.schedule": ("constant", "linear", "cyclical"),
@@ -347,7 +392,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "tracking.best_mode": ("min", "max"),
     "metrics.lpips_net": ("alex", "vgg", "squeeze"),
 }
-BLOCK_NAMES = ("resnet", "attention", "downsample", "upsample", "conv", "norm_act")
+BLOCK_NAMES = ("resnet", "attention", "downsample", "upsample", "conv", "norm_act", "quantize")
 
 
 # --------------------------------------------------------------------------------------------
@@ -503,6 +548,7 @@ def validate(cfg: Config, source: str = "recipe", check_paths: bool = True) -> N
     if p.layer_weights and len(p.layer_weights) != len(p.layers):
         raise ConfigError(f"{source}: loss.perceptual.layer_weights needs one weight per entry of loss.perceptual.layers")
     _validate_adversarial(cfg, source)
+    _validate_quantizer(cfg, source)
     for side in ("encoder", "decoder"):
         for i, spec in enumerate(getattr(cfg.model, side)):
             if spec.block not in BLOCK_NAMES:
@@ -514,6 +560,40 @@ def validate(cfg: Config, source: str = "recipe", check_paths: bool = True) -> N
             raise ConfigError(
                 f"{source}: data.shards folder {shards} has no manifest.json; build it with "
                 f"`make shards SRC=<image folder> NAME={shards.name}` (or `make demo-data`)")
+
+
+def _validate_quantizer(cfg: Config, source: str) -> None:
+    q = cfg.model.quantizer
+    blocks = [f"model.{side}[{i}]" for side in ("encoder", "decoder")
+              for i, spec in enumerate(getattr(cfg.model, side)) if spec.block == "quantize"]
+    if q.kind == "none":
+        if blocks:
+            raise ConfigError(f"{source}: {blocks[0]} is a quantize block but model.quantizer.kind is none; set "
+                              f"model.quantizer.kind to vq, ema or fsq (and model.quantizer.latent=false to quantize "
+                              f"only the blocks)")
+        return
+    if not q.latent and not blocks:
+        raise ConfigError(f"{source}: model.quantizer.latent is false and no block list has a quantize block, so "
+                          f"nothing would be quantized; set model.quantizer.latent=true or add a quantize block")
+    for key in ("codebook_size", "token_dim", "restart_every_steps", "lookup_dim"):
+        low = 1 if key in ("codebook_size", "token_dim") else 0
+        if getattr(q, key) < low:
+            raise ConfigError(f"{source}: model.quantizer.{key} must be at least {low}, got {getattr(q, key)}")
+    if q.commitment < 0 or q.codebook_weight < 0 or q.restart_threshold < 0:
+        raise ConfigError(f"{source}: model.quantizer.commitment, codebook_weight and restart_threshold must be 0 "
+                          f"or more")
+    if not 0 < q.ema_decay < 1 or q.ema_epsilon <= 0:
+        raise ConfigError(f"{source}: model.quantizer.ema_decay must be in (0, 1) and ema_epsilon positive, got "
+                          f"{q.ema_decay} and {q.ema_epsilon}")
+    if not q.fsq_levels or any(level < 2 for level in q.fsq_levels):
+        raise ConfigError(f"{source}: model.quantizer.fsq_levels must list at least one level count, each at least 2, "
+                          f"got {q.fsq_levels}")
+    if q.latent and any(k in cfg.tracking.best_metric for k in ("elbo", "kl")):
+        raise ConfigError(f"{source}: tracking.best_metric is {cfg.tracking.best_metric}, but a quantized latent has "
+                          f"no KL or ELBO; set tracking.best_metric=val/psnr tracking.best_mode=max (or val/loss/recon)")
+    if cfg.model.samples_per_input != 1:
+        raise ConfigError(f"{source}: model.samples_per_input is {cfg.model.samples_per_input}, but a quantized latent "
+                          f"is deterministic (one code per token), so there is nothing to sample; set it to 1")
 
 
 def _validate_adversarial(cfg: Config, source: str) -> None:

@@ -64,6 +64,7 @@ from pipeline import faults, media
 from pipeline.config import ConfigError, exit_on_config_error
 from pipeline.inference import check_shards, key_noise, load_run, split_batches
 from pipeline.metrics import ReconstructionMetrics
+from pipeline.models.quantize import code_statistics, quantizers
 from pipeline.objective.kl import kl_per_dim
 from pipeline.objective.likelihood import (GAUSSIAN_LOGVAR_RANGE, LN2, fixed_log_scale, iwae_bounds,
                                            iwae_group_sizes, log_importance_weights)
@@ -108,6 +109,7 @@ def validate(model, loss_fn, augment, batches: Iterable, accelerator, step: int,
     model.eval()
     sums: dict[str, torch.Tensor] = {}
     mu_sum = mu_sq_sum = kl_dim_sum = None
+    codes = CodeCounts(model, device)
     count = torch.zeros((), dtype=torch.float64, device=device)
     field = field_metrics.fresh() if field_metrics is not None else None
 
@@ -127,7 +129,9 @@ def validate(model, loss_fn, augment, batches: Iterable, accelerator, step: int,
         # standalone `python -m pipeline.evaluate` fits one scale over the whole split instead).
         kind = loss_fn.cfg.recon
         log_scale = fixed_log_scale(kind, result.terms["recon"]) if kind in ("l1", "mse") else None
-        add("neg_elbo_nats", loss_fn.neg_elbo(out, x, log_scale))
+        if out.logvar is not None:  # a quantized bottleneck has no ELBO
+            add("neg_elbo_nats", loss_fn.neg_elbo(out, x, log_scale))
+        codes.add(out)
         recon01 = to_unit_range(out.recon[:n], model.output_range)
         target01 = to_unit_range(x, model.output_range)
         add("psnr", psnr_per_image(recon01, target01))
@@ -135,8 +139,8 @@ def validate(model, loss_fn, augment, batches: Iterable, accelerator, step: int,
         if field is not None:
             field.update(recon01, target01)
         mu = out.mu.flatten(1).double()
-        logvar = out.logvar.flatten(1).double()
-        kl_dim = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)
+        logvar = out.logvar.flatten(1).double() if out.logvar is not None else None
+        kl_dim = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar) if logvar is not None else torch.zeros_like(mu)
         mu_sum = mu.sum(0) if mu_sum is None else mu_sum + mu.sum(0)
         mu_sq_sum = mu.pow(2).sum(0) if mu_sq_sum is None else mu_sq_sum + mu.pow(2).sum(0)
         kl_dim_sum = kl_dim.sum(0) if kl_dim_sum is None else kl_dim_sum + kl_dim.sum(0)
@@ -152,6 +156,7 @@ def validate(model, loss_fn, augment, batches: Iterable, accelerator, step: int,
                           + [count]) if names else count.reshape(1)
     scalars = accelerator.reduce(scalars, "sum")
     mu_sum, mu_sq_sum, kl_dim_sum = (accelerator.reduce(t, "sum") for t in (mu_sum, mu_sq_sum, kl_dim_sum))
+    code_metrics = codes.results(accelerator)
     total = scalars[-1].item()  # one sync, at the end of the pass
     extra = field.results(accelerator) if field is not None else {}  # its own single all-reduce
     model.train(was_training)
@@ -162,16 +167,51 @@ def validate(model, loss_fn, augment, batches: Iterable, accelerator, step: int,
     mean_mu = mu_sum / total
     cov_mu = (mu_sq_sum / total - mean_mu.pow(2)).clamp_min(0)
     kl_per_dim = (kl_dim_sum / total)
-    metrics["val/kl_nats"] = kl_per_dim.sum().item()
-    metrics["val/elbo_bits_per_dim"] = metrics["val/neg_elbo_nats"] / (
-        model.in_channels * model.image_size**2 * math.log(2))
+    if "val/neg_elbo_nats" in metrics:
+        metrics["val/kl_nats"] = kl_per_dim.sum().item()
+        metrics["val/elbo_bits_per_dim"] = metrics["val/neg_elbo_nats"] / (
+            model.in_channels * model.image_size**2 * math.log(2))
+    metrics.update({f"val/{k}": v for k, v in code_metrics.items() if not isinstance(v, list)})
     metrics["val/active_units"] = int((cov_mu > ACTIVE_UNIT_THRESHOLD).sum().item())
     metrics["val/latent_dims"] = int(cov_mu.numel())
     metrics["count"] = int(total)
     metrics.update({f"val/{k}": v for k, v in extra.items() if isinstance(v, float)})
-    metrics["kl_per_dim"] = kl_per_dim.float().cpu().tolist()
+    if "val/neg_elbo_nats" in metrics:
+        metrics["kl_per_dim"] = kl_per_dim.float().cpu().tolist()
     metrics["mu_variance_per_dim"] = cov_mu.float().cpu().tolist()
+    metrics.update({k: v for k, v in code_metrics.items() if isinstance(v, list)})
     return metrics
+
+
+class CodeCounts:
+    """Code counts of every quantizer of `model` over a whole pass, summed over ranks once at the end:
+    usage, perplexity and bits per token over the split, not per batch (a batch cannot show dead codes)."""
+
+    def __init__(self, model, device: torch.device):
+        self.quantizers = quantizers(model)
+        self.counts = {q.name: torch.zeros(q.num_codes, dtype=torch.float64, device=device) for q in self.quantizers}
+
+    def add(self, out) -> None:
+        indices = dict(out.block_indices)
+        if out.indices is not None:
+            indices["latent"] = out.indices
+        for name, idx in indices.items():
+            self.counts[name] += torch.bincount(idx.flatten(), minlength=self.counts[name].numel()).double()
+
+    def results(self, accelerator) -> dict:
+        """{"codebook/<name>/usage" | perplexity | entropy_bits | bits_per_token | tokens: float,
+        "code_frequency/<name>": the code frequencies sorted from the most used (a list, for the bar chart)}."""
+        out: dict = {}
+        for q in self.quantizers:
+            counts = self.counts[q.name]
+            if accelerator.num_processes > 1:
+                counts = accelerator.reduce(counts, "sum")
+            stats = code_statistics(counts)
+            stats["bits_per_token"] = math.log2(q.num_codes)  # what an index costs when stored uncompressed
+            out.update({f"codebook/{q.name}/{k}": v for k, v in stats.items()})
+            total = counts.sum().clamp_min(1)
+            out[f"code_frequency_{q.name}"] = (counts.sort(descending=True).values / total).float().cpu().tolist()
+        return out
 
 
 def _all_names(accelerator, names: list[str]) -> list[str]:

@@ -145,11 +145,14 @@ def model_device(model: nn.Module) -> torch.device:
 
 def _encode_mu(model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
     mu, logvar = model.encode(images.to(model_device(model), torch.float32))
-    return mu.float(), logvar.float()
+    return mu.float(), (logvar.float() if logvar is not None else None)  # (quantized models: z_e, None)
 
 
 def _decode(model: nn.Module, z: Tensor) -> np.ndarray:
-    return to_uint8(model.decode(z.to(model_device(model))).float(), model.output_range)
+    """Latents (decode: a quantized model decodes their nearest codes) or integer code indices (decode_indices)."""
+    z = z.to(model_device(model))
+    images = model.decode(z) if z.is_floating_point() else model.decode_indices(z)
+    return to_uint8(images.float(), model.output_range)
 
 
 def reconstruction_grid(model: nn.Module, images: Tensor) -> np.ndarray:
@@ -163,14 +166,15 @@ def reconstruction_grid(model: nn.Module, images: Tensor) -> np.ndarray:
 
 
 def prior_samples(model: nn.Module, z: Tensor, nrow: int = 8) -> np.ndarray:
-    """decode(z) for a fixed noise batch z [N, *latent_shape] (fixed, so steps are comparable)."""
+    """decode(z) for a fixed noise batch z [N, *latent_shape] (fixed, so steps are comparable), or
+    decode_indices(z) for fixed integer codes [N, *code_grid] of a quantized model."""
     with evaluating(model):
         return make_grid(_decode(model, z), nrow=nrow)
 
 
 def interpolation_strips(model: nn.Module, images_a: Tensor, images_b: Tensor, steps: int = 10) -> np.ndarray:
     """One row per pair (images_a[i], images_b[i]): decode(slerp(mu_a, mu_b, t)) for `steps` values
-    of t from 0 to 1."""
+    of t from 0 to 1 (quantized models: slerp between the z_e, before quantization; decode quantizes)."""
     if steps < 2:
         raise ValueError(f"interpolation_strips needs at least 2 steps, got {steps}")
     if len(images_a) != len(images_b):

@@ -25,6 +25,7 @@ from pipeline.checkpoint import Parts
 from pipeline.config import AdversarialConfig, Config
 from pipeline.data import DeviceAugment
 from pipeline.models import build_model
+from pipeline.models.quantize import Quantizer, quantizers
 from pipeline.objective import VAELoss
 from pipeline.objective.adversarial import (AdversarialSchedule, LeCamEMA, adaptive_weight, build_discriminator,
                                             decoder_last_layer, discriminator_loss, generator_loss, lecam_penalty,
@@ -102,6 +103,7 @@ class Training:
     optimizer: torch.optim.Optimizer
     memory_format: torch.memory_format
     adversary: Adversary | None = None
+    quantizers: list[Quantizer] = field(default_factory=list)  # of the bare VAE; updated after each step
 
     @property
     def parts(self) -> Parts:
@@ -154,6 +156,8 @@ def train_step(t: Training, accelerator, micro_batches, step: int, cfg: Config) 
     t.optimizer.zero_grad(set_to_none=True)
     for b, before in zip(buffers, saved):
         b.copy_(torch.where(ok, b, before))
+    for q in t.quantizers:  # codebook statistics all-reduced over ranks, EMA codebooks, dead-code restarts
+        q.after_step(step, ok)
     return StepResult(terms, grad_norm, flags, ok, fakes)
 
 
@@ -240,7 +244,7 @@ def build_training(cfg: Config, accelerator: Accelerator, image_size: int) -> Tr
     optimizer = build_optimizer(vae.parameters(), [p for p in loss_fn.parameters() if p.requires_grad], cfg.optim)
     module, optimizer = accelerator.prepare(module, optimizer)
     adversary = _build_adversary(cfg, accelerator, vae, image_size, memory_format) if cfg.loss.adversarial.weight > 0 else None
-    return Training(vae, loss_fn, augment, ema, module, optimizer, memory_format, adversary)
+    return Training(vae, loss_fn, augment, ema, module, optimizer, memory_format, adversary, quantizers(vae))
 
 
 def _build_adversary(cfg: Config, accelerator: Accelerator, vae: torch.nn.Module, image_size: int,

@@ -236,8 +236,11 @@ class Tracker:
         """The prior-sample noise, drawn once per run from train.seed (the same on every resume)."""
         if self._fixed_z is None:
             g = torch.Generator().manual_seed(self.cfg.train.seed)
-            shape = (self.cfg.tracking.media_images, *self._unwrap(model).latent_shape)
-            self._fixed_z = torch.randn(shape, generator=g)
+            model, n = self._unwrap(model), self.cfg.tracking.media_images
+            if getattr(model, "quantizer", None) is not None:  # uniformly random codes (no prior over codes)
+                self._fixed_z = torch.randint(model.quantizer.num_codes, (n, *model.code_grid), generator=g)
+            else:
+                self._fixed_z = torch.randn((n, *model.latent_shape), generator=g)
         return self._fixed_z
 
     def _unwrap(self, model: nn.Module) -> nn.Module:
@@ -271,20 +274,29 @@ class Tracker:
         z = fixed_z if fixed_z is not None else self.fixed_noise(model)
         with media.evaluating(model):
             mu, logvar = model.encode(images.to(media.model_device(model)))
+        quantized = logvar is None  # z_e before quantization: rank dims by mean z_e^2 / 2 instead of KL
+        logvar = torch.zeros_like(mu) if quantized else logvar
         kl = media.kl_per_dim(mu, logvar)
         dims = media.top_kl_dims(mu, logvar, t.traverse_dims)
         pictures = {
-            "recon": (media.reconstruction_grid(model, images), "inputs (top), reconstructions from mu (bottom)"),
-            "samples": (media.prior_samples(model, z), "decoded fixed prior noise"),
+            "recon": (media.reconstruction_grid(model, images), "inputs (top), reconstructions from mu (bottom)"
+                      + (" (its nearest codes)" if quantized else "")),
+            "samples": (media.prior_samples(model, z),
+                        "decoded uniformly random codes (a quantized model has no prior over its codes: train one "
+                        "on `python -m pipeline.sample RUN encode ... --payload codes` to sample images)"
+                        if quantized else "decoded fixed prior noise"),
         }
         if pairs:  # none when media_images is 1
             a, b = images[[i for i, _ in pairs]], images[[j for _, j in pairs]]
             pictures["interpolations"] = (media.interpolation_strips(model, a, b, max(2, t.interpolation_steps)),
-                                          f"slerp between mu of val pairs {list(pairs)}, one row per pair")
+                                          f"slerp between mu of val pairs {list(pairs)}, one row per pair"
+                                          + (" (between z_e before quantization, each point decoded from its "
+                                             "nearest codes)" if quantized else ""))
         traversals = media.latent_traversals(model, images[:1], dims)
         pictures["traversals"] = (
             np.concatenate(traversals),
-            "rows: latent dims " + ", ".join(f"{d} ({float(kl[d]):.2f} nats)" for d in dims)
+            "rows: latent dims " + ", ".join(f"{d} ({float(kl[d]):.2f} {'mean z_e^2/2' if quantized else 'nats'})"
+                                             for d in dims)
             + f"; columns: that dim of mu set to {list(media.TRAVERSAL_VALUES)}")
         if critic is not None:
             panel, means = media.discriminator_panel(model, critic, images)
@@ -342,6 +354,9 @@ class Tracker:
             name = key.split("/", 1)[1]
             unit = " (nats)" if name.startswith("kl") else ""
             caption = f"{name}{unit} per latent dimension, sum {float(values.sum()):.4g}"
+            if name.startswith("code_frequency"):  # (pipeline.evaluate.CodeCounts)
+                caption = (f"{name}: fraction of the tokens given each code, most used first; "
+                           f"{int((values > 0).sum())} of {len(values)} codes used")
             charts[name] = (media.bar_chart(values, title=f"{name}{unit}, step {step}"), caption)
         if charts:
             self._log_pictures(step, charts, prefix=section)
@@ -367,9 +382,10 @@ class Tracker:
         if self.run is not None:
             self.run.summary.update({k: _plain(v) for k, v in values.items()})
 
-    def log_model_info(self, model: nn.Module, flops_per_image: int | None = None) -> None:
+    def log_model_info(self, model: nn.Module, flops_per_image: int | None = None,
+                       loss_terms: Sequence[str] = ()) -> None:
         """Static facts about the model into the W&B config (model_info.*) and summary: parameter
-        count, latent shape, output range and training FLOPs per image."""
+        count, latent shape, output range, training FLOPs per image and the active loss terms."""
         if self.run is None:
             return
         model = self._unwrap(model)
@@ -378,6 +394,8 @@ class Tracker:
                 "output_range": list(model.output_range)}
         if flops_per_image is not None:
             info["training_flops_per_image"] = int(flops_per_image)
+        if loss_terms:
+            info["loss_terms"] = list(loss_terms)
         self.run.config.update({"model_info": info}, allow_val_change=True)
         self.run.summary.update({f"model/{k}": v for k, v in info.items() if not isinstance(v, list)})
 

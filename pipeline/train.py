@@ -38,6 +38,7 @@ from pipeline.evaluate import validate
 from pipeline.metrics import ReconstructionMetrics
 from pipeline.meters import IntervalMeter
 from pipeline.models import training_flops_per_image
+from pipeline.models.quantize import window_health
 from pipeline.optim import lr_at, set_lr
 from pipeline.preemption import EXIT_PREEMPTED, StopFlag
 from pipeline.runs import die_with_parent, launched_by_torchrun, own_run_folder
@@ -95,7 +96,9 @@ def main(cfg: Config) -> int:
     segment = lock.record_start({"step": step, "world_size": accelerator.num_processes}) if main_process else 0
 
     tracker = Tracker(cfg, run_dir, accelerator, segment=segment, resumed_step=step)
-    tracker.log_model_info(t.vae, flops_per_image)
+    loss_terms = t.loss.active_terms(t.vae)  # which of KL / quantizer loss, and every weighted extra
+    accelerator.print("loss = " + " + ".join(loss_terms))
+    tracker.log_model_info(t.vae, flops_per_image, loss_terms)
     tracker.use_dataset(cfg.data.shards)  # lineage: the shard set (manifest, sha256s) is this run's input
     best = BestWeights(run_dir, cfg.tracking.best_metric, cfg.tracking.best_mode) if main_process else None
     # LPIPS / rFID / sharpness in validation only when asked (metrics.in_validation): weights load once here.
@@ -165,6 +168,7 @@ def main(cfg: Config) -> int:
                        "train/memory_gb": _memory_gb(device),
                        "train/epoch": stream.position / stream.samples_per_epoch}
             scalars.update({f"train/nonfinite/{k}": v for k, v in bad.items()})
+            scalars.update(window_health(t.vae))  # codebook usage/perplexity over the interval, all ranks
             if peak:
                 scalars["train/mfu"] = flops_per_image * ips / accelerator.num_processes / peak
             tracker.log_scalars(step, scalars)

@@ -68,6 +68,8 @@ def training_flops_per_image(model: VAE, image_size: int) -> int:
     params = [p for p in meta.parameters() if p.requires_grad]
     with FlopCounterMode(display=False, custom_mapping=_SDPA_CPU) as counter:
         out = meta(x)
-        loss = out.recon.float().mean() + out.mu.float().square().mean() + out.logvar.float().mean()
+        loss = out.recon.float().mean() + out.mu.float().square().mean()
+        loss = loss + (out.logvar.float().mean() if out.logvar is not None else 0)
+        loss = loss + (out.quant_loss if out.quant_loss is not None else 0)
         torch.autograd.grad(loss, params, allow_unused=True)
     return int(counter.get_total_flops())

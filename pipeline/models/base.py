@@ -16,19 +16,25 @@ Conventions (pinned in tests/test_models.py):
 - L = samples_per_input samples are sample-major: z[l*B + i] is sample l of input i, and
   recon[l*B + i] its decoding; mu and logvar stay [B, *latent_shape].
 - forward() always samples z (also in eval mode); to reconstruct from the posterior mean, call
-  decode(mu). BatchNorm models follow the module's train/eval mode as usual, so call model.eval()
+  decode(mu).
+- Quantized models (model.quantizer.kind vq/ema/fsq, pipeline/models/quantize.py): the heads give one
+  tensor, z_e, returned as mu with logvar None; forward() quantizes it (no sampling) and decodes the codes;
+  decode(z) quantizes z first, so decoding an interpolation of z_e decodes its nearest codes;
+  decode_indices() decodes integer codes; sample() decodes uniformly random codes. `quantize` blocks
+  inside a block list add their losses and indices to the output. BatchNorm models follow the module's train/eval mode as usual, so call model.eval()
   before sample() or decode() for media: in train mode BatchNorm uses and updates batch statistics.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from pipeline.config import ConfigError, ModelConfig
+from pipeline.models.quantize import QuantizeBlock, Quantizer, QuantizerOutput
 
 OUTPUT_RANGES: dict[str, tuple[float, float]] = {"tanh": (-1.0, 1.0), "sigmoid": (0.0, 1.0), "linear": (-1.0, 1.0)}
 """The data range each output activation implies (linear: no activation, trained towards [-1, 1] like LDM's)."""
@@ -39,11 +45,19 @@ class VAEOutput:
     recon: Tensor
     """[L*B, C, H, W] in the model's output_range, sample-major (recon[l*B+i] = sample l of input i)."""
     mu: Tensor
-    """[B, *latent_shape] posterior mean."""
-    logvar: Tensor
-    """[B, *latent_shape] posterior log-variance in nats, clamped to [logvar_min, logvar_max]."""
+    """[B, *latent_shape] posterior mean (quantized models: z_e, the encoder's output before quantization)."""
+    logvar: Tensor | None
+    """[B, *latent_shape] posterior log-variance in nats, clamped to [logvar_min, logvar_max]; None when quantized."""
     z: Tensor
-    """[L*B, *latent_shape] the samples that were decoded, sample-major like recon."""
+    """[L*B, *latent_shape] the samples that were decoded, sample-major like recon (quantized: the codes)."""
+    indices: Tensor | None = None
+    """Quantized bottleneck: [B, *code grid] int64 code indices."""
+    quant_loss: Tensor | None = None
+    """The summed weighted loss of every quantizer (bottleneck and blocks), float32 with grad; None if none."""
+    quant_terms: dict[str, Tensor] = field(default_factory=dict)
+    """Raw quantizer terms summed over quantizers (commitment, codebook), detached."""
+    block_indices: dict[str, Tensor] = field(default_factory=dict)
+    """Code indices of each `quantize` block, by its name."""
 
 
 class VAE(nn.Module):
@@ -62,11 +76,39 @@ class VAE(nn.Module):
         self.samples_per_input = cfg.samples_per_input
         self.logvar_min = float(cfg.logvar_min)
         self.logvar_max = float(cfg.logvar_max)
+        q = cfg.quantizer
+        self.quantizer: Quantizer | None = None
+        if q.kind != "none" and q.latent:
+            vector = len(self.latent_shape) == 1
+            if vector and self.latent_shape[0] % q.token_dim:
+                raise ConfigError(f"model.latent_dim {self.latent_shape[0]} is not a multiple of "
+                                  f"model.quantizer.token_dim {q.token_dim}; the vector latent is cut into tokens of "
+                                  f"that many values")
+            self.quantizer = Quantizer(q, q.token_dim if vector else self.latent_shape[0],
+                                       "vector" if vector else "channels", "latent")
+
+    def posterior_width(self, n: int) -> int:
+        """Output width of the encoder's head for an n-value latent: mu and logvar, or z_e alone when quantized."""
+        return n if self.quantizer is not None else 2 * n
+
+    def split_posterior(self, h: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The head's output -> (mu, logvar), or (z_e, None) when quantized."""
+        return (h, None) if self.quantizer is not None else h.chunk(2, dim=1)
+
+    @property
+    def code_grid(self) -> tuple[int, ...]:
+        """The bottleneck's token grid per image: (H/f, W/f) for a spatial latent, (latent_dim / token_dim,) for a vector."""
+        if self.quantizer is None:
+            raise ValueError("the model has no quantized latent")
+        if self.quantizer.layout == "vector":
+            return (self.latent_shape[0] // self.quantizer.token_dim,)
+        return self.latent_shape[1:]
 
     # -- to implement ---------------------------------------------------------------------------
 
-    def encode_raw(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Images [B, C, H, W] -> (mu, logvar), each [B, *latent_shape], logvar not yet clamped."""
+    def encode_raw(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Images [B, C, H, W] -> (mu, logvar), each [B, *latent_shape], logvar not yet clamped; use
+        split_posterior on a head of posterior_width(...) channels (quantized: (z_e, None))."""
         raise NotImplementedError
 
     def decode_raw(self, z: Tensor) -> Tensor:
@@ -75,11 +117,19 @@ class VAE(nn.Module):
 
     # -- the interface --------------------------------------------------------------------------
 
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Images in output_range [B, C, H, W] -> (mu, logvar clamped), each [B, *latent_shape]."""
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Images in output_range [B, C, H, W] -> (mu, logvar clamped), each [B, *latent_shape]
+        (quantized: (z_e, None), z_e before quantization)."""
+        self._reset_blocks()
+        return self._encode(x)
+
+    def _encode(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         mu, logvar = self.encode_raw(x)
         device = x.device.type
-        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        if logvar is None:
+            return (mu.float() if autocast else mu), None
+        if autocast:
             mu, logvar = mu.float(), logvar.float()
         return mu, logvar.clamp(self.logvar_min, self.logvar_max)
 
@@ -94,23 +144,68 @@ class VAE(nn.Module):
         return z.reshape(n_samples * mu.shape[0], *mu.shape[1:])
 
     def decode(self, z: Tensor) -> Tensor:
-        """Latents [N, *latent_shape] -> images [N, C, H, W] in output_range."""
+        """Latents [N, *latent_shape] -> images [N, C, H, W] in output_range (quantized: z's nearest codes)."""
+        self._reset_blocks()
+        if self.quantizer is not None:
+            z = self.quantizer(z).z_q
+        return self._decode(z)
+
+    def decode_indices(self, indices: Tensor) -> Tensor:
+        """Code indices [N, *code_grid] of a quantized model -> images [N, C, H, W] in output_range."""
+        if self.quantizer is None:
+            raise ValueError("decode_indices needs a quantized model (model.quantizer.kind vq, ema or fsq)")
+        self._reset_blocks()
+        return self._decode(self.quantizer.decode_indices(indices))
+
+    def _decode(self, z: Tensor) -> Tensor:
         out = self.decode_raw(z)
         if self.output == "linear":
             return out
         return torch.tanh(out) if self.output == "tanh" else torch.sigmoid(out)
 
     def forward(self, x: Tensor, n_samples: int | None = None) -> VAEOutput:
-        """Encode, draw L = n_samples (default samples_per_input) samples of z per input, decode all."""
-        mu, logvar = self.encode(x)
-        z = self.reparameterize(mu, logvar, n_samples or self.samples_per_input)
-        return VAEOutput(recon=self.decode(z), mu=mu, logvar=logvar, z=z)
+        """Encode, draw L = n_samples (default samples_per_input) samples of z per input, decode all
+        (quantized: quantize z_e instead of sampling, and collect every quantizer's loss and indices)."""
+        self._reset_blocks()
+        mu, logvar = self._encode(x)
+        outputs: list[QuantizerOutput] = []
+        indices = None
+        if self.quantizer is not None:
+            q = self.quantizer(mu, track=self.training and torch.is_grad_enabled())
+            z, indices = q.z_q, q.indices
+            outputs.append(q)
+        else:
+            z = self.reparameterize(mu, logvar, n_samples or self.samples_per_input)
+        recon = self._decode(z)
+        blocks = {name: b.pending.pop() for name, b in self._quantize_blocks().items() if b.pending}
+        outputs += blocks.values()
+        out = VAEOutput(recon=recon, mu=mu, logvar=logvar, z=z, indices=indices,
+                        block_indices={name: o.indices for name, o in blocks.items()})
+        if outputs:
+            out.quant_loss = sum(o.loss for o in outputs)
+            for o in outputs:
+                for name, value in o.terms.items():
+                    out.quant_terms[name] = out.quant_terms[name] + value if name in out.quant_terms else value
+        return out
+
+    def _quantize_blocks(self) -> dict[str, QuantizeBlock]:
+        if not hasattr(self, "_blocks"):
+            self._blocks = {m.quantizer.name: m for m in self.modules() if isinstance(m, QuantizeBlock)}
+        return self._blocks
+
+    def _reset_blocks(self) -> None:
+        for block in self._quantize_blocks().values():
+            block.pending.clear()
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
-        """n images decoded from z ~ N(0, temperature^2 I) (no gradients; see the module docstring on eval())."""
+        """n images decoded from z ~ N(0, temperature^2 I) (no gradients; see the module docstring on eval());
+        quantized models: from uniformly random codes (temperature unused)."""
         param = next(self.parameters())
         device = generator.device if generator is not None else param.device
+        if self.quantizer is not None:
+            codes = torch.randint(self.quantizer.num_codes, (n, *self.code_grid), generator=generator, device=device)
+            return self.decode_indices(codes.to(param.device))
         z = torch.randn((n, *self.latent_shape), generator=generator, device=device) * temperature
         return self.decode(z.to(param.device, param.dtype))
 
@@ -136,8 +231,8 @@ class FlatLatentVAE(VAE):
         self.feature_shape = (cfg.channels[-1], side, side)
         self.flat = cfg.channels[-1] * side * side
 
-    def encode_raw(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.heads(self.encoder(x)).chunk(2, dim=1)
+    def encode_raw(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        return self.split_posterior(self.heads(self.encoder(x)))
 
     def features(self, z: Tensor) -> Tensor:
         """z [B, latent_dim] -> the decoder's input feature map [B, *feature_shape]."""

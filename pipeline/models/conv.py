@@ -47,7 +47,7 @@ class ConvVAE(FlatLatentVAE):
         for c_in, c in zip([cfg.in_channels, *widths[:-1]], widths):
             layers += [Down(c_in, c, c), nn.GELU()]
         self.encoder = nn.Sequential(*layers, nn.Flatten())
-        self.heads = nn.Linear(flat, 2 * cfg.latent_dim)  # mu and logvar side by side
+        self.heads = nn.Linear(flat, self.posterior_width(cfg.latent_dim))  # mu and logvar side by side
 
         self.decoder_input = nn.Sequential(nn.Linear(cfg.latent_dim, flat), nn.GELU())
         rev = widths[::-1]

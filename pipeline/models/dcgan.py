@@ -44,11 +44,11 @@ class DCGANVAE(VAE):
             layers.append(nn.LeakyReLU(0.2))
         self.encoder = nn.Sequential(*layers)
         if spatial:
-            self.heads = nn.Conv2d(widths[-1], 2 * cfg.latent_channels, 3, padding=1)
+            self.heads = nn.Conv2d(widths[-1], self.posterior_width(cfg.latent_channels), 3, padding=1)
             self.decoder_input = nn.Identity()
             c_in = cfg.latent_channels
         else:
-            self.heads = nn.Sequential(nn.Flatten(), nn.Linear(flat, 2 * cfg.latent_dim))
+            self.heads = nn.Sequential(nn.Flatten(), nn.Linear(flat, self.posterior_width(cfg.latent_dim)))
             self.decoder_input = nn.Sequential(
                 nn.Linear(cfg.latent_dim, flat, bias=False), nn.Unflatten(1, self.feature_shape),
                 nn.BatchNorm2d(widths[-1]), nn.ReLU())
@@ -63,7 +63,7 @@ class DCGANVAE(VAE):
         self.apply(_dcgan_init)
 
     def encode_raw(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.heads(self.encoder(x)).chunk(2, dim=1)
+        return self.split_posterior(self.heads(self.encoder(x)))
 
     def decode_raw(self, z: Tensor) -> Tensor:
         return self.decoder(self.decoder_input(z))

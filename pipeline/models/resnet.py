@@ -20,7 +20,9 @@ Two ways to configure it, both compiled to one list of typed blocks and checked 
      resnet (out channels, 1x1 skip when they change), attention (single head, keeps channels),
      downsample (conv3x3 stride 2, keeps channels; cfg.downsample_padding: symmetric pads one pixel on every
      side, ldm pads right and bottom only, as LDM and diffusers do), upsample (nearest x2 + conv3x3, keeps channels),
-     conv (conv3x3 to out channels), norm_act (GroupNorm + SiLU, keeps channels);
+     conv (conv3x3 to out channels), norm_act (GroupNorm + SiLU, keeps channels), quantize (looks every
+     position's channel vector up in a codebook, model.quantizer's kind and settings, its own codebook of
+     codebook_size codes; keeps channels: seed 004's "intermediate layer quantization");
    out = 0 keeps the incoming channel count; repeat stacks the block.
    How the lists meet the latent: the encoder list starts from the image (in_channels channels);
    whatever it ends with goes through the head. The decoder list starts from z (latent_channels
@@ -41,10 +43,11 @@ import difflib
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.config import BLOCK_NAMES, BlockSpec, ConfigError, ModelConfig
+from pipeline.config import BLOCK_NAMES, BlockSpec, ConfigError, ModelConfig, QuantizerConfig
 from pipeline.models.base import VAE, check_common, check_levels, group_count
+from pipeline.models.quantize import QuantizeBlock
 
-KEEPS_CHANNELS = ("attention", "downsample", "upsample", "norm_act")
+KEEPS_CHANNELS = ("attention", "downsample", "upsample", "norm_act", "quantize")
 
 
 def _norm(c: int) -> nn.GroupNorm:
@@ -135,7 +138,8 @@ def _level_specs(cfg: ModelConfig, side: str) -> list[BlockSpec]:
             specs += level(i, cfg.blocks_per_level)
             if i != last:
                 specs.append(BlockSpec("downsample"))
-        return specs + middle + [BlockSpec("norm_act"), BlockSpec("conv", 2 * cfg.latent_channels)]
+        heads = 1 if cfg.quantizer.kind != "none" and cfg.quantizer.latent else 2  # z_e alone, or mu and logvar
+        return specs + middle + [BlockSpec("norm_act"), BlockSpec("conv", heads * cfg.latent_channels)]
     specs += [BlockSpec("conv", ch[-1]), *middle]
     for i in reversed(range(len(ch))):
         specs += level(i, cfg.blocks_per_level + 1)
@@ -162,7 +166,8 @@ def _check_levels_cfg(cfg: ModelConfig, image_size: int) -> None:
 
 
 def _build_stack(specs: list[BlockSpec], side: str, c: int, size: int, image_size: int,
-                 explicit: bool, downsample_padding: str = "symmetric") -> tuple[nn.Sequential, int, int]:
+                 explicit: bool, downsample_padding: str = "symmetric",
+                 quantizer: QuantizerConfig | None = None) -> tuple[nn.Sequential, int, int]:
     """Build `specs` from c channels at size px; return (modules, channels out, size out)."""
     n_down = sum(s.repeat for s in specs if s.block == "downsample")
     modules: list[nn.Module] = []
@@ -179,8 +184,17 @@ def _build_stack(specs: list[BlockSpec], side: str, c: int, size: int, image_siz
         if spec.block in KEEPS_CHANNELS and spec.out not in (0, c):
             raise ConfigError(f"{where} keeps its {c} input channels, so out must be 0 or {c}, not {spec.out}; "
                               f"change channels with a resnet or conv block before it")
-        for _ in range(spec.repeat):
+        if spec.block == "quantize" and (quantizer is None or quantizer.kind == "none"):
+            raise ConfigError(f"{where} quantizes, but model.quantizer.kind is none; set it to vq, ema or fsq")
+        if spec.codebook_size < 0 or (spec.codebook_size and spec.block != "quantize"):
+            raise ConfigError(f"{where} has codebook_size {spec.codebook_size}; only quantize blocks take one "
+                              f"(a positive number, or 0 for model.quantizer.codebook_size)")
+        for r in range(spec.repeat):
             c_out = spec.out or c
+            if spec.block == "quantize":
+                name = f"{side}.{i}" + (f".{r}" if spec.repeat > 1 else "")
+                modules.append(QuantizeBlock(quantizer, c, name, spec.codebook_size))
+                continue
             if spec.block == "downsample":
                 if size % 2:
                     raise ConfigError(
@@ -203,15 +217,16 @@ class ResNetVAE(VAE):
         lc = cfg.latent_channels
         enc_specs = cfg.encoder or _level_specs(cfg, "encoder")
         encoder, c_enc, side = _build_stack(enc_specs, "encoder", cfg.in_channels, image_size, image_size,
-                                            explicit=bool(cfg.encoder), downsample_padding=cfg.downsample_padding)
+                                            explicit=bool(cfg.encoder), downsample_padding=cfg.downsample_padding,
+                                            quantizer=cfg.quantizer)
         super().__init__(cfg, image_size, (lc, side, side))
         self.encoder = encoder
-        self.heads = nn.Conv2d(c_enc, 2 * lc, 1)
+        self.heads = nn.Conv2d(c_enc, self.posterior_width(lc), 1)
 
         dec_specs = cfg.decoder or _level_specs(cfg, "decoder")
         self.decoder_input = nn.Conv2d(lc, lc, 1)
         self.decoder, c_dec, out_size = _build_stack(dec_specs, "decoder", lc, side, image_size,
-                                                     explicit=bool(cfg.decoder))
+                                                     explicit=bool(cfg.decoder), quantizer=cfg.quantizer)
         if out_size != image_size:
             ups = [i for i, s in enumerate(dec_specs) if s.block == "upsample"]
             n_up = sum(dec_specs[i].repeat for i in ups)
@@ -224,7 +239,7 @@ class ResNetVAE(VAE):
         self.final_layer = nn.Conv2d(c_dec, cfg.in_channels, 3, padding=1)
 
     def encode_raw(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.heads(self.encoder(x)).chunk(2, dim=1)
+        return self.split_posterior(self.heads(self.encoder(x)))
 
     def decode_raw(self, z: Tensor) -> Tensor:
         return self.final_layer(self.decoder(self.decoder_input(z)))

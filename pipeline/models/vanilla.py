@@ -33,7 +33,7 @@ class VanillaVAE(FlatLatentVAE):
             nn.Sequential(nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.BatchNorm2d(c), nn.LeakyReLU())
             for c_in, c in zip([cfg.in_channels, *widths[:-1]], widths)
         ], nn.Flatten())
-        self.heads = nn.Linear(flat, 2 * cfg.latent_dim)
+        self.heads = nn.Linear(flat, self.posterior_width(cfg.latent_dim))
 
         self.decoder_input = nn.Linear(cfg.latent_dim, flat)
         rev = widths[::-1]

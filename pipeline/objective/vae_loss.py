@@ -10,6 +10,8 @@ Reductions (the units every weight in a recipe multiplies):
     total = recon_weight      * recon         per-sub-pixel mean of the reconstruction loss, also averaged
                                               over the samples_per_input samples of z (see below)
           + kl_weighted                       beta(step) * sum_d max(free_bits, mean_b KL_bd)   (nats / image)
+            or quantizer                      quantized models: the quantizers' weighted commitment (+ codebook)
+                                              loss (pipeline/models/quantize.py) instead of the KL
           + perceptual.weight * perceptual    channel-normalised feature distance of a frozen timm backbone
           + ssim_loss                         ssim_weight * (1 - SSIM), SSIM on images in [0, 1]
           + tv_weight         * tv            total variation per pixel (see `total_variation`)
@@ -61,11 +63,12 @@ class LossResult:
     total: Tensor
     """Scalar with grad: the weighted sum that is backpropagated."""
     terms: dict[str, Tensor]
-    """Detached float32 scalars by name: recon, kl, kl_weighted, beta always; perceptual, ssim, ssim_loss,
-    tv, sparsity when their weight is > 0. Raw (unweighted) values except kl_weighted (= beta * free-bits KL)
+    """Detached float32 scalars by name: recon always; kl, kl_weighted, beta for a Gaussian bottleneck;
+    quantizer (the weighted sum that entered the total), quantizer_commitment, quantizer_codebook (vq) when
+    the model quantizes; perceptual, ssim, ssim_loss, tv, sparsity when their weight is > 0. Raw (unweighted) values except kl_weighted (= beta * free-bits KL)
     and ssim_loss (= ssim_weight * (1 - ssim)), which are the amounts that entered the total."""
     kl_per_dim: Tensor
-    """[D] detached: batch-mean KL per latent dimension in nats (no free bits, no beta)."""
+    """[D] detached: batch-mean KL per latent dimension in nats (no free bits, no beta); empty when quantized."""
 
 
 class VAELoss(nn.Module):
@@ -175,16 +178,23 @@ class VAELoss(nn.Module):
             total = cfg.recon_weight * rec
             terms["recon"] = rec
 
-            kl_bd = kl_per_dim(out.mu, out.logvar)  # [B, D]
-            kl_d = kl_bd.mean(0)  # [D] batch mean
-            kl_raw = kl_d.sum()
-            kl_pen = kl_d.clamp(min=cfg.kl.free_bits_nats).sum() if cfg.kl.free_bits_nats > 0 else kl_raw
-            beta = self.beta(step)
-            kl_weighted = beta * kl_pen
-            total = total + kl_weighted
-            terms["kl"] = kl_raw
-            terms["kl_weighted"] = kl_weighted
-            terms["beta"] = torch.full((), beta, device=device)  # a fill kernel, no host-to-device copy
+            if out.logvar is not None:  # a Gaussian bottleneck (a quantized one has no KL)
+                kl_bd = kl_per_dim(out.mu, out.logvar)  # [B, D]
+                kl_d = kl_bd.mean(0)  # [D] batch mean
+                kl_raw = kl_d.sum()
+                kl_pen = kl_d.clamp(min=cfg.kl.free_bits_nats).sum() if cfg.kl.free_bits_nats > 0 else kl_raw
+                beta = self.beta(step)
+                kl_weighted = beta * kl_pen
+                total = total + kl_weighted
+                terms["kl"] = kl_raw
+                terms["kl_weighted"] = kl_weighted
+                terms["beta"] = torch.full((), beta, device=device)  # a fill kernel, no host-to-device copy
+            else:
+                kl_d = torch.zeros(0, device=device)
+            if out.quant_loss is not None:  # the quantizers' commitment (+ codebook) loss replaces or joins the KL
+                total = total + out.quant_loss
+                terms["quantizer"] = out.quant_loss
+                terms.update({f"quantizer_{name}": value for name, value in out.quant_terms.items()})
 
             if perc is not None:
                 total = total + cfg.perceptual.weight * perc
@@ -212,6 +222,30 @@ class VAELoss(nn.Module):
 
         return LossResult(total=total, terms={k: v.detach() for k, v in terms.items()},
                           kl_per_dim=kl_d.detach())
+
+    def active_terms(self, model) -> list[str]:
+        """The terms this loss adds for `model` (the bare VAE), as printed at the start of training and stored in
+        the W&B config: which of KL and the quantizer loss replaced the other, and every weighted extra."""
+        cfg = self.cfg
+        terms = [f"{cfg.recon_weight:g} x recon ({cfg.recon})"]
+        if getattr(model, "quantizer", None) is None:
+            kl = cfg.kl
+            terms.append(f"beta x KL ({kl.schedule} to {kl.weight:g}"
+                         + (f", free bits {kl.free_bits_nats:g} nats" if kl.free_bits_nats > 0 else "") + ")")
+        from pipeline.models.quantize import quantizers  # (models import this module's package)
+        for q in quantizers(model):
+            what = {"vq": f"codebook + {q.commitment_weight:g} x commitment",
+                    "ema": f"{q.commitment_weight:g} x commitment, EMA codebook",
+                    "fsq": "no loss"}[q.kind]
+            terms.append(f"quantizer {q.name} ({q.kind}, {q.num_codes} codes: {what})")
+        for key, name in (("perceptual", "perceptual"), ("ssim_weight", "1 - SSIM"), ("tv_weight", "TV"),
+                          ("sparsity_weight", "L1(mu)")):
+            weight = cfg.perceptual.weight if key == "perceptual" else getattr(cfg, key)
+            if weight > 0:
+                terms.append(f"{weight:g} x {name}")
+        if cfg.adversarial.weight > 0:
+            terms.append(f"{cfg.adversarial.weight:g} x adversarial ({cfg.adversarial.loss})")
+        return terms
 
     # -- evaluation -----------------------------------------------------------------------------
 
