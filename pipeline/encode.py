@@ -20,6 +20,9 @@ encoding of (run, checkpoint, inputs and their manifests, options); a command th
 something else into it is refused with one sentence. SIGUSR1 / SIGTERM: each rank finishes its batch,
 drops its unfinished units and exits 75 (as training does); slurm/encode.sbatch requeues the job.
 
+Quantized models (model.quantizer) store `--store codes`: `<key>.codes.npy`, the integer code map [*code_grid]
+(uint16 when the codebook has at most 65,536 codes, else int32) — the tokenized dataset a prior model
+trains on; `mu` is then z_e before quantization, and the statistics are of the codes' vectors.
 Each sample of a latent shard: `<key>.mu.npy` (and/or `.logvar.npy`, `.z.npy`: --store), `<key>.cls`
 when labelled, `<key>.json` {key, label, class, source}. Arrays are plain .npy (np.load(...,
 allow_pickle=False)); bf16 is stored as its uint16 bit pattern (torch.from_numpy(a).view(torch.bfloat16)).
@@ -58,13 +61,14 @@ from pipeline.images import decode_image
 from pipeline.inference import LoadedRun, key_noise, load_run
 from pipeline.preemption import EXIT_PREEMPTED, SIGNALS
 from pipeline.runs import RunLock, die_with_parent, launched_by_torchrun, own_run_folder
+from pipeline.models.quantize import codes_dtype
 from pipeline.shards import sha256_file
 from pipeline import faults, tiling
 
 SPEC_FILE = "encode.json"
 MANIFEST_FILE = "manifest.json"
 FORMAT = 1
-STORE_CHOICES = ("mu", "logvar", "z")
+STORE_CHOICES = ("mu", "logvar", "z", "codes")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 PREFETCH_BATCHES = 2
@@ -302,6 +306,17 @@ def parse_store(text: str) -> tuple[str, ...]:
     return tuple(s for s in STORE_CHOICES if s in names)
 
 
+def check_store(store: tuple[str, ...], model) -> None:
+    """codes need a quantized bottleneck; logvar and z a Gaussian one."""
+    quantized = getattr(model, "quantizer", None) is not None
+    if quantized and ({"logvar", "z"} & set(store)):
+        raise ConfigError(f"--store {','.join(store)}: this run's latent is quantized, so it has no logvar or sampled z; "
+                          f"store codes (integer code maps) and/or mu (z_e before quantization)")
+    if not quantized and "codes" in store:
+        raise ConfigError("--store codes needs a quantized model (model.quantizer.kind vq, ema or fsq); this run's "
+                          "latent is Gaussian: store mu, logvar or z")
+
+
 def _manifest_sha(folder: Path) -> str:
     return hashlib.sha256((folder / MANIFEST_FILE).read_bytes()).hexdigest()
 
@@ -436,7 +451,12 @@ def merge_manifest(out: Path, run: LoadedRun, units: list[Unit], spec: dict, opt
     std = np.sqrt(np.maximum(ss / max(n, 1) - mean**2, 0.0))
     total_mean = s.sum() / max(n * channels, 1)
     total_std = math.sqrt(max(ss.sum() / max(n * channels, 1) - total_mean**2, 0.0))
-    stats_of = "z" if "z" in options.store else "mu" if "mu" in options.store else "logvar"
+    stats_of = ("z" if "z" in options.store else "mu" if "mu" in options.store else
+                "codes (their latent vectors)" if "codes" in options.store else "logvar")
+    quantizer = getattr(run.model, "quantizer", None)
+    codes = ({"num_codes": quantizer.num_codes, "code_grid": [latent_shape[0] // quantizer.token_dim]
+              if quantizer.layout == "vector" else latent_shape[1:], "codes_dtype": codes_dtype(quantizer.num_codes).name,
+              "quantizer": quantizer.kind} if quantizer is not None and "codes" in options.store else {})
     manifest = {
         "format": FORMAT, "kind": "latents", "name": out.name, "run_dir": spec["run_dir"],
         "checkpoint": spec["checkpoint"], "step": spec["step"], "weights": spec["weights"],
@@ -446,7 +466,7 @@ def merge_manifest(out: Path, run: LoadedRun, units: list[Unit], spec: dict, opt
         "members": [f"{name}.npy" for name in options.store] + ["cls", "json"], "classes": run.classes,
         "stats_of": stats_of, "channel_mean": mean.tolist(), "channel_std": std.tolist(),
         "scaling_factor": (1.0 / total_std) if total_std > 0 else None,
-        "splits": splits, "skipped": skipped, "inputs": spec["inputs"], "options": spec["options"],
+        "splits": splits, "skipped": skipped, "inputs": spec["inputs"], "options": spec["options"], **codes,
     }
     write_json_atomic(out / MANIFEST_FILE, manifest)
     return manifest
@@ -495,8 +515,12 @@ def run_encode(args) -> int:
                             store=parse_store(args.store), dtype=args.dtype, seed=args.seed,
                             batch_size=args.batch_size, precision=precision, tile_px=tile,
                             overlap_px=args.tile_overlap if args.tile_overlap is not None else tile // 4)
+    check_store(options.store, run.model)
     size = _source_size(inputs, run, options)
     tiled = size > tile  # larger images, or smaller tiles than the training size: through pipeline.tiling
+    if tiled and run.model.quantizer is not None:
+        raise ConfigError(f"the images are {size} px but this quantized model encodes {tile} px tiles; tiled encoding "
+                          f"blends latents, which codes cannot be: encode images of the training size")
     if tiled:
         tiling.check_tiling(run.model, tile, options.overlap_px)
     units = plan_units(inputs, options.splits)
@@ -551,7 +575,8 @@ def run_encode(args) -> int:
                         mu, logvar = tiling.tiled_encode(model, x, tile, options.overlap_px)
                     else:
                         mu, logvar = encode_fn(x)
-                mu, logvar = mu.float(), logvar.float()
+                mu = mu.float()
+                logvar = logvar.float() if logvar is not None else None
                 arrays = {}
                 if "mu" in options.store:
                     arrays["mu"] = _to_numpy(mu, options.dtype)
@@ -560,8 +585,15 @@ def run_encode(args) -> int:
                 if "z" in options.store:
                     eps = key_noise(keys, mu.shape[1:], 1, options.seed, device)[0]
                     arrays["z"] = _to_numpy(mu + eps * torch.exp(0.5 * logvar), options.dtype)
-                stats_of = "z" if "z" in arrays else "mu" if "mu" in arrays else "logvar"
-                w.add(keys, arrays, labels, run.classes, _as_float64(arrays[stats_of], options.dtype))
+                stats_of = next((s for s in ("z", "mu", "logvar") if s in arrays), None)
+                stats = _as_float64(arrays[stats_of], options.dtype) if stats_of else None
+                if "codes" in options.store:
+                    with torch.no_grad():
+                        q = model.quantizer(mu)
+                    arrays["codes"] = q.indices.cpu().numpy().astype(codes_dtype(model.quantizer.num_codes))
+                    if stats is None:  # only codes stored: the statistics of their latent vectors
+                        stats = q.z_q.float().cpu().numpy().astype(np.float64)
+                w.add(keys, arrays, labels, run.classes, stats)
                 images_done += len(keys)
             if last:
                 open_units.pop(index).commit(writer_info)

@@ -297,8 +297,10 @@ def evaluate(run, batches: Callable[[], Iterable], accelerator, iwae_k: int = 64
     kind = run.cfg.loss.recon
     dims_latent = math.prod(model.latent_shape)
     sizes = iwae_group_sizes(iwae_k)
-    fit_scale = kind in ("l1", "mse") and log_scale is None
+    quantized = getattr(model, "quantizer", None) is not None  # no ELBO: codebook statistics instead
+    fit_scale = kind in ("l1", "mse") and log_scale is None and not quantized
     sums = _Sums(device)
+    codes = CodeCounts(model, device)
     start = time.perf_counter()
 
     def likelihood(x, mu, logvar, keys, scale):
@@ -313,8 +315,14 @@ def evaluate(run, batches: Callable[[], Iterable], accelerator, iwae_k: int = 64
     for batch in batches():
         x = run.to_model_range(batch.images)
         keys = list(batch.keys)
-        mu, logvar = model.encode(x)
-        recon = model.decode(mu)
+        if codes.quantizers:  # the forward collects every quantizer's indices (eval mode: nothing is updated)
+            out = model(x)
+            codes.add(out)
+            mu, logvar = out.mu, out.logvar
+            recon = out.recon if quantized else model.decode(mu)
+        else:
+            mu, logvar = model.encode(x)
+            recon = model.decode(mu)
         r01, t01 = to_unit_range(recon, model.output_range), to_unit_range(x, model.output_range)
         sums.add("count", torch.ones(x.shape[0], device=device))
         sums.add("psnr", psnr_per_image(r01, t01))
@@ -323,12 +331,14 @@ def evaluate(run, batches: Callable[[], Iterable], accelerator, iwae_k: int = 64
             sums.add("perceptual", perceptual(recon, x, reduction="none"))
         if field_metrics is not None:
             field_metrics.update(r01, t01)
-        kl_bd = kl_per_dim(mu, logvar).double()
-        sums.add("dim:kl", kl_bd.sum(0))
-        sums.add("kl", kl_bd.sum(1))
         flat = mu.flatten(1).double()
         sums.add("dim:mu", flat.sum(0))
         sums.add("dim:mu_sq", flat.square().sum(0))
+        if quantized:
+            continue
+        kl_bd = kl_per_dim(mu, logvar).double()
+        sums.add("dim:kl", kl_bd.sum(0))
+        sums.add("kl", kl_bd.sum(1))
         if fit_scale:  # one posterior sample per image (sample 0 of its key noise), as the training term
             z = mu + key_noise(keys, model.latent_shape, 1, seed, device)[0] * torch.exp(0.5 * logvar)
             err = model.decode(z).float() - x
@@ -346,9 +356,11 @@ def evaluate(run, batches: Callable[[], Iterable], accelerator, iwae_k: int = 64
             mu, logvar = model.encode(x)
             likelihood(x, mu, logvar, list(batch.keys), scale)
 
-    names = ["count", "psnr", "ssim", "kl", "recon_nll", "neg_elbo", *(f"iwae_{g}" for g in sizes),
-             *(["perceptual"] if perceptual is not None else []), "dim:kl", "dim:mu", "dim:mu_sq"]
+    names = ["count", "psnr", "ssim", *(["perceptual"] if perceptual is not None else []), "dim:mu", "dim:mu_sq"]
+    if not quantized:
+        names += ["kl", "recon_nll", "neg_elbo", *(f"iwae_{g}" for g in sizes), "dim:kl"]
     total = sums.reduced(accelerator, names, dims_latent)
+    code_metrics = codes.results(accelerator)
     n = total["count"].item()  # the one sync of the pass
     if n == 0:
         raise ConfigError("the evaluated split holds no readable samples; check --shards and --split")
@@ -363,6 +375,16 @@ def evaluate(run, batches: Callable[[], Iterable], accelerator, iwae_k: int = 64
     name, comparable, description = LIKELIHOODS[kind]
     field = (field_metrics.results(accelerator) if field_metrics is not None
              else {"lpips": None, "lpips_net": None, "rfid": None, "rfid_features": None, "sharpness_ratio": None})
+    if quantized:
+        return {
+            "count": int(n), "psnr": mean("psnr"), "ssim": mean("ssim"),
+            "perceptual": mean("perceptual") if perceptual is not None else None, **field,
+            "quantizer": model.quantizer.kind, **code_metrics,
+            "active_units": int(active.sum().item()), "latent_dims": dims_latent,
+            "inactive_dims": torch.nonzero(~active).flatten().tolist(),
+            "mu_variance_per_dim": var_mu.float().cpu().tolist(),
+            "pixel_dims": run.pixel_dims, "psnr_cap_db": PSNR_CAP_DB, "seconds": time.perf_counter() - start,
+        }
     return {
         "count": int(n),
         "psnr": mean("psnr"),
@@ -389,6 +411,7 @@ def evaluate(run, batches: Callable[[], Iterable], accelerator, iwae_k: int = 64
         "pixel_dims": run.pixel_dims,
         "psnr_cap_db": PSNR_CAP_DB,
         "seconds": time.perf_counter() - start,
+        **code_metrics,  # quantize blocks inside a Gaussian VAE
     }
 
 
@@ -453,7 +476,9 @@ def log_to_wandb(run, metrics: dict, plot: np.ndarray) -> str | None:
                      cfg.tracking.mode)
         use_artifact(wb, dataset_artifact(metrics["shards"]), cfg.tracking.mode)
     wb.summary.update({f"eval/{k}": v for k, v in metrics.items() if v is not None})
-    wb.log({"eval/latent_usage": wandb.Image(plot, caption="KL and Var(mu) per latent dimension")})
+    caption = ("KL and Var(mu) per latent dimension" if "kl_per_dim" in metrics
+               else "fraction of the tokens given each code, most used first, per quantizer")
+    wb.log({"eval/latent_usage": wandb.Image(plot, caption=caption)})
     wb.finish()
     wandb.teardown()  # wait for wandb-core to flush the offline file before we exit (see pipeline.tracking)
     return run_id
@@ -529,7 +554,8 @@ def main(argv: list[str] | None = None) -> dict:
     if accelerator.is_main_process:
         out = Path(args.out) if args.out else run.run_dir / "eval" / "metrics.json"
         write_json_atomic(out, metrics)
-        plot = latent_usage_plot(metrics, run.model.latent_shape)
+        plot = (codebook_plot(metrics) if "kl_per_dim" not in metrics
+                else latent_usage_plot(metrics, run.model.latent_shape))
         media.save_png(plot, out.with_name("latent_usage.png"))
         run_id = log_to_wandb(run, metrics, plot)
         print(_report(metrics, out, run_id))
@@ -542,7 +568,34 @@ def _fmt(value: float | None, how) -> str:
     return "skipped (no weights file)" if value is None else f"{value:.4f} ({how})"
 
 
+def codebook_plot(metrics: dict) -> np.ndarray:
+    """The code frequencies of each quantizer (most used first), stacked: eval/latent_usage.png of a quantized run."""
+    charts = []
+    for key in sorted(k for k in metrics if k.startswith("code_frequency_")):
+        name = key[len("code_frequency_"):]
+        usage = metrics[f"codebook/{name}/usage"]
+        charts.append(media.bar_chart(metrics[key], title=f"{name}: fraction of tokens per code, most used first; "
+                                                          f"usage {usage:.1%}"))
+    width = max(c.shape[1] for c in charts)
+    return np.concatenate([np.pad(c, ((0, 0), (0, width - c.shape[1]), (0, 0)), constant_values=255) for c in charts])
+
+
+def _codebook_lines(m: dict) -> list[str]:
+    names = sorted(k[len("code_frequency_"):] for k in m if k.startswith("code_frequency_"))
+    return [f"  codebook {n}: usage {m[f'codebook/{n}/usage']:.1%}   perplexity {m[f'codebook/{n}/perplexity']:.1f}"
+            f"   {m[f'codebook/{n}/entropy_bits']:.2f} bits/token of {m[f'codebook/{n}/bits_per_token']:.2f}"
+            for n in names]
+
+
 def _report(m: dict, out: Path, run_id: str | None) -> str:
+    if "neg_elbo_nats" not in m:  # a quantized bottleneck
+        inception = f"inception-{m['rfid_features']}"
+        return "\n".join([
+            f"{m['run_dir']} {m['checkpoint']} ({m['weights']}), {m['split']} split of {m['shards']}: {m['count']} images",
+            f"  psnr {m['psnr']:.2f} dB   ssim {m['ssim']:.4f}   quantizer {m['quantizer']}",
+            f"  lpips {_fmt(m['lpips'], m['lpips_net'])}   rfid {_fmt(m['rfid'], inception)}",
+            *_codebook_lines(m),
+            f"  wrote {out}" + (f" and W&B run {run_id} (summary eval/*)" if run_id else "")])
     perceptual = "off" if m["perceptual"] is None else f"{m['perceptual']:.4f}"
     comparable = "" if m["bits_per_dim_comparable"] else " (not comparable: continuous likelihood)"
     inception = f"inception-{m['rfid_features']}"
@@ -555,6 +608,7 @@ def _report(m: dict, out: Path, run_id: str | None) -> str:
         f"iwae(k={m['iwae_k']}) {m['iwae_bits_per_dim']:.4f} bits/dim{comparable}",
         f"  likelihood {m['likelihood_description']}",
         f"  kl {m['kl_nats']:.2f} nats   active units {m['active_units']}/{m['latent_dims']}",
+        *_codebook_lines(m),
         f"  wrote {out}" + (f" and W&B run {run_id} (summary eval/*)" if run_id else ""),
     ]
     return "\n".join(lines)

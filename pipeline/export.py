@@ -154,6 +154,9 @@ def ldm_layout(model_cfg: ModelConfig, image_size: int) -> LDMLayout:
     if cfg.arch != "resnet":
         raise ConfigError(f"model.arch is {cfg.arch}, but only resnet models in the LDM layout map onto diffusers' "
                           f"AutoencoderKL{fallback}")
+    if cfg.quantizer.kind != "none":
+        raise ConfigError(f"model.quantizer.kind is {cfg.quantizer.kind}, but diffusers' AutoencoderKL has a Gaussian "
+                          f"latent, not a codebook{fallback}")
     if cfg.output != "linear":
         raise ConfigError(f"model.output is {cfg.output}, but diffusers' AutoencoderKL decoder ends at its last "
                           f"convolution with no activation, so it would not reproduce this model's images; train "

@@ -60,6 +60,7 @@ from pipeline import media, tiling
 from pipeline.config import ConfigError, exit_on_config_error
 from pipeline.data import Batch
 from pipeline.evaluate import log_weights, to_unit_range
+from pipeline.models.quantize import codes_dtype
 from pipeline.images import describe_error, load_rgb
 from pipeline.inference import (LoadedRun, check_shards, folder_batches, image_files, is_shards_folder, key_noise,
                                 load_images, load_run, split_batches)
@@ -324,6 +325,8 @@ def traverse(run: LoadedRun, args, out: Outputs) -> list[Path]:
         images = torch.cat(batches)[:64]
     x = run.to_model_range(images)
     mu, logvar = run.model.encode(x)
+    if logvar is None:  # a quantized model: rank the dimensions of z_e by mean z_e^2 / 2 (a unit-variance "KL")
+        logvar = torch.zeros_like(mu)
     dims = media.top_kl_dims(mu, logvar, args.dims)
     kl = media.kl_per_dim(mu, logvar)
     grids = media.latent_traversals(run.model, x[: args.rows], dims)
@@ -336,13 +339,17 @@ def traverse(run: LoadedRun, args, out: Outputs) -> list[Path]:
 def encode(run: LoadedRun, args, out: Outputs) -> list[Path]:
     """--format npy (one process); --format shards is pipeline.encode (see main)."""
     folder = out.folder(Path(args.out) if args.out else run.run_dir / "samples" / "latents",
-                        ["mu.npy", "logvar.npy", "index.csv", "meta.json"])
+                        ["mu.npy", "logvar.npy", "codes.npy", "index.csv", "meta.json"])
     inputs = Inputs(run, args.inputs, args.split, args.batch_size)
-    mus, logvars, index = [], [], []
+    quantizer = run.model.quantizer  # quantized: mu.npy is z_e, codes.npy the integer code maps, no logvar
+    mus, logvars, codes, index = [], [], [], []
     for batch, sources in inputs.batches():
         mu, logvar = run.model.encode(run.to_model_range(batch.images))
         mus.append(mu.float().cpu().numpy())
-        logvars.append(logvar.float().cpu().numpy())
+        if quantizer is not None:
+            codes.append(quantizer(mu).indices.cpu().numpy().astype(codes_dtype(quantizer.num_codes)))
+        else:
+            logvars.append(logvar.float().cpu().numpy())
         for i, key in enumerate(batch.keys):
             label = int(batch.labels[i])
             index.append({"row": len(index), "key": key, "label": label, "class": _class_name(run, label),
@@ -353,8 +360,12 @@ def encode(run: LoadedRun, args, out: Outputs) -> list[Path]:
             "image_size": run.image_size, "latent_shape": list(run.model.latent_shape), "count": len(index),
             "classes": run.classes, "inputs": [str(p) for p in args.inputs], "split": args.split,
             "format": args.format}
-    written = [save_npy(np.concatenate(mus), folder / "mu.npy"),
-               save_npy(np.concatenate(logvars), folder / "logvar.npy"),
+    if quantizer is not None:
+        meta.update({"quantizer": quantizer.kind, "num_codes": quantizer.num_codes,
+                     "code_grid": list(run.model.code_grid)})
+    second = (save_npy(np.concatenate(codes), folder / "codes.npy") if quantizer is not None
+              else save_npy(np.concatenate(logvars), folder / "logvar.npy"))
+    written = [save_npy(np.concatenate(mus), folder / "mu.npy"), second,
                save_csv(index, folder / "index.csv"), save_json(meta, folder / "meta.json")]
     print(f"encoded {len(index)} samples")
     return written
@@ -372,7 +383,7 @@ def _shard_latents(folder: Path, member: str) -> Iterator[tuple[str, np.ndarray]
                           f"writes (or .npy files)")
     if f"{member}.npy" not in manifest.get("members", []):
         raise ConfigError(f"latent shards {folder} store {', '.join(manifest.get('members', []))}, not {member}.npy; "
-                          f"pass --latent {'z' if member == 'mu' else 'mu'}")
+                          f"pass --latent with one of those")
     bf16 = manifest.get("latent_dtype") == "bfloat16"
     for split in manifest["splits"].values():
         for shard in split["shards"]:
@@ -382,16 +393,31 @@ def _shard_latents(folder: Path, member: str) -> Iterator[tuple[str, np.ndarray]
                     if ext != f"{member}.npy" or not info.isfile():
                         continue
                     arr = np.load(io.BytesIO(tar.extractfile(info).read()), allow_pickle=False)
+                    if member == "codes":  # integer code maps, decoded through the codebook
+                        yield key, arr.astype(np.int64)
+                        continue
                     if bf16:
                         arr = torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16).float().numpy()
                     yield key, arr.astype(np.float32)
 
 
-def _npy_latents(path: Path, latent_dims: int) -> Iterator[tuple[str, np.ndarray]]:
+def _npy_latents(path: Path, latent_dims: int, code_dims: int | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """(key, latent) of a .npy file: float latents, or (code_dims given: a quantized model) integer code maps."""
     try:
         arr = np.load(path, allow_pickle=False)
     except Exception as e:  # noqa: BLE001 - a bad file is the user's file
         raise ConfigError(f"cannot read {path} as a .npy array ({describe_error(e)})") from None
+    if np.issubdtype(arr.dtype, np.integer):
+        if code_dims is None:
+            raise ConfigError(f"{path} holds integers (code maps) but this run's latent is not quantized; decode "
+                              f"float latents (encode's mu.npy) or use a quantized run")
+        if arr.ndim not in (code_dims, code_dims + 1):
+            raise ConfigError(f"{path} holds codes of shape {list(arr.shape)}; decode needs one code map "
+                              f"({code_dims} dims) or a batch of them ({code_dims + 1} dims)")
+        rows = [arr] if arr.ndim == code_dims else list(arr)
+        for i, row in enumerate(rows):
+            yield (path.stem if arr.ndim == code_dims else f"{path.stem}-{i:04d}"), row.astype(np.int64)
+        return
     if arr.ndim == latent_dims:
         yield path.stem, arr.astype(np.float32)
     elif arr.ndim == latent_dims + 1:
@@ -408,6 +434,7 @@ def decode(run: LoadedRun, args, out: Outputs) -> list[Path]:
     ext = "png" if args.format == "png" else "npy"
     folder = out.folder(Path(args.out) if args.out else run.run_dir / "samples" / "decoded", [f"*.{ext}"])
     model, shape = run.model, tuple(run.model.latent_shape)
+    code_dims = len(model.code_grid) if model.quantizer is not None else None
 
     def latents() -> Iterator[tuple[str, np.ndarray]]:
         for p in map(Path, args.latents):
@@ -418,15 +445,21 @@ def decode(run: LoadedRun, args, out: Outputs) -> list[Path]:
                 if not files:
                     raise ConfigError(f"folder {p} holds no .npy files or latent shards")
                 for f in files:
-                    yield from _npy_latents(f, len(shape))
+                    yield from _npy_latents(f, len(shape), code_dims)
             elif p.is_file():
-                yield from _npy_latents(p, len(shape))
+                yield from _npy_latents(p, len(shape), code_dims)
             else:
                 raise ConfigError(f"{p} does not exist; give .npy files, folders of them or latent shards folders")
 
     def flush(keys: list[str], zs: list[np.ndarray]) -> list[Path]:
         z = torch.from_numpy(np.stack(zs)).to(run.device)
-        if z.shape[1:] == shape:
+        if not z.is_floating_point():  # code maps of a quantized model
+            if tuple(z.shape[1:]) != tuple(model.code_grid) or int(z.min()) < 0 or int(z.max()) >= model.quantizer.num_codes:
+                raise ConfigError(f"codes {keys[0]} have shape {list(z.shape[1:])} and values {int(z.min())}.."
+                                  f"{int(z.max())}, but the model takes {list(model.code_grid)} codes in "
+                                  f"0..{model.quantizer.num_codes - 1}")
+            images = model.decode_indices(z)
+        elif z.shape[1:] == shape:
             images = model.decode(z)
         elif len(shape) == 3 and z.shape[1] == shape[0]:
             images = tiling.tiled_decode(model, z, tile, overlap)
@@ -461,9 +494,11 @@ def anomaly_scores(run: LoadedRun, batches: Callable[[], Iterable[tuple[Batch, l
                    log_scale: float | None, top_k: int = 0):
     """Per-sample rows {key, label, class, source, neg_elbo_nats, neg_elbo_bits_per_dim, recon_mse} and the top_k
     (score, input uint8 HxWx3, reconstruction) by -ELBO. An l1/mse likelihood without `log_scale` gets its
-    maximum-likelihood scale from the scored images first (one extra pass). Returns (rows, top, log_scale)."""
+    maximum-likelihood scale from the scored images first (one extra pass). Returns (rows, top, log_scale).
+    A quantized model has no ELBO: it is scored by recon_mse (neg_elbo_* are None)."""
     model, kind = run.model, run.cfg.loss.recon
-    if kind in ("l1", "mse") and log_scale is None:
+    quantized = model.quantizer is not None
+    if kind in ("l1", "mse") and log_scale is None and not quantized:
         err, n = 0.0, 0
         for batch, _ in batches():
             x = run.to_model_range(batch.images)
@@ -477,22 +512,26 @@ def anomaly_scores(run: LoadedRun, batches: Callable[[], Iterable[tuple[Batch, l
     for batch, sources in batches():
         x = run.to_model_range(batch.images)
         mu, logvar = model.encode(x)
-        log_px, _ = log_weights(run, x, mu, logvar, list(batch.keys), k, seed, log_scale, 256)
-        neg_elbo = (-log_px.mean(0) + kl_per_dim(mu, logvar).double().sum(1)).cpu()
         recon = model.decode(mu)
         mse = (to_unit_range(recon, model.output_range) - to_unit_range(x, model.output_range)
                ).square().flatten(1).mean(1).cpu()
+        if quantized:
+            neg_elbo = None
+        else:
+            log_px, _ = log_weights(run, x, mu, logvar, list(batch.keys), k, seed, log_scale, 256)
+            neg_elbo = (-log_px.mean(0) + kl_per_dim(mu, logvar).double().sum(1)).cpu()
         recon_u8 = media.to_uint8(recon, model.output_range)
         for i, key in enumerate(batch.keys):
             label = int(batch.labels[i])
-            score = float(neg_elbo[i])
+            score = float(neg_elbo[i]) if neg_elbo is not None else float(mse[i])
             rows.append({"key": key, "label": label, "class": _class_name(run, label), "source": sources[i],
-                         "neg_elbo_nats": score, "neg_elbo_bits_per_dim": score / (run.pixel_dims * LN2),
+                         "neg_elbo_nats": None if quantized else score,
+                         "neg_elbo_bits_per_dim": None if quantized else score / (run.pixel_dims * LN2),
                          "recon_mse": float(mse[i])})
             if top_k:
                 top.append((score, batch.images[i].permute(1, 2, 0).numpy().copy(), recon_u8[i]))
         top = sorted(top, key=lambda t: -t[0])[:top_k]
-    rows.sort(key=lambda r: -r["neg_elbo_nats"])
+    rows.sort(key=lambda r: -(r["recon_mse"] if quantized else r["neg_elbo_nats"]))
     return [{"rank": rank, **row} for rank, row in enumerate(rows, 1)], top, log_scale
 
 
@@ -522,8 +561,10 @@ def anomaly(run: LoadedRun, args, out: Outputs) -> list[Path]:
         written.append(media.save_png(_side_by_side(np.stack([t[1] for t in top]), np.stack([t[2] for t in top])),
                                       png))
     scale_note = f", likelihood log-scale {scale:.4f}" if scale is not None else ""
-    print(f"scored {len(rows)} images{scale_note}; worst: {rows[0]['key']} ({rows[0]['neg_elbo_bits_per_dim']:.4f} "
-          f"bits/dim)")
+    worst = rows[0]
+    figure = (f"{worst['neg_elbo_bits_per_dim']:.4f} bits/dim" if worst["neg_elbo_bits_per_dim"] is not None
+              else f"reconstruction MSE {worst['recon_mse']:.5f}: a quantized model has no ELBO")
+    print(f"scored {len(rows)} images{scale_note}; worst: {worst['key']} ({figure})")
     return written
 
 
@@ -576,7 +617,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--split", choices=("val", "train", "all"), default="all", help="for shards folders")
     m.add_argument("--format", choices=("npy", "shards"), default="npy",
                    help="shards: latent shards, any number of processes, resumable (pipeline.encode)")
-    m.add_argument("--store", default="mu", help="shards: comma list of mu, logvar, z (z seeded by key and --seed)")
+    m.add_argument("--store", default="mu", help="shards: comma list of mu, logvar, z (z seeded by key and --seed), "
+                                                  "codes (quantized models: integer code maps)")
     m.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="shards: stored dtype")
     m.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="shards: model precision; auto = bf16 autocast on GPU, fp32 on CPU")
@@ -585,7 +627,8 @@ def _parser() -> argparse.ArgumentParser:
     m = modes.add_parser("decode", parents=[common, tiles], help="latents (.npy or latent shards) back to images")
     m.add_argument("latents", nargs="+", metavar="NPY_OR_LATENT_SHARDS")
     m.add_argument("--format", choices=("png", "npy"), default="png", help="npy: float32 [H, W, 3] in [0, 1]")
-    m.add_argument("--latent", choices=("mu", "z"), default="mu", help="which member of latent shards to decode")
+    m.add_argument("--latent", choices=("mu", "z", "codes"), default="mu",
+                   help="which member of latent shards to decode (codes: a quantized run's integer code maps)")
     m = modes.add_parser("anomaly", parents=[common], help="score images by -ELBO, worst first")
     m.add_argument("inputs", nargs="+", metavar="IMAGES_OR_SHARDS")
     m.add_argument("--split", choices=("val", "train", "all"), default="val", help="for shards folders")

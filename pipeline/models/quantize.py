@@ -288,6 +288,13 @@ class Quantizer(nn.Module):
                 f"code_dim={self.code_dim}, layout={self.layout}")
 
 
+def codes_dtype(num_codes: int):
+    """The integer type code maps are stored in: uint16 up to 65,536 codes, else int32 (numpy dtype)."""
+    import numpy as np
+
+    return np.dtype(np.uint16) if num_codes <= 2**16 else np.dtype(np.int32)
+
+
 def window_health(model: nn.Module) -> dict[str, float]:
     """`codebook/<name>/{usage,perplexity,entropy_bits,restarts}` of every quantizer over the training steps
     since the last call (read_window: all ranks, then reset); {} for an unquantized model."""
