@@ -47,8 +47,13 @@ ARCHS = {
             "loss.adversarial.disc_start=3", "loss.adversarial.disc_warmup_steps=2",
             "loss.adversarial.lecam_weight=0.1", "train.grad_accum_steps=2", "data.batch_size_per_device=4",
             "tracking.mode=offline"],
+    # recipes/vq_f8.yaml, tiny: an EMA codebook (buffers moved once per step), dead-code restarts every 3 steps
+    # (before and after the kill), the usage window; its codebook/* scalars are compared like the losses.
+    "vq": ["model.channels=[8,16]", "model.latent_channels=4", "model.quantizer.kind=ema",
+           "model.quantizer.codebook_size=32", "model.quantizer.lookup_dim=0", "model.quantizer.restart_every_steps=3",
+           "model.quantizer.restart_threshold=12"],
 }
-RECIPES = {"gan": "recipes/flowers_gan.yaml"}  # the others: recipes/demo.yaml
+RECIPES = {"gan": "recipes/flowers_gan.yaml", "vq": "recipes/vq_f8.yaml"}  # the others: recipes/demo.yaml
 
 
 def args(shards: Path, run_dir: Path, arch: str, workers: int, *extra: str) -> list[str]:
@@ -115,6 +120,7 @@ CASES = [
     ("conv", 2, 2, "group", 8),           # kill -9 of the launcher's group right after a checkpoint
     ("resnet", 2, 1, "checkpoint", 12),   # while step 12's checkpoint is being written
     ("gan", 2, 1, "external", 7),         # the adversarial stage: discriminator, its optimizer, LeCam state
+    ("vq", 1, 0, "external", 7),          # quantized: EMA codebook, restart and usage statistics
 ]
 
 
@@ -157,7 +163,7 @@ def test_sigkill_anywhere_then_same_command_resumes_bitwise(tiny_shards, tmp_pat
     # ... and reproduced the uninterrupted run bit for bit.
     ref = {r["step"]: r for r in train_rows(reference(arch, nproc, workers))}
     diffs = {(s, k): (ref[s][k], r[k]) for s, r in resumed.items() for k in ref[s]
-             if k.startswith("loss/") and ref[s][k] != r[k]}
+             if k.startswith(("loss/", "codebook/")) and ref[s][k] != r[k]}
     assert not diffs, f"resumed losses differ from the uninterrupted run: {dict(list(diffs.items())[:8])}"
     assert json.loads((run_dir / "summary.json").read_text())["step"] == STEPS
 
