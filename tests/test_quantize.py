@@ -168,6 +168,29 @@ def test_quantize_blocks_in_a_block_list_validate_and_train():
 PSNR = "tracking.best_metric=val/psnr"
 
 
+def test_quantize_blocks_train_through_the_training_step(fresh_accelerator_state):
+    """The trainer's own step (pipeline.step) on a block-list model: both blocks' codebooks are counted once per
+    step (after_step), their usage reaches window_health, and the step lowers the loss."""
+    from accelerate import Accelerator
+
+    from pipeline.models.quantize import window_health
+    from pipeline.step import build_training, train_step
+
+    c = cfg("model.arch=resnet", "model.quantizer.kind=vq", "model.quantizer.latent=false", "optim.lr=0.01",
+            "model.quantizer.codebook_size=16", "model.quantizer.restart_every_steps=2", "optim.ema_decay=0",
+            "model.encoder=[{block: conv, out: 8}, {block: downsample}, {block: quantize}, {block: resnet, out: 8}]",
+            "model.decoder=[{block: conv, out: 8}, {block: quantize}, {block: upsample}]", "data.hflip=false")
+    accelerator = Accelerator(cpu=True)
+    t = build_training(c, accelerator, 8)
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    totals = [train_step(t, accelerator, [x], step, c).terms["total"].item() for step in range(6)]
+    assert totals[-1] < totals[0], totals
+    health = window_health(t.vae)
+    assert {"codebook/encoder.2/usage", "codebook/decoder.1/usage"} <= set(health)
+    assert all(0 < health[f"codebook/{n}/usage"] <= 1 for n in ("encoder.2", "decoder.1"))
+    assert sum(q.usage_counts.sum().item() for q in t.quantizers) == 0  # read_window reset the window
+
+
 @pytest.mark.parametrize("overrides, sentence", [
     (["model.quantizer.kind=vq", "model.samples_per_input=2", PSNR], "a quantized latent is deterministic"),
     (["model.quantizer.kind=vq", "tracking.best_metric=val/neg_elbo_nats"],
