@@ -16,13 +16,14 @@ Conventions (pinned in tests/test_models.py):
 - L = samples_per_input samples are sample-major: z[l*B + i] is sample l of input i, and
   recon[l*B + i] its decoding; mu and logvar stay [B, *latent_shape].
 - forward() always samples z (also in eval mode); to reconstruct from the posterior mean, call
-  decode(mu).
-- Quantized models (model.quantizer.kind vq/ema/fsq, pipeline/models/quantize.py): the heads give one
-  tensor, z_e, returned as mu with logvar None; forward() quantizes it (no sampling) and decodes the codes;
-  decode(z) quantizes z first, so decoding an interpolation of z_e decodes its nearest codes;
-  decode_indices() decodes integer codes; sample() decodes uniformly random codes. `quantize` blocks
-  inside a block list add their losses and indices to the output. BatchNorm models follow the module's train/eval mode as usual, so call model.eval()
+  decode(mu). BatchNorm models follow the module's train/eval mode as usual, so call model.eval()
   before sample() or decode() for media: in train mode BatchNorm uses and updates batch statistics.
+- Quantized models (model.quantizer.kind vq/ema/fsq, pipeline/models/quantize.py): the head gives one
+  tensor, z_e, returned as mu with logvar None; forward() quantizes it (no sampling) and decodes the
+  codes; decode(z) quantizes z first, so decoding an interpolation of z_e decodes its nearest codes;
+  decode_indices() decodes integer codes; sample() decodes uniformly random codes. `quantize` blocks
+  inside a block list add their losses and indices to the output. Only forward() in train mode (with
+  grad) counts codes for the codebook updates (Quantizer.after_step).
 """
 
 from __future__ import annotations
