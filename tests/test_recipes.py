@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 # The image size each recipe is written for (its shards' SIZE); resnet_f8 runs at 32 px here to keep an
 # 83.7M-parameter forward/backward cheap on CPU — the architecture is size-agnostic (f = 8).
-SIZES = {"flowers": 128, "flowers_gan": 128, "dogs64": 64, "vanilla64": 64, "resnet_f8": 32, "demo": 64}
+SIZES = {"flowers": 128, "flowers_gan": 128, "dogs64": 64, "vanilla64": 64, "resnet_f8": 32, "demo": 64,
+         "vq_f8": 64}
 
 
 def test_all_recipes_are_covered():
@@ -48,7 +49,8 @@ def test_recipe_builds_and_trains_one_step(recipe):
             total = total + cfg.loss.adversarial.weight * w * gan
     total.backward()
     assert torch.isfinite(total)
-    assert {"recon", "kl", "kl_weighted", "beta"} <= set(result.terms)
+    quantized = cfg.model.quantizer.kind != "none"  # the quantizer's loss replaces the KL term
+    assert ({"recon", "quantizer"} if quantized else {"recon", "kl", "kl_weighted", "beta"}) <= set(result.terms)
     if cfg.loss.perceptual.weight:
         assert "perceptual" in result.terms
     if cfg.loss.ssim_weight:
