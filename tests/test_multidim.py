@@ -68,7 +68,7 @@ def test_two_d_is_unchanged_by_the_field():
     model = build_model(ModelConfig(**ARCHS["resnet"][0]), 16)
     assert model.spatial_dims == 2
     assert model.state_dict()["encoder.0.weight"].shape == (8, 3, 3, 3)
-    assert model.state_dict()["encoder.3.qkv.weight"].shape == (48, 16, 1, 1)
+    assert model.state_dict()["encoder.5.qkv.weight"].shape == (48, 16, 1, 1)
 
 
 def test_one_d_attention_mixes_all_positions():
