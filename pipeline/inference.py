@@ -216,7 +216,7 @@ def load_run(run_dir: str | Path, overrides: Sequence[str] = (), checkpoint: str
     _load_state(model, vae_state, f"{ckpt.name} ({used} weights)")
     loss_cfg = copy.deepcopy(cfg.loss)
     loss_cfg.perceptual.weight = 0.0  # the backbone is frozen and not in the checkpoint; evaluate builds it
-    loss = VAELoss(loss_cfg, model.output_range, cfg.model.in_channels)
+    loss = VAELoss(loss_cfg, model.output_range, cfg.model.in_channels, cfg.model.spatial_dims)
     _load_state(loss, _strip(train_state, "loss."), f"{ckpt.name} (loss parameters)")
     model.to(device).eval().requires_grad_(False)
     loss.to(device).eval().requires_grad_(False)

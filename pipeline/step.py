@@ -230,7 +230,7 @@ def _skip_unless(ok: torch.Tensor, optimizer, accelerator) -> None:
 
 def build_training(cfg: Config, accelerator: Accelerator, image_size: int) -> Training:
     vae = build_model(cfg.model, image_size)
-    loss_fn = VAELoss(cfg.loss, vae.output_range, cfg.model.in_channels)
+    loss_fn = VAELoss(cfg.loss, vae.output_range, cfg.model.in_channels, cfg.model.spatial_dims)
     augment = DeviceAugment(cfg.data, vae.output_range).to(accelerator.device)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     vae = vae.to(accelerator.device, memory_format=memory_format)
