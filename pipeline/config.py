@@ -554,7 +554,7 @@ def _validate_spatial_dims(cfg: Config, source: str) -> None:
     if dims == 2:
         return
     refused = {"loss.perceptual.weight": cfg.loss.perceptual.weight, "loss.adversarial.weight": cfg.loss.adversarial.weight,
-               "data.rotation_degrees": cfg.data.rotation_degrees}
+               "data.rotation_degrees": cfg.data.rotation_degrees, "train.channels_last": cfg.train.channels_last}
     for key, value in refused.items():
         if value > 0:
             raise ConfigError(f"{source}: {key} is {value}, but it works on 2-D images only and model.spatial_dims is "
