@@ -41,7 +41,7 @@ def read_npy(data: bytes) -> np.ndarray:
         arr = np.load(io.BytesIO(data), allow_pickle=False)
     except ValueError as e:
         if "allow_pickle" in str(e):
-            raise ValueError("an object array (pickled Python objects); store numbers") from None
+            raise ValueError("pickled Python objects (an object array or a pickle), which are never unpickled; store numbers") from None
         raise ValueError(f"not a readable .npy file ({str(e).splitlines()[0][:80]})") from None
     except Exception as e:  # noqa: BLE001 - truncated header/data
         raise ValueError(f"not a readable .npy file ({type(e).__name__})") from None

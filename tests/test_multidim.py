@@ -6,6 +6,8 @@ Tiny widths, 64-sample signals and 8-16 voxel volumes keep this file fast on CPU
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -195,3 +197,187 @@ def test_perceptual_loss_refused_for_other_dims():
 
     with pytest.raises(ConfigError, match="loss.perceptual.weight is 1.0, but it works on 2-D images only"):
         VAELoss(LossConfig(perceptual=PerceptualConfig(weight=1.0)), (-1.0, 1.0), 1, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shards of arrays: .npy and .wav, bad arrays reported and skipped
+# ----------------------------------------------------------------------------------------------
+
+
+def _wav(path, pcm, width: int, channels: int = 1) -> None:
+    import wave
+
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(width)
+        w.setframerate(8000)
+        w.writeframes(pcm)
+
+
+def test_signal_folder_with_bad_arrays_is_sharded_and_reported(tmp_path):
+    """Good .npy ([L], [1, L], any numeric dtype) and PCM .wav (8/16/24-bit) files become float32 [1, L]
+    samples with their values kept (wav at full scale); every bad file is skipped with its reason in the
+    manifest and the log, none unpickled; the manifest records the shape, dims and normalisation."""
+    import json
+    import pickle
+
+    import numpy as np
+
+    from pipeline.data.tar import _tar_entries  # noqa: F401  (the reader the trainer uses below)
+    from pipeline.shards import write_shards
+
+    src, L = tmp_path / "src", 32
+    for c in ("a", "b"):
+        (src / c).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    good = {}
+    for i in range(6):
+        x = rng.uniform(-2, 3, L).astype(np.float32)
+        np.save(src / "a" / f"s{i}.npy", x if i % 2 else x[None])
+        good[f"a/s{i}.npy"] = x
+    np.save(src / "b" / "int16.npy", np.arange(L, dtype=np.int16))
+    good["b/int16.npy"] = np.arange(L, dtype=np.float32)
+    pcm16 = (np.arange(L) - 16).astype("<i2") * 1024
+    _wav(src / "b" / "pcm16.wav", pcm16.tobytes(), 2)
+    good["b/pcm16.wav"] = pcm16 / 32768.0
+    pcm24 = np.array([-(2 ** 23), -1, 0, 1, 2 ** 23 - 1] + [5] * (L - 5))
+    _wav(src / "b" / "pcm24.wav", b"".join(int(v).to_bytes(3, "little", signed=True) for v in pcm24), 3)
+    good["b/pcm24.wav"] = pcm24 / 2.0 ** 23
+    _wav(src / "b" / "pcm8.wav", bytes(range(100, 100 + L)), 1)
+    good["b/pcm8.wav"] = (np.arange(100, 100 + L) - 128) / 128.0
+
+    bad = {}
+    np.save(src / "b" / "long.npy", np.zeros(L + 1, np.float32))
+    bad["b/long.npy"] = "differs from the data set's [1, 32]"
+    np.save(src / "b" / "stereo.npy", np.zeros((2, L), np.float32))
+    bad["b/stereo.npy"] = "differs"
+    np.save(src / "b" / "cube.npy", np.zeros((2, 2, L), np.float32))
+    bad["b/cube.npy"] = "has 3 axes"
+    np.save(src / "b" / "nan.npy", np.full(L, np.nan, np.float32))
+    bad["b/nan.npy"] = "NaN or inf"
+    np.save(src / "b" / "inf.npy", np.full(L, np.inf))
+    bad["b/inf.npy"] = "NaN or inf"
+    np.save(src / "b" / "complex.npy", np.zeros(L, np.complex64))
+    bad["b/complex.npy"] = "not numeric"
+    np.save(src / "b" / "strings.npy", np.array(["x"] * L))
+    bad["b/strings.npy"] = "not numeric"
+    marker = tmp_path / "unpickled"
+    np.save(src / "b" / "object.npy", np.array([_Boom(str(marker))] * L, dtype=object), allow_pickle=True)
+    bad["b/object.npy"] = "pickled Python objects (an object array"
+    (src / "b" / "truncated.npy").write_bytes((src / "a" / "s1.npy").read_bytes()[:100])
+    bad["b/truncated.npy"] = "not a readable .npy"
+    (src / "b" / "empty.npy").write_bytes(b"")
+    bad["b/empty.npy"] = "empty"
+    (src / "b" / "text.wav").write_text("not audio")
+    bad["b/text.wav"] = "not a PCM .wav"
+    (src / "b" / "pickle.npy").write_bytes(pickle.dumps([1, 2, 3]))
+    bad["b/pickle.npy"] = "pickled Python objects"
+    (src / "b" / "notes.txt").write_text("ignored")
+
+    lines: list[str] = []
+    m = write_shards(src, tmp_path / "out", "sig", spatial_dims=1, workers=1, progress=False, log=lines.append,
+                     val_fraction=0.3)
+    assert not marker.exists(), "an object array was unpickled"
+    reasons = {s["path"]: s["reason"] for s in m["skipped"]}
+    assert sorted(reasons) == sorted(bad), reasons
+    for path, word in bad.items():
+        assert word in reasons[path] and "\n" not in reasons[path], (path, reasons[path])
+    assert m["splits"]["train"]["count"] + m["splits"]["val"]["count"] == len(good)
+    assert (m["kind"], m["spatial_dims"], m["sample_shape"], m["dtype"], m["size"]) == ("array", 1, [1, L],
+                                                                                        "float32", L)
+    values = np.concatenate([v.ravel() for v in good.values()])
+    assert m["normalization"]["low"] == pytest.approx(values.min()) and m["normalization"]["source"] == "data"
+    assert m["normalization"]["high"] == pytest.approx(values.max())
+    assert any("skipped b/nan.npy: holds NaN or inf" in line for line in lines)
+    assert json.loads((tmp_path / "out" / "sig" / "manifest.json").read_text()) == m
+
+    # The readers hand out exactly those values as float32 [B, 1, L].
+    from pipeline.config import load_config
+    from pipeline.data import val_batches
+
+    cfg = load_config(None, [f"data.shards={tmp_path / 'out' / 'sig'}", "model.spatial_dims=1", "model.in_channels=1",
+                             "data.num_workers=0", "data.val_batch_size_per_device=4"])
+    got = {}
+    for split in ("train", "val"):
+        for batch in val_batches(cfg, 0, 1, split=split):
+            assert batch.images.dtype == torch.float32 and batch.images.shape[1:] == (1, L)
+            got.update({k: v for k, v in zip(batch.keys, batch.images)})
+    assert len(got) == len(good)
+    wanted = [v.ravel().astype(np.float32) for v in good.values()]
+    for v in got.values():  # every stored sample is one of the good files, values kept (wav at full scale)
+        match = [i for i, w in enumerate(wanted) if np.array_equal(v.numpy().ravel(), w)]
+        assert len(match) == 1
+        wanted.pop(match[0])
+
+    # --range fixes the normalisation instead of the data's min/max; it is recorded.
+    m2 = write_shards(src, tmp_path / "out", "sig2", spatial_dims=1, workers=1, progress=False, log=lines.append,
+                      value_range=(-4.0, 4.0))
+    assert m2["normalization"] | {"how": ""} == {"low": -4.0, "high": 4.0, "source": "given", "how": ""}
+
+
+class _Boom:
+    """Unpickling one of these would create a file: proof that nothing in sharding unpickles."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_volumes_shard_channels_last_and_non_cubes_are_refused(tmp_path):
+    import numpy as np
+
+    from pipeline.shards import ShardsError, write_shards
+
+    src = tmp_path / "vol"
+    src.mkdir()
+    for i in range(4):
+        np.save(src / f"{i}.npy", np.full((4, 4, 4, 2), i, np.uint8))  # channels last
+    m = write_shards(src, tmp_path / "out", "v", spatial_dims=3, channels_last=True, workers=1, progress=False,
+                     log=lambda s: None)
+    assert m["sample_shape"] == [2, 4, 4, 4] and m["skipped"] == []
+    for i in range(5):  # now the most common shape: [1, 2, 4, 8]
+        np.save(src / f"flat{i}.npy", np.zeros((2, 4, 8), np.float32))
+    with pytest.raises(ShardsError, match="the volumes in .* are 2 x 4 x 8 voxels, but the models need cubes"):
+        write_shards(src, tmp_path / "out", "v", spatial_dims=3, workers=1, progress=False, log=lambda s: None)
+
+
+def test_shards_cli_refuses_parts_for_arrays(tmp_path):
+    from pipeline.shards import main
+
+    assert main([str(tmp_path), "--spatial-dims", "1", "--parts", "2", "--merge"]) == 2
+
+
+def test_training_refuses_shards_of_other_dims(signal_shards):
+    from pipeline.data import check_fits, read_manifest
+
+    m = read_manifest(signal_shards)
+    for overrides, message in ((["model.spatial_dims=3"], "holds 1-D signals but model.spatial_dims is 3; "
+                                                          "set model.spatial_dims=1"),
+                               (["model.spatial_dims=1", "model.in_channels=3"],
+                                "holds samples of shape [1, 64] ([C, *spatial]) but model.in_channels is 3")):
+        cfg = load_config(None, overrides, check_paths=False)
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            check_fits(cfg, m, str(signal_shards))
+    with pytest.raises(ConfigError, match="holds 2-D images but model.spatial_dims is 1"):
+        check_fits(load_config(None, ["model.spatial_dims=1"], check_paths=False), {"size": 32}, "x")
+
+
+def test_media_draws_signals_and_volumes():
+    from pipeline import media
+
+    sig = torch.zeros(2, 1, 50)
+    sig[1, 0] = torch.linspace(-1, 1, 50)
+    tiles = media.to_tiles(sig, (-1.0, 1.0))
+    assert tiles.shape == (2, *media.SIGNAL_TILE, 3) and tiles.dtype == "uint8"
+    blue = (tiles[1] == media.CURVE_COLOURS[0]).all(-1)
+    rows = blue.nonzero()[0]
+    assert rows.min() < 10 and rows.max() > media.SIGNAL_TILE[0] - 10  # a ramp spans the plot's height
+    under = media.to_tiles(sig[:1], (-1.0, 1.0), under=sig[1:])
+    assert (under[0] == media.UNDER_COLOUR).all(-1).any()  # the input drawn in grey under the reconstruction
+    vol = torch.zeros(1, 1, 8, 8, 8)
+    vol[0, 0, 4, :, :] = 1.0  # the mid-slice across D is bright, the others show a bright line
+    tiles = media.to_tiles(vol, (0.0, 1.0))
+    assert tiles.shape == (1, 64, 3 * 64 + 4, 3)
+    assert tiles[0, :, :64].min() == 255 and tiles[0, :, 66:130].mean() < 255 / 4

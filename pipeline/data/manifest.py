@@ -97,7 +97,7 @@ def check_fits(cfg: Config, manifest: dict, where: str) -> None:
                           f"set model.spatial_dims={dims}")
     shape = sample_shape(manifest)
     if shape and cfg.model.in_channels != shape[0]:
-        raise ConfigError(f"data.shards {where} holds samples with {shape[0]} channels {list(shape)} but "
+        raise ConfigError(f"data.shards {where} holds samples of shape {list(shape)} ([C, *spatial]) but "
                           f"model.in_channels is {cfg.model.in_channels}; set model.in_channels={shape[0]}")
 
 
