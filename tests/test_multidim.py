@@ -7,6 +7,7 @@ Tiny widths, 64-sample signals and 8-16 voxel volumes keep this file fast on CPU
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -381,3 +382,74 @@ def test_media_draws_signals_and_volumes():
     tiles = media.to_tiles(vol, (0.0, 1.0))
     assert tiles.shape == (1, 64, 3 * 64 + 4, 3)
     assert tiles[0, :, :64].min() == 255 and tiles[0, :, 66:130].mean() < 255 / 4
+
+
+# ----------------------------------------------------------------------------------------------
+# The recipes through the same trainer, evaluation and sample tools
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def runs(signal_shards, volume_shards, tmp_path_factory):
+    """recipes/signals1d.yaml and recipes/volumes3d.yaml, tiny, 6 steps each through pipeline/train.py."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, TEST_ENV
+
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for name, shards, extra in (("signals1d", signal_shards, ["model.channels=[8,16]", "model.attention_levels=[1]"]),
+                                ("volumes3d", volume_shards, ["model.channels=[4,8]", "loss.ssim_window=3"])):
+        r = subprocess.run([sys.executable, "pipeline/train.py", f"recipes/{name}.yaml", f"data.shards={shards}",
+                            f"run.dir={root}", "train.max_steps=6", "data.batch_size_per_device=8",
+                            "data.num_workers=0", "tracking.mode=disabled", "tracking.media_every_steps=6",
+                            "tracking.eval_every_steps=6", "tracking.log_every_steps=3", "tracking.media_images=4",
+                            "train.checkpoint_every_steps=6", *extra],
+                           cwd=ROOT, env=TEST_ENV, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        out[name] = root / name
+    return out
+
+
+@pytest.mark.slow  # end-to-end: two training subprocesses
+@pytest.mark.parametrize("name, dims", [("signals1d", 1), ("volumes3d", 3)])
+def test_recipe_trains_evaluates_and_samples(runs, name, dims, tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline import evaluate, sample
+
+    run = runs[name]
+    info = json.loads((run / "model_info.json").read_text())
+    assert info["spatial_dims"] == dims and info["normalization"]["low"] < info["normalization"]["high"]
+    val = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "val/psnr" in line]
+    assert val and np.isfinite(val[-1]["val/psnr"]) and -1 <= val[-1]["val/ssim"] <= 1
+    recon = np.asarray(Image.open(run / "media" / "recon-000006.png"))
+    assert recon.ndim == 3 and recon.shape[0] > 100 and recon.std() > 5  # line plots / mid-slices, not blank
+
+    import yaml
+
+    shards = yaml.safe_load((run / "config.yaml").read_text())["data"]["shards"]
+    m = evaluate.main([str(run), "--iwae-k", "2", "tracking.mode=disabled", "--out", str(tmp_path / "m.json")])
+    assert m["count"] == json.loads((Path(shards) / "manifest.json").read_text())["splits"]["val"]["count"]
+    assert np.isfinite(m["psnr"]) and np.isfinite(m["ssim"]) and np.isfinite(m["neg_elbo_nats"])
+    assert np.isfinite(m["sharpness_ratio"]) and m["lpips"] is None
+
+    prior = sample.main([str(run), "prior", "--n", "3", "--out", str(tmp_path / "prior.npy")])
+    x = np.load(prior[0], allow_pickle=False)
+    size = 64 if dims == 1 else 8
+    assert x.shape == (3, 1, *[size] * dims) and x.dtype == np.float32
+    low, high = info["normalization"]["low"], info["normalization"]["high"]
+    assert low - 1e-4 <= x.min() and x.max() <= high + 1e-4  # in the data's units
+
+    written = sample.main([str(run), "reconstruct", shards, "--out", str(tmp_path / "rec")])
+    inputs, recons = (np.load(tmp_path / "rec" / f, allow_pickle=False) for f in ("inputs.npy", "recons.npy"))
+    assert inputs.shape == recons.shape and inputs.shape[1:] == (1, *[size] * dims)
+    assert low - 1e-4 <= inputs.min() and inputs.max() <= high + 1e-4
+    assert {p.name for p in written} == {"inputs.npy", "recons.npy", "index.csv", "preview.png"}
+    with pytest.raises(SystemExit) as exit_:
+        sample.main([str(run), "traverse"])
+    assert exit_.value.code == 2
