@@ -109,6 +109,8 @@ def main(cfg: Config) -> int:
                           f"`python -m pipeline.shards ... --val-fraction 0.1`")
     # Fixed validation images for the media panels; only the main process logs media.
     media_images = _first_images(cfg, cfg.tracking.media_images) if main_process else None
+    if media_images is not None and media_images.dtype != torch.uint8:  # arrays: normalised as training batches
+        media_images = t.augment(media_images.to(device), train=False).cpu()
     images_per_step = cfg.data.batch_size_per_device * cfg.train.grad_accum_steps * accelerator.num_processes
     peak = _peak_flops(device)
     nonfinite_run = torch.tensor(nonfinite["run"], device=device)

@@ -398,8 +398,12 @@ def runs(signal_shards, volume_shards, tmp_path_factory):
     from conftest import ROOT, TEST_ENV
 
     root = tmp_path_factory.mktemp("runs")
+    # The signals again with a given range twice theirs (--range -2 2): the model sees them at half amplitude.
+    subprocess.run([sys.executable, "-m", "pipeline.shards", str(signal_shards.parents[1] / "src"), "--name", "wide",
+                    "--spatial-dims", "1", "--range", "-2", "2", "--out", str(root), "--workers", "1"],
+                   check=True, cwd=ROOT, env=TEST_ENV, capture_output=True)
     out = {}
-    for name, shards, extra in (("signals1d", signal_shards, ["model.channels=[8,16]", "model.attention_levels=[1]"]),
+    for name, shards, extra in (("signals1d", root / "wide", ["model.channels=[8,16]", "model.attention_levels=[1]"]),
                                 ("volumes3d", volume_shards, ["model.channels=[4,8]", "loss.ssim_window=3"])):
         r = subprocess.run([sys.executable, "pipeline/train.py", f"recipes/{name}.yaml", f"data.shards={shards}",
                             f"run.dir={root}", "train.max_steps=6", "data.batch_size_per_device=8",
@@ -429,6 +433,12 @@ def test_recipe_trains_evaluates_and_samples(runs, name, dims, tmp_path):
     assert val and np.isfinite(val[-1]["val/psnr"]) and -1 <= val[-1]["val/ssim"] <= 1
     recon = np.asarray(Image.open(run / "media" / "recon-000006.png"))
     assert recon.ndim == 3 and recon.shape[0] > 100 and recon.std() > 5  # line plots / mid-slices, not blank
+    if dims == 1:  # the inputs row shows the signals as the model sees them: normalised, at half amplitude
+        from pipeline import media
+
+        first = recon[2:2 + media.SIGNAL_TILE[0], 2:2 + media.SIGNAL_TILE[1]]
+        rows = (first == media.CURVE_COLOURS[0]).all(-1).any(1).nonzero()[0]
+        assert 0 < rows.max() - rows.min() < 0.6 * media.SIGNAL_TILE[0], (rows.min(), rows.max())
 
     import yaml
 
