@@ -148,7 +148,8 @@ def volume_slices(x: Tensor, output_range: Sequence[float], gap: int = 2, min_px
     d, h, w = x.shape[-3:]
     views = [x[:, :, d // 2], x[:, :, :, h // 2], x[:, :, :, :, w // 2]]  # [B, C, H, W], [B, C, D, W], [B, C, D, H]
     rows = max(v.shape[-2] for v in views)
-    out = np.full((x.shape[0], rows, sum(v.shape[-1] for v in views) + gap * 2, 3), PAD_VALUE, np.uint8)
+    # dark grey gaps: volumes often have black backgrounds, which black gaps would merge
+    out = np.full((x.shape[0], rows, sum(v.shape[-1] for v in views) + gap * 2, 3), 96, np.uint8)
     col = 0
     for v in views:
         tile = to_uint8(v, output_range)
