@@ -63,7 +63,7 @@ import torch
 from PIL import Image
 
 from pipeline import arrays, media, tiling
-from pipeline.config import ConfigError, exit_on_config_error
+from pipeline.config import ConfigError, exit_on_config_error, load_config
 from pipeline.data import Batch
 from pipeline.evaluate import log_weights, to_unit_range
 from pipeline.images import describe_error, load_rgb
@@ -694,6 +694,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     if args.mode == "encode" and args.format == "shards":  # distributed, resumable: its own module
         from pipeline.encode import run_encode
 
+        config = Path(args.run_dir) / "config.yaml"
+        if config.is_file() and load_config(config, check_paths=False).model.spatial_dims != 2:
+            raise ConfigError("encode --format shards reads image shards; for signals and volumes use "
+                              "encode --format npy")
         code = run_encode(args)
         if code:
             sys.exit(code)

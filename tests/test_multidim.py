@@ -463,3 +463,16 @@ def test_recipe_trains_evaluates_and_samples(runs, name, dims, tmp_path):
     with pytest.raises(SystemExit) as exit_:
         sample.main([str(run), "traverse"])
     assert exit_.value.code == 2
+
+
+def test_encode_shards_refuses_array_runs(tmp_path, capsys):
+    from pipeline import sample
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model:\n  spatial_dims: 1\n  in_channels: 1\n")
+    with pytest.raises(SystemExit) as exit_:
+        sample.main([str(run), "encode", str(tmp_path), "--format", "shards"])
+    assert exit_.value.code == 2
+    assert "encode --format shards reads image shards; for signals and volumes use encode --format npy" \
+        in capsys.readouterr().err
