@@ -460,6 +460,11 @@ def test_recipe_trains_evaluates_and_samples(runs, name, dims, tmp_path):
     assert inputs.shape == recons.shape and inputs.shape[1:] == (1, *[size] * dims)
     assert low - 1e-4 <= inputs.min() and inputs.max() <= high + 1e-4
     assert {p.name for p in written} == {"inputs.npy", "recons.npy", "index.csv", "preview.png"}
+    sample.main([str(run), "encode", shards, "--out", str(tmp_path / "lat")])
+    mu = np.load(tmp_path / "lat" / "mu.npy", allow_pickle=False)
+    manifest = json.loads((Path(shards) / "manifest.json").read_text())
+    assert mu.shape[0] == manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"]
+    assert mu.shape[1:] == (4, *[size // (2 if dims == 1 else 4)] * dims)  # the recipes' 4-channel latents
     with pytest.raises(SystemExit) as exit_:
         sample.main([str(run), "traverse"])
     assert exit_.value.code == 2
