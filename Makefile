@@ -19,7 +19,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 LAUNCH_ENV := $(if $(HAS_GPU),,ACCELERATE_USE_CPU=1)
 LAUNCH_MULTI := $(if $(filter-out 1,$(NPROC)),--multi_gpu,)
 
-.PHONY: help install demo demo-data shards shards-slurm verify train eval export batchsize sweep test test-fast test-slurm bench-data bench-train bench-quality bench-encode encode sync clean
+.PHONY: help install demo demo-data shards shards-slurm verify train eval export batchsize sweep test test-fast test-slurm bench-data bench-train bench-quality bench-encode encode sync clean demo-signals demo-volumes
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -38,6 +38,14 @@ demo: install  ## Build demo shards (offline), train briefly on CPU, write a W&B
 demo-data: install  ## Generate the offline demo image folder (data/demo) and shard it into shards/demo
 	$(BIN)/python -m pipeline.demo_data data/demo
 	$(BIN)/python -m pipeline.shards data/demo --name demo --size 64
+
+demo-signals: install  ## Generate 1-D chirp signals (data/signals1d) and shard them (shards/signals1d) for recipes/signals1d.yaml
+	$(BIN)/python -m pipeline.demo_arrays signals data/signals1d
+	$(BIN)/python -m pipeline.shards data/signals1d --name signals1d --spatial-dims 1
+
+demo-volumes: install  ## Generate 3-D ellipsoid volumes (data/volumes3d) and shard them (shards/volumes3d) for recipes/volumes3d.yaml
+	$(BIN)/python -m pipeline.demo_arrays volumes data/volumes3d
+	$(BIN)/python -m pipeline.shards data/volumes3d --name volumes3d --spatial-dims 3
 
 shards: install  ## Shard an image folder: make shards SRC=data/flowers NAME=flowers SIZE=128
 	$(BIN)/python -m pipeline.shards $(SRC) --name $(NAME) --size $(SIZE) $(ARGS)
@@ -98,4 +106,4 @@ sync: install  ## Upload offline W&B runs (one `wandb sync` per run, segments in
 	$(BIN)/python -m pipeline.wandb_log sync $(or $(RUNS),runs)
 
 clean:  ## Remove runs/, demo data and shards (keeps .venv)
-	rm -rf runs data/demo shards/demo
+	rm -rf runs data/demo shards/demo data/signals1d shards/signals1d data/volumes3d shards/volumes3d

@@ -148,6 +148,11 @@ class ModelConfig:
     """Upper clamp of the encoder's log-variance (nats)."""
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     """Quantized latents (VQ-VAE / VQGAN / FSQ tokenizers); kind none keeps the Gaussian VAE."""
+    spatial_dims: int = 2
+    """Spatial axes of the data: 1 (signals [C, L]: audio, sensor series) | 2 (images [C, H, W]) | 3 (volumes
+    [C, D, H, W] with D = H = W). Must match the shards' manifest (`spatial_dims`, images: 2). conv, vanilla,
+    dcgan and resnet build Conv1d/Conv3d versions of the same layers; the perceptual and adversarial terms
+    and data.rotation_degrees are 2-D only (README: 1-D and 3-D data)."""
 
 
 @dataclass
@@ -549,6 +554,7 @@ def validate(cfg: Config, source: str = "recipe", check_paths: bool = True) -> N
         raise ConfigError(f"{source}: loss.perceptual.layer_weights needs one weight per entry of loss.perceptual.layers")
     _validate_adversarial(cfg, source)
     _validate_quantizer(cfg, source)
+    _validate_spatial_dims(cfg, source)
     for side in ("encoder", "decoder"):
         for i, spec in enumerate(getattr(cfg.model, side)):
             if spec.block not in BLOCK_NAMES:
@@ -619,6 +625,20 @@ def _validate_adversarial(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: loss.adversarial.r1_weight needs a double backward through the "
                           f"discriminator, which torch.compile does not support; set train.compile=false or "
                           f"loss.adversarial.r1_weight=0")
+
+
+def _validate_spatial_dims(cfg: Config, source: str) -> None:
+    dims = cfg.model.spatial_dims
+    if dims not in (1, 2, 3):
+        raise ConfigError(f"{source}: model.spatial_dims must be 1, 2 or 3, got {dims}")
+    if dims == 2:
+        return
+    refused = {"loss.perceptual.weight": cfg.loss.perceptual.weight, "loss.adversarial.weight": cfg.loss.adversarial.weight,
+               "data.rotation_degrees": cfg.data.rotation_degrees, "train.channels_last": cfg.train.channels_last}
+    for key, value in refused.items():
+        if value > 0:
+            raise ConfigError(f"{source}: {key} is {value}, but it works on 2-D images only and model.spatial_dims is "
+                              f"{dims}; set {key}=0")
 
 
 def to_dict(cfg: Config) -> dict:

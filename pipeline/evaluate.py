@@ -65,6 +65,7 @@ from pipeline.config import ConfigError, exit_on_config_error
 from pipeline.inference import check_shards, key_noise, load_run, split_batches
 from pipeline.metrics import ReconstructionMetrics
 from pipeline.models.quantize import code_statistics, quantizers
+from pipeline.objective.image import ssim as ssim_map
 from pipeline.objective.kl import kl_per_dim
 from pipeline.objective.likelihood import (GAUSSIAN_LOGVAR_RANGE, LN2, fixed_log_scale, iwae_bounds,
                                            iwae_group_sizes, log_importance_weights)
@@ -91,6 +92,8 @@ def psnr_per_image(recon01: torch.Tensor, target01: torch.Tensor) -> torch.Tenso
 
 
 def ssim_per_image(recon01: torch.Tensor, target01: torch.Tensor, window: int = 11) -> torch.Tensor:
+    if recon01.dim() != 4:  # signals and volumes: the 1-D window / kornia's ssim3d (pipeline.objective.image)
+        return ssim_map(recon01, target01, window).flatten(1).mean(1)
     return kornia.metrics.ssim(recon01, target01, window).flatten(1).mean(1)
 
 
@@ -532,7 +535,7 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator = Accelerator()
     run = load_run(args.run_dir, args.overrides, args.checkpoint, args.weights, accelerator.device, args.image_size)
     shards = args.shards or run.cfg.data.shards
-    check_shards(shards, run.image_size)
+    check_shards(shards, run.image_size, run.cfg)
     perceptual = build_perceptual(run, args.perceptual)
     if args.lpips_weights:
         run.cfg.metrics.lpips_backbone_weights = args.lpips_weights

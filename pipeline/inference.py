@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from pipeline.config import Config, ConfigError, load_config
-from pipeline.data import Batch, DeviceAugment, read_manifest, val_batches
+from pipeline.data import Batch, DeviceAugment, check_fits, data_range, read_manifest, sample_shape, val_batches
 from pipeline.images import IMAGE_EXTENSIONS, describe_error, load_image
 from pipeline.objective import VAELoss
 from pipeline.models import VAE, build_model
@@ -66,11 +66,19 @@ class LoadedRun:
     """The run's loss with its learned parameters, perceptual term off (see evaluate for that)."""
     device: torch.device
     augment: DeviceAugment = field(repr=False)
+    data_range: tuple[float, float] | None = None
+    """Array runs (model.spatial_dims 1 or 3): the (low, high) data units the training normalised from."""
 
     @property
     def pixel_dims(self) -> int:
-        """C*H*W: the number of sub-pixels bits/dim divides by."""
-        return self.model.in_channels * self.image_size * self.image_size
+        """C*H*W (C*L, C*D*H*W): the number of sub-pixels bits/dim divides by."""
+        return self.model.in_channels * self.image_size ** self.model.spatial_dims
+
+    def to_data_units(self, x: Tensor) -> Tensor:
+        """Array runs: samples in the model's range -> the data's own units (the inverse of the normalisation)."""
+        lo, hi = self.model.output_range
+        low, high = self.data_range
+        return ((x.float() - lo) / (hi - lo)) * (high - low) + low
 
     def to_model_range(self, images_uint8: Tensor) -> Tensor:
         """uint8 [B,3,H,W] (any device) -> float on `device` in the model's output range (no augmentation)."""
@@ -216,13 +224,33 @@ def load_run(run_dir: str | Path, overrides: Sequence[str] = (), checkpoint: str
     _load_state(model, vae_state, f"{ckpt.name} ({used} weights)")
     loss_cfg = copy.deepcopy(cfg.loss)
     loss_cfg.perceptual.weight = 0.0  # the backbone is frozen and not in the checkpoint; evaluate builds it
-    loss = VAELoss(loss_cfg, model.output_range, cfg.model.in_channels)
+    loss = VAELoss(loss_cfg, model.output_range, cfg.model.in_channels, cfg.model.spatial_dims)
     _load_state(loss, _strip(train_state, "loss."), f"{ckpt.name} (loss parameters)")
     model.to(device).eval().requires_grad_(False)
     loss.to(device).eval().requires_grad_(False)
-    augment = DeviceAugment(cfg.data, model.output_range).to(device)
+    data_range = _data_range(run_dir, cfg)
+    augment = DeviceAugment(cfg.data, model.output_range, data_range).to(device)
     return LoadedRun(run_dir=run_dir, cfg=cfg, checkpoint=ckpt, step=_checkpoint_step(ckpt), weights=used,
-                     image_size=size, classes=classes, model=model, loss=loss, device=device, augment=augment)
+                     image_size=size, classes=classes, model=model, loss=loss, device=device, augment=augment,
+                     data_range=data_range)
+
+
+def _data_range(run_dir: Path, cfg: Config) -> tuple[float, float] | None:
+    """Array runs: the normalisation training used (model_info.json, else the shards' manifest); None for images."""
+    if cfg.model.spatial_dims == 2:
+        return None
+    info_path = run_dir / MODEL_INFO_FILE
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    if "normalization" in info:
+        return float(info["normalization"]["low"]), float(info["normalization"]["high"])
+    try:
+        found = data_range(read_manifest(cfg.data.shards))
+    except ConfigError:
+        found = None
+    if found is None:
+        raise ConfigError(f"{run_dir} is an array run (model.spatial_dims {cfg.model.spatial_dims}) without "
+                          f"{MODEL_INFO_FILE} and its shards {cfg.data.shards} are gone; the data range is unknown")
+    return found
 
 
 def _load_state(module: torch.nn.Module, state: dict[str, Tensor], what: str) -> None:
@@ -241,9 +269,15 @@ def _load_state(module: torch.nn.Module, state: dict[str, Tensor], what: str) ->
 # --------------------------------------------------------------------------------------------
 
 
-def check_shards(shards_dir: str | Path, image_size: int) -> dict:
-    """The manifest of a shards folder whose images have the model's size (ConfigError otherwise)."""
+def check_shards(shards_dir: str | Path, image_size: int, cfg: Config | None = None) -> dict:
+    """The manifest of a shards folder whose images have the model's size (ConfigError otherwise); with the
+    run's cfg also its spatial dims and channels (signals and volumes)."""
     manifest = read_manifest(shards_dir)
+    if cfg is not None:
+        check_fits(cfg, manifest, str(shards_dir))
+    if sample_shape(manifest) and int(manifest["size"]) != image_size:
+        raise ConfigError(f"shards {shards_dir} hold samples of shape {list(sample_shape(manifest))} but the model "
+                          f"was trained on a side of {image_size}; use shards of the training shape")
     if int(manifest["size"]) != image_size:
         raise ConfigError(f"shards {shards_dir} hold {manifest['size']} px images but the model was trained on "
                           f"{image_size} px; make shards with --size {image_size}")

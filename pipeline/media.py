@@ -81,6 +81,84 @@ def save_png(array: np.ndarray, path: str | Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------
+# Signals and volumes as pictures (model.spatial_dims 1 and 3)
+# ------------------------------------------------------------------------------------------
+
+SIGNAL_TILE = (96, 192)  # (H, W) px of one signal's line plot
+CURVE_COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189))  # per channel
+UNDER_COLOUR = (175, 175, 175)  # the input drawn under a reconstruction
+
+
+def to_tiles(x: Tensor, output_range: Sequence[float], under: Tensor | None = None) -> np.ndarray:
+    """A batch of any dimensionality -> uint8 tiles [B, H, W, 3]: images [B, C, H, W] as to_uint8, signals
+    [B, C, L] as line plots (signal_plots; `under`: curves drawn first, in grey), volumes [B, C, D, H, W]
+    as their three orthogonal mid-slices side by side (volume_slices)."""
+    if x.dim() == 3:
+        return signal_plots(x, output_range, under)
+    if x.dim() == 5:
+        return volume_slices(x, output_range)
+    return to_uint8(x, output_range)
+
+
+def signal_plots(x: Tensor, output_range: Sequence[float], under: Tensor | None = None,
+                 size: tuple[int, int] = SIGNAL_TILE) -> np.ndarray:
+    """Signals [B, C, L] -> uint8 [B, H, W, 3] line plots drawn with Pillow: the y axis spans output_range
+    (values outside are clipped to the frame), one colour per channel, a grey zero line; `under` [B, C, L]
+    (the inputs, for a reconstruction) is drawn first in light grey."""
+    from PIL import Image, ImageDraw
+
+    h, w = size
+    lo, hi = float(output_range[0]), float(output_range[1])
+    x = torch.nan_to_num(x.detach().float().cpu(), nan=lo)
+    u = None if under is None else torch.nan_to_num(under.detach().float().cpu(), nan=lo)
+
+    def points(sig: Tensor) -> list[tuple[float, float]]:
+        t = torch.linspace(1, w - 2, sig.shape[-1])
+        v = ((sig - lo) / (hi - lo)).clamp(0, 1)
+        y = (h - 2) - v * (h - 4)
+        return list(zip(t.tolist(), y.tolist()))
+
+    tiles = []
+    for i in range(x.shape[0]):
+        img = Image.new("RGB", (w, h), (255, 255, 255))
+        draw = ImageDraw.Draw(img)
+        if lo < 0 < hi:
+            y0 = (h - 2) - (0 - lo) / (hi - lo) * (h - 4)
+            draw.line([(0, y0), (w, y0)], fill=(225, 225, 225))
+        for c in range(x.shape[1]):
+            if u is not None:
+                draw.line(points(u[i, c]), fill=UNDER_COLOUR, width=1)
+        for c in range(x.shape[1]):
+            draw.line(points(x[i, c]), fill=CURVE_COLOURS[c % len(CURVE_COLOURS)], width=1)
+        tiles.append(np.asarray(img, dtype=np.uint8))
+    return np.stack(tiles)
+
+
+def volume_slices(x: Tensor, output_range: Sequence[float], gap: int = 2, min_px: int = 64) -> np.ndarray:
+    """Volumes [B, C, D, H, W] -> uint8 [B, max(H, D), W + W + H + 2*gap, 3]: the mid-slices across D (an H x W
+    image), across H (D x W) and across W (D x H), side by side with black gaps. 1 or 3 channels show as
+    grey or RGB; otherwise the first channel. Small volumes are enlarged by a whole factor (nearest) to
+    about min_px rows, so a 16-voxel volume is not a 16 px thumbnail."""
+    x = x.detach().float().cpu()
+    if x.shape[1] not in (1, 3):
+        x = x[:, :1]
+    scale = max(1, min_px // max(x.shape[-3:]))
+    for axis in (2, 3, 4):
+        x = x.repeat_interleave(scale, dim=axis)
+    d, h, w = x.shape[-3:]
+    views = [x[:, :, d // 2], x[:, :, :, h // 2], x[:, :, :, :, w // 2]]  # [B, C, H, W], [B, C, D, W], [B, C, D, H]
+    rows = max(v.shape[-2] for v in views)
+    # dark grey gaps: volumes often have black backgrounds, which black gaps would merge
+    out = np.full((x.shape[0], rows, sum(v.shape[-1] for v in views) + gap * 2, 3), 96, np.uint8)
+    col = 0
+    for v in views:
+        tile = to_uint8(v, output_range)
+        out[:, :tile.shape[1], col:col + tile.shape[2]] = tile
+        col += tile.shape[2] + gap
+    return out
+
+
+# ------------------------------------------------------------------------------------------
 # Latent geometry
 # ------------------------------------------------------------------------------------------
 
@@ -148,20 +226,21 @@ def _encode_mu(model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
     return mu.float(), (logvar.float() if logvar is not None else None)  # (quantized models: z_e, None)
 
 
-def _decode(model: nn.Module, z: Tensor) -> np.ndarray:
+def _decode(model: nn.Module, z: Tensor, under: Tensor | None = None) -> np.ndarray:
     """Latents (decode: a quantized model decodes their nearest codes) or integer code indices (decode_indices)."""
     z = z.to(model_device(model))
     images = model.decode(z) if z.is_floating_point() else model.decode_indices(z)
-    return to_uint8(images.float(), model.output_range)
+    return to_tiles(images.float(), model.output_range, under)
 
 
 def reconstruction_grid(model: nn.Module, images: Tensor) -> np.ndarray:
     """Row 1: the inputs; row 2: their reconstructions decode(mu) (the posterior mean, no sampling,
-    so the picture changes only when the model does)."""
+    so the picture changes only when the model does). Signals: the reconstruction's curve is drawn
+    over its input's, in grey."""
     with evaluating(model):
         mu, _ = _encode_mu(model, images)
-        recon = _decode(model, mu)
-    inputs = to_uint8(images, model.output_range)
+        recon = _decode(model, mu, under=images if images.dim() == 3 else None)
+    inputs = to_tiles(images, model.output_range)
     return make_grid(np.concatenate([inputs, recon]), nrow=len(inputs))
 
 

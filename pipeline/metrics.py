@@ -62,8 +62,11 @@ LPIPS_BACKBONES = {"alex": "AlexNet_Weights", "vgg": "VGG16_Weights", "squeeze":
 
 
 def high_frequency_energy(images01: Tensor, cutoff: float = SHARPNESS_CUTOFF) -> Tensor:
-    """Per-image spectral energy [B] (float64) of the Hann-windowed, mean-free luma at radius >= cutoff."""
+    """Per-image spectral energy [B] (float64) of the Hann-windowed, mean-free luma at radius >= cutoff.
+    Signals [B, C, L] and volumes [B, C, D, H, W]: the same over 1 or 3 axes, channels averaged."""
     x = images01.double()
+    if x.dim() != 4:
+        return _high_frequency_energy_nd(x.mean(1), cutoff)
     if x.shape[1] == 3:
         luma = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
     else:
@@ -77,6 +80,20 @@ def high_frequency_energy(images01: Tensor, cutoff: float = SHARPNESS_CUTOFF) ->
     fx = torch.fft.fftfreq(w, dtype=torch.float64, device=x.device)
     high = (fy[:, None].square() + fx[None, :].square()).sqrt() >= cutoff
     return (power * high).sum((-2, -1)) / (h * w)
+
+
+def _high_frequency_energy_nd(x: Tensor, cutoff: float) -> Tensor:
+    """high_frequency_energy of mean-free [B, *spatial] over all its spatial axes (separable Hann window)."""
+    axes = tuple(range(1, x.dim()))
+    x = x - x.mean(axes, keepdim=True)
+    radius2 = torch.zeros((), dtype=torch.float64, device=x.device)
+    for i, n in enumerate(x.shape[1:]):
+        view = [1] * (x.dim() - 1)
+        view[i] = n
+        x = x * torch.hann_window(n, periodic=False, dtype=torch.float64, device=x.device).view(1, *view)
+        radius2 = radius2 + torch.fft.fftfreq(n, dtype=torch.float64, device=x.device).square().view(view)
+    power = torch.fft.fftn(x, dim=axes).abs().square()
+    return (power * (radius2.sqrt() >= cutoff)).flatten(1).sum(1) / math.prod(x.shape[1:])
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,6 +312,9 @@ class ReconstructionMetrics:
         self.sums[0] += recon01.shape[0]
         self.sums[2] += high_frequency_energy(recon01).sum()
         self.sums[3] += high_frequency_energy(target01).sum()
+        if recon01.dim() != 4 and (self.lpips_model is not None or self.fid is not None):
+            raise ConfigError("LPIPS and rFID work on 2-D images only; leave metrics.lpips_backbone_weights and "
+                              "metrics.inception_weights empty for signals and volumes")
         if self.lpips_model is not None:
             try:
                 self.sums[1] += self.lpips_model(recon01 * 2 - 1, target01 * 2 - 1).double().sum()

@@ -37,6 +37,12 @@ overwritten), --checkpoint step-000500 (default: the latest), --weights ema|raw,
 
 Images are read with pipeline.images.load_image (the `make shards` path: EXIF, RGB, resize, centre crop).
 A missing checkpoint or an unreadable image is one sentence on stderr and exit code 2.
+
+Signals and volumes (runs with model.spatial_dims 1 or 3; README: 1-D and 3-D data): prior writes
+OUT.npy float32 [N, C, *spatial] in the data's own units (the manifest's normalisation undone) and a
+preview PNG beside it; reconstruct takes .npy/.wav files or shards folders and writes OUT/inputs.npy,
+OUT/recons.npy (data units), OUT/index.csv and OUT/preview.png (line plots / mid-slices); encode works
+as for images (--format npy). The other modes are for images and say so.
 """
 
 from __future__ import annotations
@@ -56,8 +62,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline import media, tiling
-from pipeline.config import ConfigError, exit_on_config_error
+from pipeline import arrays, media, tiling
+from pipeline.config import ConfigError, exit_on_config_error, load_config
 from pipeline.data import Batch
 from pipeline.evaluate import log_weights, to_unit_range
 from pipeline.models.quantize import codes_dtype
@@ -172,9 +178,11 @@ class Inputs:
         self.shards = [p for p in paths if is_shards_folder(p)]
         others = [p for p in paths if not is_shards_folder(p)]
         for s in self.shards:
-            check_shards(s, run.image_size)
+            check_shards(s, run.image_size, run.cfg)
         self.splits = ("train", "val") if split == "all" else (split,)
-        self.files = image_files(others) if others else []
+        self.is_array = run.data_range is not None
+        self.files = (array_files(others, run.cfg.model.spatial_dims) if self.is_array else image_files(others)) \
+            if others else []
         self.keys, self.sources = _folder_keys(self.files, others)
 
     def batches(self) -> Iterator[tuple[Batch, list[str]]]:
@@ -184,8 +192,52 @@ class Inputs:
                 for batch in split_batches(self.run.cfg, shards, split):
                     yield batch, [f"{shards}:{split}"] * len(batch.keys)
         if self.files:
-            for i, batch in enumerate(folder_batches(self.files, self.keys, self.run.image_size, self.batch_size)):
+            make = array_batches if self.is_array else folder_batches
+            shape = (self.run.model.in_channels, *[self.run.image_size] * self.run.model.spatial_dims)
+            for i, batch in enumerate(make(self.files, self.keys, shape if self.is_array else self.run.image_size,
+                                           self.batch_size)):
                 yield batch, self.sources[i * self.batch_size:(i + 1) * self.batch_size]
+
+
+def array_files(paths: Sequence[str], spatial_dims: int) -> list[Path]:
+    """.npy (and, 1-D, .wav) files named directly or found under named folders (sorted, recursive)."""
+    exts = arrays.ARRAY_EXTENSIONS[spatial_dims]
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in exts)
+            if not found:
+                raise ConfigError(f"folder {p} holds no arrays ({', '.join(sorted(exts))})")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise ConfigError(f"{p} does not exist; give .npy files, folders of them, or a shards folder")
+    return files
+
+
+def array_batches(files: Sequence[Path], keys: Sequence[str], shape: tuple[int, ...],
+                  batch_size: int) -> Iterator[Batch]:
+    """Array files as Batches of float32 [B, C, *spatial] in the data's units (the stream's layout), each
+    checked as `make shards` checks it (channels first); ConfigError naming the first file that does not fit."""
+    for i in range(0, len(files), batch_size):
+        chunk, samples = files[i:i + batch_size], []
+        for f in chunk:
+            try:
+                arr, _ = arrays.load_array(f)
+                sample = arrays.to_sample(arr, len(shape) - 1, wav=f.suffix.lower() == ".wav")
+            except (ValueError, OSError) as e:
+                raise ConfigError(f"cannot read {f}: {e}; give arrays like the training shards'") from None
+            if sample.shape != shape:
+                raise ConfigError(f"{f} is {list(sample.shape)} as [C, *spatial] but the model takes {list(shape)}")
+            samples.append(torch.from_numpy(sample))
+        yield Batch(torch.stack(samples), torch.full((len(chunk),), -1, dtype=torch.int64), list(keys[i:i + len(chunk)]))
+
+
+def _refuse_for_arrays(run: LoadedRun, mode: str) -> None:
+    if run.data_range is not None:
+        raise ConfigError(f"pipeline.sample {mode} works on images; for signals and volumes use prior, reconstruct "
+                          f"or encode")
 
 
 def _class_name(run: LoadedRun, label: int) -> str:
@@ -243,6 +295,8 @@ def load_native(path: Path, multiple: int) -> torch.Tensor:
 def prior(run: LoadedRun, args, out: Outputs) -> list[Path]:
     if args.n < 1:
         raise ConfigError(f"--n must be at least 1, got {args.n}")
+    if run.data_range is not None:
+        return _prior_arrays(run, args, out)
     grid_path = out.file(Path(args.out) if args.out else run.run_dir / "samples" / "prior.png")
     folder = out.folder(grid_path.with_suffix(""), ["[0-9]*.png"]) if args.separate else None
     g = torch.Generator().manual_seed(args.seed)
@@ -253,7 +307,45 @@ def prior(run: LoadedRun, args, out: Outputs) -> list[Path]:
     return written
 
 
+def _prior_arrays(run: LoadedRun, args, out: Outputs) -> list[Path]:
+    """Signals/volumes: OUT.npy [N, C, *spatial] float32 in data units, and OUT.png (the tiles media draws)."""
+    path = out.file(Path(args.out) if args.out else run.run_dir / "samples" / "prior.npy")
+    png = out.file(path.with_suffix(".png"))
+    g = torch.Generator().manual_seed(args.seed)
+    x = run.model.sample(args.n, args.temperature, generator=g).float()
+    tiles = media.to_tiles(x, run.model.output_range)
+    return [save_npy(run.to_data_units(x).cpu().numpy(), path),
+            media.save_png(media.make_grid(tiles, nrow=math.ceil(math.sqrt(args.n))), png)]
+
+
+@torch.no_grad()
+def _reconstruct_arrays(run: LoadedRun, args, out: Outputs) -> list[Path]:
+    """Signals/volumes: OUT/inputs.npy, OUT/recons.npy ([N, C, *spatial], data units), index.csv, preview.png."""
+    if args.native_size or args.tile_size or args.tile_overlap is not None:
+        raise ConfigError("--native-size, --tile-size and --tile-overlap are for images")
+    folder = out.folder(Path(args.out) if args.out else run.run_dir / "samples" / "reconstruct",
+                        ["inputs.npy", "recons.npy", "index.csv", "preview.png"])
+    inputs, recons, index = [], [], []
+    for batch, sources in Inputs(run, args.images, "val", args.batch_size).batches():
+        x = run.to_model_range(batch.images)
+        inputs.append(x)
+        recons.append(reconstruction(run, x).float())
+        index += [{"row": len(index) + i, "key": k, "source": s} for i, (k, s) in enumerate(zip(batch.keys, sources))]
+    if not index:
+        raise ConfigError(f"no readable samples in {', '.join(args.images)}")
+    x, r = torch.cat(inputs), torch.cat(recons)
+    n = min(len(x), 16)
+    preview = media.make_grid(np.concatenate([media.to_tiles(x[:n], run.model.output_range),
+                                              media.to_tiles(r[:n], run.model.output_range,
+                                                             x[:n] if x.dim() == 3 else None)]), nrow=n)
+    return [save_npy(run.to_data_units(x).cpu().numpy(), folder / "inputs.npy"),
+            save_npy(run.to_data_units(r).cpu().numpy(), folder / "recons.npy"),
+            save_csv(index, folder / "index.csv"), media.save_png(preview, folder / "preview.png")]
+
+
 def reconstruct(run: LoadedRun, args, out: Outputs) -> list[Path]:
+    if run.data_range is not None:
+        return _reconstruct_arrays(run, args, out)
     if args.native_size:
         return _reconstruct_native(run, args, out)
     if args.tile_size or args.tile_overlap is not None:
@@ -645,11 +737,17 @@ def main(argv: list[str] | None = None) -> list[Path]:
     if args.mode == "encode" and args.format == "shards":  # distributed, resumable: its own module
         from pipeline.encode import run_encode
 
+        config = Path(args.run_dir) / "config.yaml"
+        if config.is_file() and load_config(config, check_paths=False).model.spatial_dims != 2:
+            raise ConfigError("encode --format shards reads image shards; for signals and volumes use "
+                              "encode --format npy")
         code = run_encode(args)
         if code:
             sys.exit(code)
         return []
     run = load_run(args.run_dir, (), args.checkpoint, args.weights, args.device, args.image_size)
+    if args.mode not in ("prior", "reconstruct", "encode"):
+        _refuse_for_arrays(run, args.mode)
     written = MODES[args.mode](run, args, Outputs(args.force))
     for path in written:
         print(f"wrote {path}")

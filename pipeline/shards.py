@@ -55,6 +55,7 @@ import numpy as np
 import PIL
 from tqdm import tqdm
 
+from pipeline import arrays
 from pipeline.images import (IMAGE_EXTENSIONS, STORED_FORMATS, describe_error, encode_image, load_rgb_reduced,
                              resize_center_crop)
 
@@ -82,6 +83,9 @@ class _Task:
     image_format: str
     quality: int
     min_side: int
+    spatial_dims: int = 2  # 1 or 3: array mode (pipeline.arrays): .npy/.wav files, not images
+    channels_last: bool = False  # array mode: the last axis of an array with spatial_dims + 1 axes is C
+    sample_shape: tuple[int, ...] = ()  # array mode: the [C, *spatial] every sample must have
 
 
 # ------------------------------------------------------------------------------------------------
@@ -97,9 +101,10 @@ def _source_hint(src: Path) -> str:
             "or run `make demo-data` for offline demo images")
 
 
-def scan_source(src: Path) -> tuple[list[str], list[tuple[str, str, int]], list[dict]]:
+def scan_source(src: Path, extensions: frozenset[str] = IMAGE_EXTENSIONS,
+                what: str = "image") -> tuple[list[str], list[tuple[str, str, int]], list[dict]]:
     """-> (classes, [(abs path, rel path, label)], skipped). Files whose extension is not an image
-    one are ignored silently; hidden files and folders are ignored."""
+    one (array mode: not in `extensions`) are ignored silently; hidden files and folders are ignored."""
     if not src.exists():
         raise ShardsError(f"source folder {src} does not exist; {_source_hint(src)}")
     if not src.is_dir():
@@ -108,13 +113,16 @@ def scan_source(src: Path) -> tuple[list[str], list[tuple[str, str, int]], list[
     for root, dirs, files in os.walk(src):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in IGNORED_DIRS)
         for f in sorted(files):
-            if f.startswith(".") or os.path.splitext(f)[1].lower() not in IMAGE_EXTENSIONS:
+            if f.startswith(".") or os.path.splitext(f)[1].lower() not in extensions:
                 continue
             path = os.path.join(root, f)
             found.append((path, Path(os.path.relpath(path, src)).as_posix()))
     if not found:
-        exts = " ".join(sorted(IMAGE_EXTENSIONS))
-        raise ShardsError(f"source folder {src} holds no image files ({exts}); {_source_hint(src)}")
+        exts = " ".join(sorted(extensions))
+        hint = _source_hint(src) if what == "image" else (
+            "pass a folder of arrays (one subfolder per class, or a flat folder), or run `make demo-signals` / "
+            "`make demo-volumes` for generated ones")
+        raise ShardsError(f"source folder {src} holds no {what} files ({exts}); {hint}")
     classes = sorted({rel.split("/", 1)[0] for _, rel in found if "/" in rel})
     index = {c: i for i, c in enumerate(classes)}
     items, skipped = [], []
@@ -180,6 +188,8 @@ def _process(task: _Task) -> dict:
     """Read, decode, key, resize, encode one file and build its tar members. Runs in the workers.
     -> {"key", "width", "height", "blob": the sample's tar members} or, for a bad file, {"error": reason};
     never raises for a bad file."""
+    if task.spatial_dims != 2:
+        return _process_array(task)
     try:
         with open(task.path, "rb") as f:
             data = f.read()
@@ -202,6 +212,27 @@ def _process(task: _Task) -> dict:
         members.append(_tar_member(f"{key}.cls", b"%d" % task.label))
     members.append(_tar_member(f"{key}.json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode()))
     return {"key": digest, "width": w, "height": h, "blob": b"".join(members)}
+
+
+def _process_array(task: _Task) -> dict:
+    """Array mode: read (never unpickling), check and convert one .npy/.wav file to a float32 [C, *spatial]
+    sample stored as .npy in its original units; -> like _process, plus its "low" and "high" values."""
+    try:
+        arr, digest = arrays.load_array(task.path)
+        sample = arrays.to_sample(arr, task.spatial_dims, task.channels_last, wav=task.path.lower().endswith(".wav"))
+    except (ValueError, OSError) as e:
+        return {"error": str(e) if isinstance(e, ValueError) else describe_error(e)}
+    if sample.shape != task.sample_shape:
+        return {"error": f"shape {list(sample.shape)} as [C, *spatial] differs from the data set's "
+                         f"{list(task.sample_shape)} (every sample must have the same)"}
+    key = digest[:KEY_HEX_CHARS]
+    meta = {"path": task.rel, "class": task.class_name, "shape": list(sample.shape), "dtype": str(arr.dtype)}
+    members = [_tar_member(f"{key}.npy", arrays.encode_npy(sample))]
+    if task.label >= 0:
+        members.append(_tar_member(f"{key}.cls", b"%d" % task.label))
+    members.append(_tar_member(f"{key}.json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode()))
+    return {"key": digest, "width": sample.shape[-1], "height": sample.shape[-2] if sample.ndim > 2 else 1,
+            "blob": b"".join(members), "low": float(sample.min()), "high": float(sample.max())}
 
 
 def is_val(digest: str, val_fraction: float) -> bool:
@@ -426,6 +457,7 @@ class _Plan:
     classes: list[str]
     tasks: list[_Task]
     skipped: list[dict]  # found while scanning (not inside a class folder)
+    sample_shape: tuple[int, ...] = ()  # array mode: [C, *spatial] of every sample (images: empty)
 
     def fingerprint(self) -> str:
         """sha256 of the file list (paths, labels, sizes, modification times) and the options: an
@@ -439,10 +471,14 @@ class _Plan:
 
 
 def _plan(src, name, size, val_fraction, image_format, quality, max_samples_per_shard, max_bytes_per_shard,
-          min_side) -> _Plan:
+          min_side, spatial_dims: int = 2, channels_last: bool = False,
+          value_range: tuple[float, float] | None = None) -> _Plan:
     src = Path(src)
     fmt = _check_options(size, val_fraction, image_format, quality, max_samples_per_shard,
                          max_bytes_per_shard, min_side)
+    if spatial_dims != 2:
+        return _array_plan(src, name, val_fraction, max_samples_per_shard, max_bytes_per_shard, spatial_dims,
+                           channels_last, value_range)
     classes, items, skipped = scan_source(src)
     # Process in an order fixed by a hash of the relative path: deterministic, and it mixes the
     # classes inside every shard, which a streaming reader's shuffle buffer needs.
@@ -453,6 +489,54 @@ def _plan(src, name, size, val_fraction, image_format, quality, max_samples_per_
                "quality": quality, "max_samples_per_shard": max_samples_per_shard,
                "max_bytes_per_shard": max_bytes_per_shard, "min_side": min_side, "key_version": KEY_VERSION}
     return _Plan(src, name or src.resolve().name, fmt, options, classes, tasks, skipped)
+
+
+def _array_plan(src: Path, name, val_fraction, max_samples_per_shard, max_bytes_per_shard, spatial_dims: int,
+                channels_last: bool, value_range: tuple[float, float] | None) -> _Plan:
+    """Array mode (--spatial-dims 1|3): the files, and the one [C, *spatial] shape they must share: the most
+    common one among the files' headers (ties: the first in processing order); the others are skipped."""
+    if spatial_dims not in (1, 3):
+        raise ShardsError(f"--spatial-dims must be 1 (signals), 2 (images) or 3 (volumes), got {spatial_dims}")
+    if value_range is not None and not value_range[0] < value_range[1]:
+        raise ShardsError(f"--range {value_range[0]} {value_range[1]} must give LOW below HIGH")
+    what = "array"
+    classes, items, skipped = scan_source(src, arrays.ARRAY_EXTENSIONS[spatial_dims], what)
+    items.sort(key=lambda it: hashlib.sha256(it[1].encode("utf-8")).digest())
+    shapes = [arrays.header_shape(path, spatial_dims, channels_last) for path, _, _ in items]
+    counts: dict[tuple[int, ...], int] = {}
+    first: dict[tuple[int, ...], int] = {}
+    for i, shape in enumerate(shapes):
+        if shape is not None and 0 not in shape:
+            counts[shape] = counts.get(shape, 0) + 1
+            first.setdefault(shape, i)
+    if not counts:
+        raise ShardsError(f"none of the {len(items)} array files in {src} has a readable header with "
+                          f"{spatial_dims} or {spatial_dims + 1} axes; see pipeline/arrays.py for what is read")
+    shape = max(counts, key=lambda s: (counts[s], -first[s]))
+    if spatial_dims == 3 and len(set(shape[1:])) > 1:
+        raise ShardsError(f"the volumes in {src} are {' x '.join(map(str, shape[1:]))} voxels, but the models need "
+                          f"cubes (D = H = W); crop or pad them to a cube first")
+    tasks = [_Task(path, rel, label, classes[label] if classes else None, shape[-1], "npy", 0, 0,
+                   spatial_dims, channels_last, shape) for path, rel, label in items]
+    options = {"src": str(src), "spatial_dims": spatial_dims, "channels_last": channels_last,
+               "range": list(value_range) if value_range else None, "val_fraction": val_fraction,
+               "max_samples_per_shard": max_samples_per_shard, "max_bytes_per_shard": max_bytes_per_shard,
+               "key_version": KEY_VERSION}
+    return _Plan(src, name or src.resolve().name, "npy", options, classes, tasks, skipped, shape)
+
+
+def _array_fields(plan: _Plan, low: float, high: float) -> dict:
+    """The manifest fields of an array set: what the readers, the model and the sample tools need."""
+    given = plan.options["range"]
+    if given:
+        low, high, source = float(given[0]), float(given[1]), "given"
+    else:
+        source = "data"
+        high = high if high > low else low + 1.0  # constant data: any scale maps it to one value
+    return {"kind": "array", "spatial_dims": plan.options["spatial_dims"], "sample_shape": list(plan.sample_shape),
+            "dtype": "float32",
+            "normalization": {"low": low, "high": high, "source": source,
+                              "how": "x -> (x - low) / (high - low), clipped to [0, 1], then to the model's range"}}
 
 
 def _write_set(plan: _Plan, out_dir: str | Path, results: Iterable[dict], progress: bool, log, t0: float,
@@ -466,6 +550,8 @@ def _write_set(plan: _Plan, out_dir: str | Path, results: Iterable[dict], progre
     per_class = {s: {c: 0 for c in classes} for s in SPLITS}
     seen: dict[str, str] = {}  # full content key -> rel path of the stored copy
     folder = _OutputFolder(Path(out_dir), name)
+    is_array, low, high = bool(plan.sample_shape), float("inf"), float("-inf")
+    noun = "samples" if is_array else "images"
     with folder as stage:
         writers = {s: _SplitWriter(stage, s, o["max_samples_per_shard"], o["max_bytes_per_shard"]) for s in SPLITS}
         bar = tqdm(total=len(tasks), unit="img", desc=f"shards/{name}", disable=not progress,
@@ -481,6 +567,8 @@ def _write_set(plan: _Plan, out_dir: str | Path, results: Iterable[dict], progre
                     duplicates.append({"path": task.rel, "same_as": seen[digest]})
                     continue
                 seen[digest] = task.rel
+                if is_array:  # the data set's range over every stored sample (the normalisation)
+                    low, high = min(low, res["low"]), max(high, res["high"])
                 split = "val" if is_val(digest, o["val_fraction"]) else "train"
                 if classes:
                     per_class[split][classes[task.label]] += 1
@@ -499,15 +587,18 @@ def _write_set(plan: _Plan, out_dir: str | Path, results: Iterable[dict], progre
         if written == 0:
             for s in skipped[:20]:
                 log(f"skipped {s['path']}: {s['reason']}")
-            raise ShardsError(f"none of the {len(tasks)} image files in {src} could be decoded (reasons above); "
-                              f"{_source_hint(src)}")
+            raise ShardsError(f"none of the {len(tasks)} {'array' if is_array else 'image'} files in {src} could be "
+                              f"{'read' if is_array else 'decoded'} (reasons above); {_source_hint(src)}")
         manifest = {
-            "format": MANIFEST_FORMAT, "name": name, "size": o["size"], "image_format": fmt, "classes": classes,
+            "format": MANIFEST_FORMAT, "name": name, "size": plan.sample_shape[-1] if is_array else o["size"],
+            "image_format": fmt, "classes": classes,
             "splits": {s: {"count": sum(sh["count"] for sh in writers[s].shards), "per_class": per_class[s],
                            "shards": writers[s].shards} for s in SPLITS},
             "skipped": skipped, "duplicates": duplicates, "options": o,
             "versions": {"pillow": PIL.__version__, "numpy": np.__version__},
         }
+        if is_array:  # images keep the manifest they always had (readers default to 2-D images)
+            manifest.update(_array_fields(plan, low, high))
         _atomic_write_json(stage / "manifest.json", manifest)  # last: its presence means complete
         folder.commit()
 
@@ -520,9 +611,13 @@ def _write_set(plan: _Plan, out_dir: str | Path, results: Iterable[dict], progre
         log(f"note: {src} has a single class folder {classes[0]!r}; if it only wraps the class folders, "
             f"pass {src / classes[0]} as SRC")
     n_shards = sum(len(w.shards) for w in writers.values())
-    log(f"{folder.final}: wrote {written} images (train {manifest['splits']['train']['count']}, "
+    log(f"{folder.final}: wrote {written} {noun} (train {manifest['splits']['train']['count']}, "
         f"val {manifest['splits']['val']['count']}) in {n_shards} shards; skipped {len(skipped)}, "
-        f"duplicates {len(duplicates)}; {seconds:.1f} s ({len(tasks) / max(seconds, 1e-9):.0f} images/s, {how})")
+        f"duplicates {len(duplicates)}; {seconds:.1f} s ({len(tasks) / max(seconds, 1e-9):.0f} {noun}/s, {how})")
+    if is_array:
+        n = manifest["normalization"]
+        log(f"samples are {manifest['sample_shape']} ([C, *spatial]); values {n['low']:g}..{n['high']:g} "
+            f"({'--range' if n['source'] == 'given' else 'the data set'}) map to the model's range")
     return manifest
 
 
@@ -530,12 +625,15 @@ def write_shards(src: str | Path, out_dir: str | Path = "shards", name: str | No
                  val_fraction: float = 0.1, image_format: str = "jpg", quality: int = 95,
                  workers: int | None = None, max_samples_per_shard: int = 1000,
                  max_bytes_per_shard: int = 1_000_000_000, min_side: int = 16, progress: bool = True,
-                 log: Callable[[str], None] = print) -> dict:
+                 log: Callable[[str], None] = print, spatial_dims: int = 2, channels_last: bool = False,
+                 value_range: tuple[float, float] | None = None) -> dict:
     """Shard the image folder `src` into out_dir/name (name defaults to src's folder name).
+    spatial_dims 1 or 3: a folder of .npy (and, 1-D, .wav) arrays instead (pipeline.arrays; size,
+    image_format, quality and min_side do not apply; value_range fixes the normalisation).
     Returns the manifest. Raises ShardsError (one sentence) on a user mistake."""
     t0 = time.perf_counter()
     plan = _plan(src, name, size, val_fraction, image_format, quality, max_samples_per_shard, max_bytes_per_shard,
-                 min_side)
+                 min_side, spatial_dims, channels_last, value_range)
     workers = default_workers() if not workers or workers < 1 else workers
     return _write_set(plan, out_dir, _results(plan.tasks, workers), progress, log, t0,
                       f"{workers} worker{'s' if workers > 1 else ''}")
@@ -782,6 +880,15 @@ def _write_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-side", type=int, default=16,
                    help="skip images whose shorter side is below this many px (16; 0 keeps all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a = p.add_argument_group("arrays instead of images (README: 1-D and 3-D data)")
+    a.add_argument("--spatial-dims", type=int, default=2, choices=(1, 2, 3),
+                   help="1: signals (.npy [L] / [C, L], PCM .wav), 3: volumes (.npy [D, H, W] / [C, D, H, W]); "
+                        "2: images (default)")
+    a.add_argument("--channels-last", action="store_true",
+                   help="arrays with a channel axis hold it last ([L, C], [D, H, W, C]) instead of first")
+    a.add_argument("--range", nargs=2, type=float, metavar=("LOW", "HIGH"), dest="value_range",
+                   help="values mapped to the model's range (default: the data set's min and max); recorded "
+                        "in the manifest, values outside are clipped when read")
     g = p.add_argument_group("on a SLURM array (slurm/shards.sbatch; the result is byte-identical to one process)")
     g.add_argument("--parts", type=int, help="the number of parts the file list is cut into (array tasks)")
     g.add_argument("--part", type=int, help="process part PART (0..PARTS-1) into OUT/.NAME.parts/ (an array task)")
@@ -821,6 +928,8 @@ def main(argv: list[str] | None = None) -> int:
         if (modes > 0) != (args.parts is not None) or modes > 1:
             raise ShardsError("--parts goes with exactly one of --slurm (submit the array and the merge), "
                               "--part I (an array task) or --merge (the merge job)")
+        if args.parts is not None and args.spatial_dims != 2:
+            raise ShardsError("--parts shards images only; shard arrays (--spatial-dims 1 or 3) in one process")
         if args.slurm:
             _check_parts(None, args.parts)
             submit_slurm([a for a in argv if a != "--slurm"], args.parts, sbatch_args)
@@ -830,7 +939,9 @@ def main(argv: list[str] | None = None) -> int:
             write_part(args.src, args.out, args.name, args.size, part=args.part, parts=args.parts,
                        workers=args.workers, **options)
         else:
-            write_shards(args.src, args.out, args.name, args.size, workers=args.workers, **options)
+            write_shards(args.src, args.out, args.name, args.size, workers=args.workers, **options,
+                         spatial_dims=args.spatial_dims, channels_last=args.channels_last,
+                         value_range=tuple(args.value_range) if args.value_range else None)
     except ShardsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -232,10 +232,12 @@ def _skip_unless(ok: torch.Tensor, optimizer, accelerator) -> None:
             torch.maximum(found, (~ok).float().to(found.device), out=found)
 
 
-def build_training(cfg: Config, accelerator: Accelerator, image_size: int) -> Training:
+def build_training(cfg: Config, accelerator: Accelerator, image_size: int,
+                   data_range: tuple[float, float] | None = None) -> Training:
+    """data_range: array shards' normalization (pipeline.data.data_range); None for images."""
     vae = build_model(cfg.model, image_size)
-    loss_fn = VAELoss(cfg.loss, vae.output_range, cfg.model.in_channels)
-    augment = DeviceAugment(cfg.data, vae.output_range).to(accelerator.device)
+    loss_fn = VAELoss(cfg.loss, vae.output_range, cfg.model.in_channels, cfg.model.spatial_dims)
+    augment = DeviceAugment(cfg.data, vae.output_range, data_range).to(accelerator.device)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     vae = vae.to(accelerator.device, memory_format=memory_format)
     ema = EMA(vae, cfg.optim.ema_decay).to(accelerator.device) if cfg.optim.ema_decay > 0 else None

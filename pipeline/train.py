@@ -33,7 +33,7 @@ from tqdm import tqdm
 from pipeline import faults
 from pipeline.checkpoint import BestWeights, Checkpointer, preserved_rng, restore_rng, seed_rng
 from pipeline.config import Config, ConfigError, cli_config, exit_on_config_error, save_config
-from pipeline.data import TrainStream, read_manifest, val_batches
+from pipeline.data import TrainStream, check_fits, data_range, read_manifest, val_batches
 from pipeline.evaluate import validate
 from pipeline.metrics import ReconstructionMetrics
 from pipeline.meters import IntervalMeter
@@ -63,14 +63,16 @@ def main(cfg: Config) -> int:
 
     # Data: an infinite, exactly resumable train stream per rank; augmentation runs on the device.
     manifest = read_manifest(cfg.data.shards)
+    check_fits(cfg, manifest, cfg.data.shards)  # model.spatial_dims and in_channels against the shards
     stream = TrainStream(cfg, accelerator.process_index, accelerator.num_processes)
 
     # Model, loss, optimizer (+ EMA of the weights for media and evaluation), prepared by Accelerate.
-    t = build_training(cfg, accelerator, manifest["size"])
+    t = build_training(cfg, accelerator, manifest["size"], data_range(manifest))
     flops_per_image = training_flops_per_image(t.vae, manifest["size"])
     if main_process:  # lets evaluate/sample load the run even after its shards are gone
         (run_dir / "model_info.json").write_text(json.dumps(
-            {"image_size": manifest["size"], "classes": manifest["classes"], "image_format": manifest["image_format"]}))
+            {"image_size": manifest["size"], "classes": manifest["classes"], "image_format": manifest["image_format"],
+             **{k: manifest[k] for k in ("spatial_dims", "sample_shape", "normalization") if k in manifest}}))
 
     # Resume weights, optimizer, scaler, EMA, step and data position from the run folder.
     checkpointer = Checkpointer(run_dir, accelerator, cfg.train.checkpoint_every_steps, cfg.train.keep_checkpoints)
@@ -110,6 +112,8 @@ def main(cfg: Config) -> int:
                           f"`python -m pipeline.shards ... --val-fraction 0.1`")
     # Fixed validation images for the media panels; only the main process logs media.
     media_images = _first_images(cfg, cfg.tracking.media_images) if main_process else None
+    if media_images is not None and media_images.dtype != torch.uint8:  # arrays: normalised as training batches
+        media_images = t.augment(media_images.to(device), train=False).cpu()
     images_per_step = cfg.data.batch_size_per_device * cfg.train.grad_accum_steps * accelerator.num_processes
     peak = _peak_flops(device)
     nonfinite_run = torch.tensor(nonfinite["run"], device=device)

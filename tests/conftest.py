@@ -66,3 +66,24 @@ def fresh_accelerator_state():
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+def _array_shards(root: Path, kind: str, name: str, size_flag: str, size: int, dims: int) -> Path:
+    subprocess.run([sys.executable, "-m", "pipeline.demo_arrays", kind, str(root / "src"), "--count", "96",
+                    size_flag, str(size)], check=True, cwd=ROOT, env=TEST_ENV, capture_output=True)
+    subprocess.run([sys.executable, "-m", "pipeline.shards", str(root / "src"), "--name", name, "--spatial-dims",
+                    str(dims), "--out", str(root / "shards"), "--workers", "1", "--max-samples-per-shard", "32"],
+                   check=True, cwd=ROOT, env=TEST_ENV, capture_output=True)
+    return root / "shards" / name
+
+
+@pytest.fixture(scope="session")
+def signal_shards(tmp_path_factory) -> Path:
+    """96 generated chirp signals of 3 classes, 1 x 64 samples (.npy and a few .wav), sharded."""
+    return _array_shards(tmp_path_factory.mktemp("signals"), "signals", "signals", "--length", 64, 1)
+
+
+@pytest.fixture(scope="session")
+def volume_shards(tmp_path_factory) -> Path:
+    """96 generated ellipsoid volumes, 1 x 8 x 8 x 8 voxels, sharded (no classes)."""
+    return _array_shards(tmp_path_factory.mktemp("volumes"), "volumes", "volumes", "--side", 8, 3)

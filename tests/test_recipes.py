@@ -16,7 +16,7 @@ RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 # The image size each recipe is written for (its shards' SIZE); resnet_f8 runs at 32 px here to keep an
 # 83.7M-parameter forward/backward cheap on CPU — the architecture is size-agnostic (f = 8).
 SIZES = {"flowers": 128, "flowers_gan": 128, "dogs64": 64, "vanilla64": 64, "resnet_f8": 32, "demo": 64,
-         "vq_f8": 64}
+         "vq_f8": 64, "signals1d": 256, "volumes3d": 16}  # (the last two: signal length and volume side)
 
 
 def test_all_recipes_are_covered():
@@ -31,9 +31,9 @@ def test_recipe_builds_and_trains_one_step(recipe):
     torch.manual_seed(0)
     size = SIZES[recipe.stem]
     model = build_model(cfg.model, size)
-    loss_fn = VAELoss(cfg.loss, model.output_range, cfg.model.in_channels)
+    loss_fn = VAELoss(cfg.loss, model.output_range, cfg.model.in_channels, cfg.model.spatial_dims)
     low, high = model.output_range
-    x = torch.rand(2, 3, size, size) * (high - low) + low
+    x = torch.rand(2, cfg.model.in_channels, *[size] * cfg.model.spatial_dims) * (high - low) + low
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.mixed_precision == "bf16"):
         out = model(x)
         result = loss_fn(out, x, step=cfg.train.max_steps // 2)

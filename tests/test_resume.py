@@ -52,8 +52,15 @@ ARCHS = {
     "vq": ["model.channels=[8,16]", "model.latent_channels=4", "model.quantizer.kind=ema",
            "model.quantizer.codebook_size=32", "model.quantizer.lookup_dim=0", "model.quantizer.restart_every_steps=3",
            "model.quantizer.restart_threshold=12"],
+    # model.spatial_dims 1 and 3 through the same trainer: float array shards (conftest's signal_shards,
+    # volume_shards), the flip drawn from the device RNG, GroupNorm + 1-D attention / BatchNorm3d.
+    "signals1d": ["model.channels=[8,16]", "model.latent_channels=2", "model.attention_levels=[1]",
+                  "data.rotation_degrees=0", "data.hflip=true"],
+    "volumes3d": ["model.channels=[4,8]", "model.latent_channels=2", "data.rotation_degrees=0", "loss.ssim_window=3"],
 }
-RECIPES = {"gan": "recipes/flowers_gan.yaml", "vq": "recipes/vq_f8.yaml"}  # the others: recipes/demo.yaml
+RECIPES = {"gan": "recipes/flowers_gan.yaml", "vq": "recipes/vq_f8.yaml", "signals1d": "recipes/signals1d.yaml",
+           "volumes3d": "recipes/volumes3d.yaml"}  # the others: recipes/demo.yaml
+SHARDS = {"signals1d": "signal_shards", "volumes3d": "volume_shards"}  # conftest fixtures; the others: tiny_shards
 
 
 def args(shards: Path, run_dir: Path, arch: str, workers: int, *extra: str) -> list[str]:
@@ -93,15 +100,19 @@ def latest(run_dir: Path) -> int:
 _references: dict[tuple, Path] = {}
 
 
+def shards_for(request, arch: str) -> Path:
+    return request.getfixturevalue(SHARDS.get(arch, "tiny_shards"))
+
+
 @pytest.fixture(scope="module")
-def reference(tiny_shards, tmp_path_factory):
+def reference(request, tmp_path_factory):
     """The uninterrupted run of a configuration (made once per configuration per module)."""
 
     def get(arch: str, nproc: int, workers: int) -> Path:
         key = (arch, nproc, workers)
         if key not in _references:
             run_dir = tmp_path_factory.mktemp("ref") / f"{arch}-{nproc}p-w{workers}"
-            launch = Launch(command(nproc, args(tiny_shards, run_dir, arch, workers)), TEST_ENV, ROOT)
+            launch = Launch(command(nproc, args(shards_for(request, arch), run_dir, arch, workers)), TEST_ENV, ROOT)
             assert launch.wait(300) == 0, launch.output()[-4000:]
             assert json.loads((run_dir / "summary.json").read_text())["world_size"] == nproc
             _references[key] = run_dir
@@ -121,15 +132,17 @@ CASES = [
     ("resnet", 2, 1, "checkpoint", 12),   # while step 12's checkpoint is being written
     ("gan", 2, 1, "external", 7),         # the adversarial stage: discriminator, its optimizer, LeCam state
     ("vq", 1, 0, "external", 7),          # quantized: EMA codebook, restart and usage statistics
+    ("signals1d", 1, 1, "external", 7),   # 1-D float array shards, one reader worker
+    ("volumes3d", 1, 0, "validation", 10),  # 3-D volumes read in the training process, killed in validation
 ]
 
 
 @pytest.mark.parametrize("arch, nproc, workers, point, step", CASES,
                          ids=[f"{a}-{n}p-w{w}-{p}@{s}" for a, n, w, p, s in CASES])
-def test_sigkill_anywhere_then_same_command_resumes_bitwise(tiny_shards, tmp_path, reference, arch, nproc, workers,
+def test_sigkill_anywhere_then_same_command_resumes_bitwise(request, tmp_path, reference, arch, nproc, workers,
                                                             point, step):
     run_dir = tmp_path / "run"
-    cmd = command(nproc, args(tiny_shards, run_dir, arch, workers))
+    cmd = command(nproc, args(shards_for(request, arch), run_dir, arch, workers))
     env = dict(TEST_ENV)
     if point not in ("external", "group"):
         env["VAE_KILL_AT"] = f"{point}@{step}"  # the trainer SIGKILLs its launcher and itself there

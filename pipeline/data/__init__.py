@@ -49,7 +49,8 @@ or unreadable shard is missing (by its manifest count), are skipped and counted,
 
 from pipeline.data.augment import DeviceAugment
 from pipeline.data.decode import MAX_CONSECUTIVE_BAD, _Decoder, _image_preference  # noqa: F401
-from pipeline.data.manifest import IMAGE_EXTS, _shards, read_manifest  # noqa: F401
+from pipeline.data.manifest import (IMAGE_EXTS, _shards, batch_layout, check_fits, data_range,  # noqa: F401
+                                    read_manifest, sample_shape, spatial_dims)
 from pipeline.data.order import _mix64, _rng, epoch_order, permute  # noqa: F401
 from pipeline.data.tar import (READ_EXTS, _group_samples, _RandomAccess, _shard_samples,  # noqa: F401
                                _tar_entries, _tar_members, read_tars)
@@ -58,5 +59,5 @@ from pipeline.data.transport import PREFETCH_BATCHES, Batch, batched
 from pipeline.data.validation import val_assignment, val_batches
 
 __all__ = ["Batch", "DeviceAugment", "IMAGE_EXTS", "MAX_CONSECUTIVE_BAD", "PREFETCH_BATCHES", "READ_EXTS",
-           "STATE_FORMAT", "TrainStream", "batched", "epoch_order", "permute", "read_manifest", "read_tars",
-           "val_assignment", "val_batches"]
+           "STATE_FORMAT", "TrainStream", "batched", "check_fits", "data_range", "epoch_order", "permute",
+           "read_manifest", "read_tars", "sample_shape", "spatial_dims", "val_assignment", "val_batches"]

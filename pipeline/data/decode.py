@@ -7,6 +7,7 @@ from typing import Iterator
 
 import numpy as np
 
+from pipeline.arrays import decode_sample
 from pipeline.data.gpu_decode import jpeg_header_ok
 from pipeline.data.manifest import IMAGE_EXTS
 from pipeline.images import decode_image
@@ -29,8 +30,10 @@ class _Decoder:
     A sample that is missing, has no image, fails to decode or has the wrong shape is dropped and
     counted; each good sample carries the running count and the cursor just past itself."""
 
-    def __init__(self, image_ext: str, size: int, skipped: int, limit: int, keep_bytes: bool = False):
-        self.exts = _image_preference(image_ext)
+    def __init__(self, image_ext: str, size: int, skipped: int, limit: int, keep_bytes: bool = False,
+                 sample_shape: tuple[int, ...] = ()):
+        self.sample_shape = tuple(sample_shape)  # array shards: float32 [C, *spatial] .npy members, never unpickled
+        self.exts = ("npy",) if self.sample_shape else _image_preference(image_ext)
         self.size, self.skipped, self.limit = size, skipped, limit
         self.keep_bytes = keep_bytes  # data.decode=gpu: pass the JPEG's bytes on, its header checked
 
@@ -45,6 +48,8 @@ class _Decoder:
             if self.keep_bytes:  # decoded on the GPU in the training process: check the header only
                 ok = ext == "jpg" and jpeg_header_ok(sample[ext], self.size)
                 return {"image": sample[ext], "label": label, "key": sample["__key__"]} if ok else None
+            if self.sample_shape:  # checked dtype and shape; NaN/inf were refused when sharding
+                return {"image": decode_sample(sample[ext], self.sample_shape), "label": label, "key": sample["__key__"]}
             image = decode_image(sample[ext], ext)
         except Exception as exn:  # noqa: BLE001 - any failure of one sample is that sample's problem
             log.debug("sample %s: %r", sample["__key__"], exn)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.config import ConfigError
+import numpy as np
+
+from pipeline.config import Config, ConfigError
 
 IMAGE_EXTS = ("jpg", "png", "webp", "npy")
 """Image member extensions the reader decodes (the only ones pipeline.shards writes)."""
@@ -37,12 +39,66 @@ def read_manifest(shards_dir: str | Path) -> dict:
         raise ConfigError(f"{path} has image_format {fmt!r}; the reader decodes only {', '.join(IMAGE_EXTS)}")
     if size < 1 or not all(isinstance(c, str) for c in classes):
         raise ConfigError(f"{path} has an invalid size or class list; {redo}")
+    if m.get("kind", "image") != "image":
+        _check_array_fields(m, path, redo)
     for split in ("train", "val"):
         for s in m["splits"][split]["shards"]:
             if not (d / s["file"]).is_file():
                 raise ConfigError(f"shard {d / s['file']} listed in {path} is missing; {redo} "
                                   f"(`make verify NAME={d.name}` checks every shard)")
     return m
+
+
+def _check_array_fields(m: dict, path: Path, redo: str) -> None:
+    """Array shards (pipeline.shards --spatial-dims 1|3): the fields the readers and the model use."""
+    try:
+        shape = [int(s) for s in m["sample_shape"]]
+        dims, low, high = int(m["spatial_dims"]), float(m["normalization"]["low"]), float(m["normalization"]["high"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"{path} lacks a valid array field {e}; {redo}") from None
+    if m["kind"] != "array" or m.get("dtype") != "float32" or m["image_format"] != "npy":
+        raise ConfigError(f"{path} describes {m['kind']!r} samples of {m.get('dtype')!r} in {m['image_format']!r}; "
+                          f"this reader reads float32 npy arrays; {redo}")
+    if dims not in (1, 3) or len(shape) != dims + 1 or min(shape) < 1 or not low < high:
+        raise ConfigError(f"{path} has an invalid sample_shape, spatial_dims or normalization; {redo}")
+
+
+def spatial_dims(manifest: dict) -> int:
+    """1, 2 or 3: image shards (and manifests written before arrays existed) are 2."""
+    return int(manifest.get("spatial_dims", 2))
+
+
+def sample_shape(manifest: dict) -> tuple[int, ...]:
+    """[C, *spatial] of an array set; empty for images (uint8 [H, W, 3] as decoded)."""
+    return tuple(int(s) for s in manifest["sample_shape"]) if manifest.get("kind") == "array" else ()
+
+
+def data_range(manifest: dict) -> tuple[float, float] | None:
+    """(low, high) that array values are normalised from (manifest normalization); None for images."""
+    n = manifest.get("normalization") if manifest.get("kind") == "array" else None
+    return (float(n["low"]), float(n["high"])) if n else None
+
+
+def batch_layout(manifest: dict, batch_size: int) -> tuple[tuple[int, ...], type]:
+    """(batch memory shape, numpy dtype) the readers fill: uint8 [B, H, W, 3] images or float32 [B, C, *spatial]."""
+    shape = sample_shape(manifest)
+    if shape:
+        return (batch_size, *shape), np.float32
+    size = int(manifest["size"])
+    return (batch_size, size, size, 3), np.uint8
+
+
+def check_fits(cfg: Config, manifest: dict, where: str) -> None:
+    """The recipe's model.spatial_dims and in_channels against the shards (`where`: the shards folder)."""
+    dims = spatial_dims(manifest)
+    if cfg.model.spatial_dims != dims:
+        kind = {1: "1-D signals", 2: "2-D images", 3: "3-D volumes"}[dims]
+        raise ConfigError(f"data.shards {where} holds {kind} but model.spatial_dims is {cfg.model.spatial_dims}; "
+                          f"set model.spatial_dims={dims}")
+    shape = sample_shape(manifest)
+    if shape and cfg.model.in_channels != shape[0]:
+        raise ConfigError(f"data.shards {where} holds samples of shape {list(shape)} ([C, *spatial]) but "
+                          f"model.in_channels is {cfg.model.in_channels}; set model.in_channels={shape[0]}")
 
 
 def _shards(shards_dir: str | Path, manifest: dict, split: str) -> tuple[tuple[str, int], ...]:

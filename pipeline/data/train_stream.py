@@ -20,7 +20,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from pipeline.config import Config, ConfigError
 from pipeline.data.decode import MAX_CONSECUTIVE_BAD, _Decoder
 from pipeline.data.gpu_decode import decode_device
-from pipeline.data.manifest import _shards, read_manifest
+from pipeline.data.manifest import _shards, batch_layout, read_manifest, sample_shape
 from pipeline.data.order import _rng, epoch_order
 from pipeline.data.tar import _RandomAccess, read_tars
 from pipeline.data.transport import Batch, _BufferPool, _load, _SharedSlots, batched
@@ -47,6 +47,7 @@ class _TrainPlan:
     shuffle_buffer: int  # resampled only
     samples_per_worker_epoch: int  # resampled only
     keep_bytes: bool = False  # data.decode=gpu: workers hand on JPEG bytes, decoded in the training process
+    sample_shape: tuple[int, ...] = ()  # array shards: float32 [C, *spatial] per sample; empty for images
 
 
 # ---- order "permutation": one global order per epoch, read by position ----------------------
@@ -75,7 +76,7 @@ class _ReadByPosition:
     def __init__(self, plan: _TrainPlan, limit: int):
         self.plan, self.limit = plan, limit
         self.reader = _RandomAccess(plan.shards, plan.image_ext)
-        self.decoder = _Decoder(plan.image_ext, plan.size, 0, limit, plan.keep_bytes)
+        self.decoder = _Decoder(plan.image_ext, plan.size, 0, limit, plan.keep_bytes, plan.sample_shape)
         self.counts = [c for _, c in plan.shards]
 
     def _locate(self, positions: np.ndarray) -> list[tuple[int, int]]:
@@ -225,7 +226,7 @@ class _ResampledReaders(IterableDataset):
             partial(_skip_before, epoch=epoch, index=index),
             # Decode the whitelisted image/cls members; corrupt or missing samples are counted, dropped.
             _Decoder(p.image_ext, p.size, skipped, max(MAX_CONSECUTIVE_BAD, p.samples_per_worker_epoch),
-                     p.keep_bytes),
+                     p.keep_bytes, p.sample_shape),
             # Batch on the CPU into uint8 [B,3,H,W]; metadata says which worker and where it stands.
             partial(batched, batch_size=p.batch_size, worker=worker, partial_last=False, out=self.out),
         )
@@ -273,7 +274,8 @@ class TrainStream:
             rank=rank, world_size=world_size, workers=workers, batch_size=d.batch_size_per_device,
             shuffle_buffer=max(1, d.shuffle_buffer_samples),
             samples_per_worker_epoch=math.ceil(self.samples_per_epoch / (world_size * workers)),
-            keep_bytes=self._decode_on is not None)
+            keep_bytes=self._decode_on is not None, sample_shape=sample_shape(m))
+        self._layout = batch_layout(m, d.batch_size_per_device)
         # The identity of the shard set: a position in another set's order means nothing.
         self._shards_id = hashlib.sha256(json.dumps(m["splits"]["train"]["shards"], sort_keys=True)
                                          .encode()).hexdigest()[:16]
@@ -304,7 +306,7 @@ class TrainStream:
             readers = _PermutationReaders(p, self._position)
         else:
             readers = _ResampledReaders(p, self._batches % p.workers, [list(c) for c in self._cursors])
-        loader = _load(readers, self.num_workers, (p.batch_size, p.size, p.size, 3), self._decode_on)
+        loader = _load(readers, self.num_workers, self._layout[0], self._decode_on, self._layout[1])
         last_skipped = [0] * p.workers  # per physical worker: its running count of replaced samples
         batches = 0
         try:

@@ -25,7 +25,8 @@ PREFETCH_BATCHES = 2
 class Batch:
     images: torch.Tensor
     """uint8 [B, 3, H, W] on the CPU, in channels_last memory (the decoder's HxWx3 layout; call
-    .contiguous() for NCHW memory); pinned when CUDA is available."""
+    .contiguous() for NCHW memory); pinned when CUDA is available. Array shards (model.spatial_dims
+    1 or 3): float32 [B, C, L] or [B, C, D, H, W] in the data's own units (DeviceAugment normalises)."""
     labels: torch.Tensor
     """int64 [B]; -1 where the dataset has no classes."""
     keys: list[str]
@@ -51,16 +52,17 @@ class _SharedSlots:
 
     LENT_PER_WORKER = 1
 
-    def __init__(self, workers: int, slots: int, batch_shape: tuple[int, ...], context):
-        nbytes = workers * slots * math.prod(batch_shape)
+    def __init__(self, workers: int, slots: int, batch_shape: tuple[int, ...], context, dtype=np.uint8):
+        nbytes = workers * slots * math.prod(batch_shape) * np.dtype(dtype).itemsize
         shape = " x ".join(map(str, batch_shape))
-        _check_shared_memory(nbytes, f"{workers} workers x {slots} batches of {shape} bytes")
-        self.buffers = torch.empty((workers, slots, *batch_shape), dtype=torch.uint8).share_memory_()
+        unit = "bytes" if np.dtype(dtype) == np.uint8 else np.dtype(dtype).name
+        _check_shared_memory(nbytes, f"{workers} workers x {slots} batches of {shape} {unit}")
+        self.buffers = torch.from_numpy(np.empty((workers, slots, *batch_shape), dtype=dtype)).share_memory_()
         self.free = [context.Semaphore(slots) for _ in range(workers)]
         self.is_free = context.Array("b", [1] * (workers * slots), lock=False)  # written before free[w] moves
         self.slots = slots
         self.parent = os.getpid()
-        self.pool = _BufferPool(batch_shape)
+        self.pool = _BufferPool(batch_shape, dtype)
         self.lent = [0] * workers  # main process: slots of each worker the consumer holds
 
     def __getstate__(self):  # what the workers get: no pool (it lives in the main process)
@@ -93,19 +95,25 @@ class _SharedSlots:
     def take(self, worker: int, slot: int, n: int, pin: bool) -> torch.Tensor:
         """In the main process: the batch in a slot -> uint8 [n,3,H,W] (channels_last), lent or copied."""
         if pin:  # pinned memory for asynchronous copies to the GPU (CUDA caches these blocks)
-            out = torch.empty((n, *self.buffers.shape[3:]), dtype=torch.uint8, pin_memory=True)
+            out = torch.empty((n, *self.buffers.shape[3:]), dtype=self.buffers.dtype, pin_memory=True)
             out.copy_(self.buffers[worker, slot, :n])
         elif self.lent[worker] < self.LENT_PER_WORKER:
             # Lend the slot: torch keeps this numpy view alive as long as any tensor uses the memory.
             view = self.buffers[worker, slot, :n].numpy()
             self.lent[worker] += 1
             weakref.finalize(view, self._returned, worker, slot).atexit = False
-            return torch.from_numpy(view).permute(0, 3, 1, 2)
+            return _as_batch(torch.from_numpy(view))
         else:
             out = self.pool.take(n)
             np.copyto(out.numpy(), self.buffers[worker, slot, :n].numpy())
         self._release(worker, slot)
-        return out.permute(0, 3, 1, 2)
+        return _as_batch(out)
+
+
+def _as_batch(t: torch.Tensor) -> torch.Tensor:
+    """Batch memory as the consumer sees it: images [B,H,W,3] shown as [B,3,H,W] (no copy); arrays
+    (float32 [B, C, *spatial]) as they are."""
+    return t.permute(0, 3, 1, 2) if t.dtype == torch.uint8 else t
 
 
 class _BufferPool:
@@ -117,11 +125,11 @@ class _BufferPool:
     when the last one is gone the buffer returns to the pool. A consumer that keeps batches just
     makes the pool allocate more."""
 
-    def __init__(self, batch_shape: tuple[int, ...]):
-        self.batch_shape, self.free = batch_shape, []
+    def __init__(self, batch_shape: tuple[int, ...], dtype=np.uint8):
+        self.batch_shape, self.dtype, self.free = batch_shape, dtype, []
 
     def take(self, n: int) -> torch.Tensor:
-        buffer = self.free.pop() if self.free else np.empty(self.batch_shape, dtype=np.uint8)
+        buffer = self.free.pop() if self.free else np.empty(self.batch_shape, dtype=self.dtype)
         view = buffer[:n]
         weakref.finalize(view, self.free.append, buffer)
         return torch.from_numpy(view)
@@ -196,14 +204,15 @@ class _ByteLists:
 
 
 def _load(readers: IterableDataset, num_workers: int, batch_shape: tuple[int, ...],
-          decode_on: str | None = None) -> Iterator[tuple]:
+          decode_on: str | None = None, dtype=np.uint8) -> Iterator[tuple]:
     """Run `readers` in the main process (num_workers=0) or in DataLoader workers with shared
     batch slots -> (uint8 [B,3,H,W] channels_last, int64 [B], keys, meta) in the main process.
 
     [B,H,W,3] is the decoder's layout; permute() shows it as [B,3,H,W] without the copy to
     contiguous NCHW (~60 us per 128-px image). Pinned when CUDA is there, for async copies.
     decode_on (data.decode=gpu): the readers hand on JPEG bytes and each batch is decoded on that
-    device here -> uint8 [B,3,H,W] on the device."""
+    device here -> uint8 [B,3,H,W] on the device.
+    dtype float32 (array shards): batch_shape is [B, C, *spatial] and batches come as they are."""
     if decode_on is not None:
         from pipeline.data.gpu_decode import decode_batch
 
@@ -217,14 +226,14 @@ def _load(readers: IterableDataset, num_workers: int, batch_shape: tuple[int, ..
                 source._shutdown_workers()
         return
     if num_workers == 0:
-        readers.out = _BufferPool(batch_shape)
+        readers.out = _BufferPool(batch_shape, dtype)
         for pixels, labels, keys, meta in readers:
-            yield pixels.permute(0, 3, 1, 2), torch.tensor(labels, dtype=torch.int64), keys, meta
+            yield _as_batch(pixels), torch.tensor(labels, dtype=torch.int64), keys, meta
         return
     context = multiprocessing.get_context()
     # Slots per worker: at most PREFETCH_BATCHES filled or being filled (the DataLoader's outstanding
     # requests), one lent to the consumer, one spare. Fewer would make a worker wait for the consumer.
-    slots = _SharedSlots(num_workers, PREFETCH_BATCHES + 2, batch_shape, context)
+    slots = _SharedSlots(num_workers, PREFETCH_BATCHES + 2, batch_shape, context, dtype)
     readers.out = slots
     pin = torch.cuda.is_available()
     source = _loader(readers, num_workers, context)

@@ -13,7 +13,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.config import Config
 from pipeline.data.decode import _Decoder
-from pipeline.data.manifest import _shards, read_manifest
+from pipeline.data.manifest import _shards, batch_layout, read_manifest, sample_shape
 from pipeline.data.tar import read_tars
 from pipeline.data.transport import Batch, _BufferPool, _load, _SharedSlots, batched
 
@@ -41,8 +41,8 @@ def val_assignment(counts: list[int], readers: int) -> list[list[tuple[int, int,
 
 class _ValReaders(IterableDataset):
     def __init__(self, shards, image_ext: str, size: int, rank: int, workers: int, world_size: int,
-                 batch_size: int):
-        self.shards, self.image_ext, self.size = shards, image_ext, size
+                 batch_size: int, sample_shape: tuple[int, ...] = ()):
+        self.shards, self.image_ext, self.size, self.sample_shape = shards, image_ext, size, sample_shape
         self.rank, self.workers, self.world_size, self.batch_size = rank, workers, world_size, batch_size
         self.out: _SharedSlots | _BufferPool | None = None  # batch memory, set by _load
 
@@ -51,7 +51,7 @@ class _ValReaders(IterableDataset):
         worker = info.id if info else 0
         reader = self.rank * self.workers + worker
         pieces = val_assignment([c for _, c in self.shards], self.world_size * self.workers)[reader]
-        decoder = _Decoder(self.image_ext, self.size, 0, limit=math.inf)
+        decoder = _Decoder(self.image_ext, self.size, 0, limit=math.inf, sample_shape=self.sample_shape)
         pipeline = wds.DataPipeline(
             # Shards: this reader's fixed pieces (shard, start, stop); no randomness, no resampling.
             partial(iter, [{"path": self.shards[s][0], "count": self.shards[s][1], "start": a, "stop": b}
@@ -79,9 +79,9 @@ def val_batches(cfg: Config, rank: int, world_size: int, num_workers: int | None
     m = read_manifest(d.shards)
     workers = d.num_workers if num_workers is None else num_workers
     readers = _ValReaders(_shards(d.shards, m, split), m["image_format"], int(m["size"]), rank,
-                          max(1, workers), world_size, d.val_batch_size_per_device)
-    shape = (d.val_batch_size_per_device, int(m["size"]), int(m["size"]), 3)
-    loader = _load(readers, workers, shape)
+                          max(1, workers), world_size, d.val_batch_size_per_device, sample_shape(m))
+    shape, dtype = batch_layout(m, d.val_batch_size_per_device)
+    loader = _load(readers, workers, shape, dtype=dtype)
     try:
         for images, labels, keys, _ in loader:
             yield Batch(images, labels, keys)

@@ -64,7 +64,7 @@ def training_flops_per_image(model: VAE, image_size: int) -> int:
     memo.update({id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
                  for p in model.parameters()})
     meta = copy.deepcopy(model, memo).eval()  # eval: a 1-image batch is fine for BatchNorm
-    x = torch.zeros(1, meta.in_channels, image_size, image_size, device="meta")
+    x = torch.zeros(1, meta.in_channels, *[image_size] * meta.spatial_dims, device="meta")  # one sample's shape
     params = [p for p in meta.parameters() if p.requires_grad]
     with FlopCounterMode(display=False, custom_mapping=_SDPA_CPU) as counter:
         out = meta(x)

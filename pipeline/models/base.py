@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from pipeline.config import ConfigError, ModelConfig
 from pipeline.models.quantize import QuantizeBlock, Quantizer, QuantizerOutput
+from pipeline.models.dims import SPATIAL_DIMS, size_words
 
 OUTPUT_RANGES: dict[str, tuple[float, float]] = {"tanh": (-1.0, 1.0), "sigmoid": (0.0, 1.0), "linear": (-1.0, 1.0)}
 """The data range each output activation implies (linear: no activation, trained towards [-1, 1] like LDM's)."""
@@ -70,6 +71,7 @@ class VAE(nn.Module):
             raise ConfigError(f"model.output is {cfg.output!r} but must be one of {', '.join(OUTPUT_RANGES)}")
         self.arch = cfg.arch
         self.image_size = image_size
+        self.spatial_dims = cfg.spatial_dims  # 1: [B, C, L], 2: [B, C, H, W], 3: [B, C, D, H, W]; image_size per axis
         self.in_channels = cfg.in_channels
         self.latent_shape: tuple[int, ...] = tuple(int(s) for s in latent_shape)
         self.output = cfg.output
@@ -227,10 +229,11 @@ class FlatLatentVAE(VAE):
     def __init__(self, cfg: ModelConfig, image_size: int):
         check_common(cfg, image_size, ("vector",))
         levels = len(cfg.channels)
-        side = check_levels("model.channels", levels, image_size, f"model.channels has {levels} levels")
+        side = check_levels("model.channels", levels, image_size, f"model.channels has {levels} levels",
+                            cfg.spatial_dims)
         super().__init__(cfg, image_size, (cfg.latent_dim,))
-        self.feature_shape = (cfg.channels[-1], side, side)
-        self.flat = cfg.channels[-1] * side * side
+        self.feature_shape = (cfg.channels[-1], *[side] * cfg.spatial_dims)
+        self.flat = cfg.channels[-1] * side ** cfg.spatial_dims
 
     def encode_raw(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         return self.split_posterior(self.heads(self.encoder(x)))
@@ -245,16 +248,19 @@ class FlatLatentVAE(VAE):
 # ----------------------------------------------------------------------------------------------
 
 
-def check_levels(key: str, n_downsamples: int, image_size: int, what: str) -> int:
+def check_levels(key: str, n_downsamples: int, image_size: int, what: str, dims: int = 2) -> int:
     """Raise unless image_size halves cleanly n_downsamples times; return the final side in px.
 
-    `what` describes the config, e.g. "model.channels has 6 levels".
+    `what` describes the config, e.g. "model.channels has 6 levels". dims (model.spatial_dims) only
+    changes the wording: a signal length in samples, a volume side in voxels.
     """
     factor = 2 ** n_downsamples
     if image_size < factor or image_size % factor:
+        noun, unit = size_words(dims)
+        article = "an" if noun[0] in "aeiou" else "a"
         raise ConfigError(
-            f"{what}, which needs the image size to be divisible by {factor}, but the shards are "
-            f"{image_size} px; use an image size that is a multiple of {factor} or fewer entries in {key}")
+            f"{what}, which needs the {noun} to be divisible by {factor}, but the shards are "
+            f"{image_size} {unit}; use {article} {noun} that is a multiple of {factor} or fewer entries in {key}")
     return image_size // factor
 
 
@@ -264,6 +270,8 @@ def check_common(cfg: ModelConfig, image_size: int, latents: tuple[str, ...]) ->
         raise ConfigError(
             f"model.arch {cfg.arch} supports model.latent {' or '.join(latents)}, not {cfg.latent}; "
             f"set model.latent={latents[0]}")
+    if cfg.spatial_dims not in SPATIAL_DIMS:
+        raise ConfigError(f"model.spatial_dims must be 1, 2 or 3, got {cfg.spatial_dims}")
     if image_size < 1:
         raise ConfigError(f"the image size must be positive, got {image_size}")
     for key in ("in_channels", "latent_dim", "latent_channels", "samples_per_input"):

@@ -2,7 +2,7 @@
 
 Encoder: for each width c in cfg.channels, Down(c_prev, c, c) then GELU, where
     Down = conv3x3 -> BN -> GELU -> conv3x3 -> BN -> 2x2 max-pool.
-The final feature map (channels[-1] x H/2^n x W/2^n) is flattened and one Linear gives mu and logvar
+The final feature map (channels[-1] x H/2^n x W/2^n; 1-D and 3-D: the same with Conv1d/Conv3d) is flattened and one Linear gives mu and logvar
 (the seed's head predicted exp(std); a log-variance head is the textbook, numerically safe form).
 Decoder: Linear(latent_dim -> flat) -> GELU -> reshape, then Up blocks mirroring the widths,
     Up = BN -> GELU -> bilinear x2 -> conv3x3 -> BN -> GELU -> conv3x3,
@@ -16,25 +16,28 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from pipeline.config import ModelConfig
+from pipeline.models import dims as nd
 from pipeline.models.base import FlatLatentVAE
 
 
 class Down(nn.Sequential):
-    def __init__(self, c_in: int, c_mid: int, c_out: int):
+    def __init__(self, c_in: int, c_mid: int, c_out: int, dims: int = 2):
+        conv, bn = nd.conv(dims), nd.batch_norm(dims)
         super().__init__(
-            nn.Conv2d(c_in, c_mid, 3, padding=1), nn.BatchNorm2d(c_mid), nn.GELU(),
-            nn.Conv2d(c_mid, c_out, 3, padding=1), nn.BatchNorm2d(c_out),
-            nn.MaxPool2d(2),
+            conv(c_in, c_mid, 3, padding=1), bn(c_mid), nn.GELU(),
+            conv(c_mid, c_out, 3, padding=1), bn(c_out),
+            nd.max_pool(dims)(2),
         )
 
 
 class Up(nn.Sequential):
-    def __init__(self, c_in: int, c_mid: int, c_out: int):
+    def __init__(self, c_in: int, c_mid: int, c_out: int, dims: int = 2):
+        conv, bn = nd.conv(dims), nd.batch_norm(dims)
         super().__init__(
-            nn.BatchNorm2d(c_in), nn.GELU(),
-            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
-            nn.Conv2d(c_in, c_mid, 3, padding=1), nn.BatchNorm2d(c_mid), nn.GELU(),
-            nn.Conv2d(c_mid, c_out, 3, padding=1),
+            bn(c_in), nn.GELU(),
+            nn.Upsample(scale_factor=2, mode=nd.interpolate_mode(dims), align_corners=True),
+            conv(c_in, c_mid, 3, padding=1), bn(c_mid), nn.GELU(),
+            conv(c_mid, c_out, 3, padding=1),
         )
 
 
@@ -45,14 +48,14 @@ class ConvVAE(FlatLatentVAE):
 
         layers: list[nn.Module] = []
         for c_in, c in zip([cfg.in_channels, *widths[:-1]], widths):
-            layers += [Down(c_in, c, c), nn.GELU()]
+            layers += [Down(c_in, c, c, cfg.spatial_dims), nn.GELU()]
         self.encoder = nn.Sequential(*layers, nn.Flatten())
         self.heads = nn.Linear(flat, self.posterior_width(cfg.latent_dim))  # mu and logvar side by side
 
         self.decoder_input = nn.Sequential(nn.Linear(cfg.latent_dim, flat), nn.GELU())
         rev = widths[::-1]
         outs = [*rev[1:], cfg.in_channels]
-        self.decoder = nn.Sequential(*[Up(c, c, c_out) for c, c_out in zip(rev, outs)])
+        self.decoder = nn.Sequential(*[Up(c, c, c_out, cfg.spatial_dims) for c, c_out in zip(rev, outs)])
 
     def decode_raw(self, z: Tensor) -> Tensor:
         return self.decoder(self.features(z))

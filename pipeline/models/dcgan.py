@@ -18,6 +18,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from pipeline.config import ModelConfig
+from pipeline.models import dims as nd
 from pipeline.models.base import VAE, check_common, check_levels
 
 BN_FROM_LEVEL = 2  # levels 0 and 1 have no BatchNorm, as in the seed
@@ -26,39 +27,42 @@ BN_FROM_LEVEL = 2  # levels 0 and 1 have no BatchNorm, as in the seed
 class DCGANVAE(VAE):
     def __init__(self, cfg: ModelConfig, image_size: int):
         check_common(cfg, image_size, ("spatial", "vector"))
-        widths = list(cfg.channels)
-        side = check_levels("model.channels", len(widths), image_size, f"model.channels has {len(widths)} levels")
+        widths, dims = list(cfg.channels), cfg.spatial_dims
+        side = check_levels("model.channels", len(widths), image_size, f"model.channels has {len(widths)} levels",
+                            dims)
         spatial = cfg.latent == "spatial"
-        latent_shape = (cfg.latent_channels, side, side) if spatial else (cfg.latent_dim,)
+        sides = (side,) * dims
+        latent_shape = (cfg.latent_channels, *sides) if spatial else (cfg.latent_dim,)
         super().__init__(cfg, image_size, latent_shape)
         self.spatial = spatial
-        self.feature_shape = (widths[-1], side, side)
-        flat = widths[-1] * side * side
+        self.feature_shape = (widths[-1], *sides)
+        flat = widths[-1] * side ** dims
+        conv, conv_t, norm = nd.conv(dims), nd.conv_transpose(dims), nd.batch_norm(dims)
 
         layers: list[nn.Module] = []
         for i, (c_in, c) in enumerate(zip([cfg.in_channels, *widths[:-1]], widths)):
             bn = i >= BN_FROM_LEVEL
-            layers.append(nn.Conv2d(c_in, c, 4, stride=2, padding=1, bias=not bn))
+            layers.append(conv(c_in, c, 4, stride=2, padding=1, bias=not bn))
             if bn:
-                layers.append(nn.BatchNorm2d(c))
+                layers.append(norm(c))
             layers.append(nn.LeakyReLU(0.2))
         self.encoder = nn.Sequential(*layers)
         if spatial:
-            self.heads = nn.Conv2d(widths[-1], self.posterior_width(cfg.latent_channels), 3, padding=1)
+            self.heads = conv(widths[-1], self.posterior_width(cfg.latent_channels), 3, padding=1)
             self.decoder_input = nn.Identity()
             c_in = cfg.latent_channels
         else:
             self.heads = nn.Sequential(nn.Flatten(), nn.Linear(flat, self.posterior_width(cfg.latent_dim)))
             self.decoder_input = nn.Sequential(
                 nn.Linear(cfg.latent_dim, flat, bias=False), nn.Unflatten(1, self.feature_shape),
-                nn.BatchNorm2d(widths[-1]), nn.ReLU())
+                norm(widths[-1]), nn.ReLU())
             c_in = widths[-1]
 
         layers = []
         for c in widths[::-1]:
-            layers += [nn.ConvTranspose2d(c_in, c, 4, stride=2, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+            layers += [conv_t(c_in, c, 4, stride=2, padding=1, bias=False), norm(c), nn.ReLU()]
             c_in = c
-        layers.append(nn.ConvTranspose2d(c_in, cfg.in_channels, 3, stride=1, padding=1))
+        layers.append(conv_t(c_in, cfg.in_channels, 3, stride=1, padding=1))
         self.decoder = nn.Sequential(*layers)
         self.apply(_dcgan_init)
 
@@ -70,10 +74,10 @@ class DCGANVAE(VAE):
 
 
 def _dcgan_init(m: nn.Module) -> None:
-    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+    if isinstance(m, nd.CONV_TYPES):
         nn.init.normal_(m.weight, 0.0, 0.02)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.BatchNorm2d):
+    elif isinstance(m, nd.BATCH_NORM_TYPES):
         nn.init.normal_(m.weight, 1.0, 0.02)
         nn.init.zeros_(m.bias)

@@ -39,11 +39,13 @@ list index: "model.decoder[3] (upsample) ...". Init: PyTorch defaults, as in LDM
 from __future__ import annotations
 
 import difflib
+import math
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.config import BLOCK_NAMES, BlockSpec, ConfigError, ModelConfig, QuantizerConfig
+from pipeline.models import dims as nd
 from pipeline.models.base import VAE, check_common, check_levels, group_count
 from pipeline.models.quantize import QuantizeBlock
 
@@ -55,11 +57,12 @@ def _norm(c: int) -> nn.GroupNorm:
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int):
+    def __init__(self, c_in: int, c_out: int, dims: int = 2):
         super().__init__()
-        self.norm1, self.conv1 = _norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2, self.conv2 = _norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
-        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        conv = nd.conv(dims)
+        self.norm1, self.conv1 = _norm(c_in), conv(c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = _norm(c_out), conv(c_out, c_out, 3, padding=1)
+        self.skip = conv(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -68,51 +71,55 @@ class ResnetBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Single-head self-attention over the H*W positions (LDM's AttnBlock), via SDPA."""
+    """Single-head self-attention over the flattened positions (H*W; L in 1-D, D*H*W in 3-D; LDM's
+    AttnBlock), via SDPA."""
 
-    def __init__(self, c: int):
+    def __init__(self, c: int, dims: int = 2):
         super().__init__()
+        conv = nd.conv(dims)
         self.norm = _norm(c)
-        self.qkv = nn.Conv2d(c, 3 * c, 1)  # LDM's q, k, v 1x1 convs, fused (same parameters)
-        self.proj = nn.Conv2d(c, c, 1)
+        self.qkv = conv(c, 3 * c, 1)  # LDM's q, k, v 1x1 convs, fused (same parameters)
+        self.proj = conv(c, c, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        b, c, h, w = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(b, 3, 1, c, h * w).transpose(-1, -2)  # [B, 3, heads=1, HW, C]
+        b, c, *spatial = x.shape
+        n = math.prod(spatial)
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, 1, c, n).transpose(-1, -2)  # [B, 3, heads=1, positions, C]
         out = F.scaled_dot_product_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2])
-        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, *spatial))
 
 
 class Downsample(nn.Module):
-    def __init__(self, c: int, padding: str = "symmetric"):
+    def __init__(self, c: int, padding: str = "symmetric", dims: int = 2):
         super().__init__()
         self.ldm = padding == "ldm"  # the same parameters either way: a checkpoint's keys do not depend on it
-        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=0 if self.ldm else 1)
+        self.pad = (0, 1) * dims  # ldm: one zero at the end of every spatial axis (right and bottom in 2-D)
+        self.conv = nd.conv(dims)(c, c, 3, stride=2, padding=0 if self.ldm else 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.ldm else x)
+        return self.conv(F.pad(x, self.pad) if self.ldm else x)
 
 
 class Upsample(nn.Module):
-    def __init__(self, c: int):
+    def __init__(self, c: int, dims: int = 2):
         super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.conv = nd.conv(dims)(c, c, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _make(block: str, c_in: int, c_out: int, downsample_padding: str = "symmetric") -> nn.Module:
+def _make(block: str, c_in: int, c_out: int, downsample_padding: str = "symmetric", dims: int = 2) -> nn.Module:
     if block == "resnet":
-        return ResnetBlock(c_in, c_out)
+        return ResnetBlock(c_in, c_out, dims)
     if block == "attention":
-        return AttentionBlock(c_in)
+        return AttentionBlock(c_in, dims)
     if block == "downsample":
-        return Downsample(c_in, downsample_padding)
+        return Downsample(c_in, downsample_padding, dims)
     if block == "upsample":
-        return Upsample(c_in)
+        return Upsample(c_in, dims)
     if block == "conv":
-        return nn.Conv2d(c_in, c_out, 3, padding=1)
+        return nd.conv(dims)(c_in, c_out, 3, padding=1)
     return nn.Sequential(_norm(c_in), nn.SiLU())  # norm_act
 
 
@@ -157,7 +164,7 @@ def _check_levels_cfg(cfg: ModelConfig, image_size: int) -> None:
             raise ConfigError(f"model.attention_levels[{i}] is {level}, but model.channels has {n} levels "
                               f"(0..{n - 1})")
     check_levels("model.channels", n - 1, image_size,
-                 f"model.channels has {n} levels ({n - 1} downsamples)")
+                 f"model.channels has {n} levels ({n - 1} downsamples)", cfg.spatial_dims)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,8 +174,9 @@ def _check_levels_cfg(cfg: ModelConfig, image_size: int) -> None:
 
 def _build_stack(specs: list[BlockSpec], side: str, c: int, size: int, image_size: int,
                  explicit: bool, downsample_padding: str = "symmetric",
-                 quantizer: QuantizerConfig | None = None) -> tuple[nn.Sequential, int, int]:
-    """Build `specs` from c channels at size px; return (modules, channels out, size out)."""
+                 quantizer: QuantizerConfig | None = None, dims: int = 2) -> tuple[nn.Sequential, int, int]:
+    """Build `specs` from c channels at size px (per spatial axis); return (modules, channels out, size out)."""
+    noun, unit = nd.size_words(dims)
     n_down = sum(s.repeat for s in specs if s.block == "downsample")
     modules: list[nn.Module] = []
     for i, spec in enumerate(specs):
@@ -198,13 +206,13 @@ def _build_stack(specs: list[BlockSpec], side: str, c: int, size: int, image_siz
             if spec.block == "downsample":
                 if size % 2:
                     raise ConfigError(
-                        f"{where} gets a {size} px feature map, which a stride-2 downsample cannot halve; "
-                        f"with {n_down} downsample blocks the image size must be divisible by {2 ** n_down}, "
-                        f"but the shards are {image_size} px")
+                        f"{where} gets a {size} {unit} feature map, which a stride-2 downsample cannot halve; "
+                        f"with {n_down} downsample blocks the {noun} must be divisible by {2 ** n_down}, "
+                        f"but the shards are {image_size} {unit}")
                 size //= 2
             elif spec.block == "upsample":
                 size *= 2
-            modules.append(_make(spec.block, c, c_out, downsample_padding))
+            modules.append(_make(spec.block, c, c_out, downsample_padding, dims))
             c = c_out
     return nn.Sequential(*modules), c, size
 
@@ -214,29 +222,31 @@ class ResNetVAE(VAE):
         check_common(cfg, image_size, ("spatial",))
         if not (cfg.encoder and cfg.decoder):
             _check_levels_cfg(cfg, image_size)
-        lc = cfg.latent_channels
+        lc, dims = cfg.latent_channels, cfg.spatial_dims
+        conv = nd.conv(dims)
         enc_specs = cfg.encoder or _level_specs(cfg, "encoder")
         encoder, c_enc, side = _build_stack(enc_specs, "encoder", cfg.in_channels, image_size, image_size,
                                             explicit=bool(cfg.encoder), downsample_padding=cfg.downsample_padding,
-                                            quantizer=cfg.quantizer)
-        super().__init__(cfg, image_size, (lc, side, side))
+                                            quantizer=cfg.quantizer, dims=dims)
+        super().__init__(cfg, image_size, (lc, *[side] * dims))
         self.encoder = encoder
-        self.heads = nn.Conv2d(c_enc, self.posterior_width(lc), 1)
+        self.heads = conv(c_enc, self.posterior_width(lc), 1)
 
         dec_specs = cfg.decoder or _level_specs(cfg, "decoder")
-        self.decoder_input = nn.Conv2d(lc, lc, 1)
+        self.decoder_input = conv(lc, lc, 1)
         self.decoder, c_dec, out_size = _build_stack(dec_specs, "decoder", lc, side, image_size,
-                                                     explicit=bool(cfg.decoder), quantizer=cfg.quantizer)
+                                                     explicit=bool(cfg.decoder), quantizer=cfg.quantizer, dims=dims)
         if out_size != image_size:
             ups = [i for i, s in enumerate(dec_specs) if s.block == "upsample"]
             n_up = sum(dec_specs[i].repeat for i in ups)
             n_down = sum(s.repeat for s in enc_specs if s.block == "downsample")
             enc = "model.encoder" if cfg.encoder else "model.channels"
             dec = f"model.decoder (upsample at {ups})" if cfg.decoder else "model.channels"
+            unit, things = nd.size_words(dims)[1], {1: "signals", 2: "images", 3: "volumes"}[dims]
             raise ConfigError(
                 f"{dec} has {n_up} upsample blocks but {enc} has {n_down} downsample blocks, so the decoder "
-                f"would output {out_size} px for {image_size} px images; give both sides the same count")
-        self.final_layer = nn.Conv2d(c_dec, cfg.in_channels, 3, padding=1)
+                f"would output {out_size} {unit} for {image_size} {unit} {things}; give both sides the same count")
+        self.final_layer = conv(c_dec, cfg.in_channels, 3, padding=1)
 
     def encode_raw(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.split_posterior(self.heads(self.encoder(x)))

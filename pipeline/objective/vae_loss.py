@@ -44,11 +44,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import kornia
 import torch
 from torch import Tensor, nn
 
 from pipeline.config import ConfigError, LossConfig
+from pipeline.objective.image import ssim as ssim_map
 from pipeline.objective.image import to_unit_range, total_variation
 from pipeline.objective.kl import check_kl, kl_beta, kl_per_dim
 from pipeline.objective.likelihood import (GAUSSIAN_LOGVAR_RANGE, LOG_2PI, RECON_KINDS, bce_elementwise,
@@ -78,9 +78,11 @@ class VAELoss(nn.Module):
     which the trainer optimizes with the model. The perceptual backbone is frozen and deliberately kept
     out of parameters() and state_dict() (see pipeline.objective.perceptual.PerceptualDistance)."""
 
-    def __init__(self, cfg: LossConfig, output_range: tuple[float, float], image_channels: int):
+    def __init__(self, cfg: LossConfig, output_range: tuple[float, float], image_channels: int,
+                 spatial_dims: int = 2):
         super().__init__()
         self.cfg = cfg
+        self.spatial_dims = int(spatial_dims)  # 1: [B, C, L], 2: [B, C, H, W], 3: [B, C, D, H, W]
         self.output_range = (float(output_range[0]), float(output_range[1]))
         self.image_channels = int(image_channels)
         if cfg.recon not in RECON_KINDS:
@@ -94,6 +96,9 @@ class VAELoss(nn.Module):
                 raise ConfigError(f"loss.{key} must be 0 or more, got {getattr(cfg, key)}")
         if cfg.perceptual.weight < 0:
             raise ConfigError(f"loss.perceptual.weight must be 0 or more, got {cfg.perceptual.weight}")
+        if cfg.perceptual.weight > 0 and self.spatial_dims != 2:
+            raise ConfigError(f"loss.perceptual.weight is {cfg.perceptual.weight}, but it works on 2-D images only "
+                              f"and model.spatial_dims is {self.spatial_dims}; set loss.perceptual.weight=0")
         if cfg.ssim_weight > 0 and (cfg.ssim_window < 3 or cfg.ssim_window % 2 == 0):
             raise ConfigError(f"loss.ssim_window must be an odd number of at least 3, got {cfg.ssim_window}")
         check_kl(cfg.kl)
@@ -115,9 +120,9 @@ class VAELoss(nn.Module):
         return kl_beta(self.cfg.kl, step)
 
     def _logvar_image(self) -> Tensor:
-        """The gaussian log-variance, clamped, shaped to broadcast against [.., C, H, W]."""
+        """The gaussian log-variance, clamped, shaped to broadcast against [.., C, H, W] (or [.., C, *spatial])."""
         lv = self.gaussian_logvar.float().clamp(*GAUSSIAN_LOGVAR_RANGE)
-        return lv.view(-1, 1, 1) if lv.dim() == 1 else lv
+        return lv.view(-1, *[1] * self.spatial_dims) if lv.dim() == 1 else lv
 
     def _check_bce_inputs(self, recon: Tensor, target: Tensor) -> None:
         if self._range_checked and recon.device.type != "cpu":
@@ -203,8 +208,8 @@ class VAELoss(nn.Module):
             if cfg.ssim_weight > 0:
                 recon01 = to_unit_range(recon, self.output_range)
                 target01 = to_unit_range(target, self.output_range)
-                t01 = target01.repeat(reps, 1, 1, 1) if reps > 1 else target01
-                ssim = kornia.metrics.ssim(recon01, t01, cfg.ssim_window, max_val=1.0).mean()
+                t01 = target01.repeat(reps, *[1] * (target.dim() - 1)) if reps > 1 else target01
+                ssim = ssim_map(recon01, t01, cfg.ssim_window, max_val=1.0).mean()  # 1-D, 2-D or 3-D
                 ssim_loss = cfg.ssim_weight * (1.0 - ssim)
                 total = total + ssim_loss
                 terms["ssim"] = ssim
