@@ -312,3 +312,17 @@ def test_vq_run_evaluates_and_encodes_integer_code_maps_that_decode(vq_run, tiny
     done = sample("encode", str(tiny_shards), "--split", "val", "--format", "shards", "--store", "z",
                   "--out", str(tmp_path / "bad"))
     assert done.returncode == 2 and "this run's latent is quantized" in done.stderr
+
+
+@pytest.mark.parametrize("dims, arch, size, grid", [(1, "resnet", 32, (16,)), (3, "resnet", 8, (4, 4, 4)),
+                                                    (3, "dcgan", 8, (2, 2, 2))])
+def test_signals_and_volumes_quantize_per_position(dims, arch, size, grid):
+    """A 1-D or 3-D spatial latent has one token per position, like an image's (model.spatial_dims)."""
+    c = cfg(f"model.arch={arch}", f"model.spatial_dims={dims}", "model.channels=[8,8]", "model.in_channels=1",
+            "model.latent_channels=2", "model.quantizer.kind=fsq", "model.quantizer.fsq_levels=[5,5]")
+    model = build_model(c.model, size)
+    x = torch.rand(2, 1, *[size] * dims)
+    out = model(x)
+    assert model.code_grid == grid and tuple(out.indices.shape) == (2, *grid)
+    assert torch.equal(model.decode_indices(out.indices), out.recon)  # the codes are all the decoder sees
+    assert model.sample(2).shape == x.shape
