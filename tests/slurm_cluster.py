@@ -77,8 +77,9 @@ class SlurmCluster:
             # No munge: requests are trusted as they are (a throwaway cluster on one host).
             "AuthType=auth/none",
             "CredType=cred/none",
-            # A requeued job may start again after cred_expire + 1 s (121 s by default).
-            "AuthInfo=cred_expire=10",
+            # A requeued job may start again after cred_expire + 1 s (121 s by default); 5 is the least
+            # Slurm accepts, and every requeue test waits it out.
+            "AuthInfo=cred_expire=5",
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",
             "JobAcctGatherType=jobacct_gather/none",

@@ -125,9 +125,11 @@ def trained(tiny_shards) -> Path:
 
 @pytest.fixture(scope="module")
 def evaluated(trained) -> dict:
-    """`python -m pipeline.evaluate` in its own process, logging to the run's offline W&B run."""
+    """`python -m pipeline.evaluate` in its own process, logging to the run's offline W&B run (no LPIPS or
+    Inception weights files: what it prints is kept in eval/one.log for the test of that)."""
     r = run_cli("pipeline.evaluate", str(trained), "--iwae-k", "16", "--out", str(trained / "eval" / "one.json"))
     assert r.returncode == 0, r.stderr[-3000:]
+    (trained / "eval" / "one.log").write_text(r.stdout + r.stderr)
     return json.loads((trained / "eval" / "one.json").read_text())
 
 
@@ -150,6 +152,15 @@ def test_evaluate_reports_every_metric_with_consistent_bounds(evaluated, trained
     assert len(m["kl_per_dim"]) == m["latent_dims"] == 8
     assert sum(m["kl_per_dim"]) == pytest.approx(m["kl_nats"], rel=1e-5)
     assert (trained / "eval" / "latent_usage.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_evaluate_without_weights_files_skips_lpips_and_rfid_with_one_line_each(evaluated, trained):
+    """(From test_metrics.py, where it ran evaluate once more on this same run, also without weights files.)"""
+    assert evaluated["lpips"] is None and evaluated["rfid"] is None and evaluated["sharpness_ratio"] > 0
+    said = (trained / "eval" / "one.log").read_text()
+    skip_lines = [line for line in said.splitlines() if "skipped, no metrics." in line]
+    assert len(skip_lines) == 2, said[-3000:]
 
 
 @pytest.mark.slow

@@ -69,16 +69,29 @@ def wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout: flo
 
 @pytest.fixture(scope="module")
 def ddp_run(tiny_shards, tmp_path_factory):
-    """The uninterrupted 2-process reference run (30 steps)."""
+    """The uninterrupted 2-process reference run (30 steps), started as two "machines" on localhost: two
+    `accelerate launch --num_machines 2` (machine ranks 0 and 1, one process each, one rendezvous). One run for
+    the DDP checks and the multi-machine launch's (a separate two-machine run cost another 2-process start);
+    the one-machine `--num_processes 2` launch is what every 2-process test elsewhere starts."""
     run_dir = tmp_path_factory.mktemp("runs") / "ddp"
-    r = run(command(2, tiny_args(tiny_shards, run_dir, "train.max_steps=30")))
-    assert (run_dir / "summary.json").exists(), r.stdout[-2000:] + r.stderr[-4000:]
+    port = free_port()
+    args = tiny_args(tiny_shards, run_dir, "train.max_steps=30")
+    procs = [subprocess.Popen(command(2, args, machines=2, rank=rank, port=port), cwd=ROOT, env=TEST_ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert (run_dir / "summary.json").exists(), outs[0][1][-3000:] + outs[1][1][-3000:]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
     return run_dir
 
 
-def test_two_process_ddp_really_has_world_size_two(ddp_run):
+def test_two_process_ddp_on_two_machines_really_has_world_size_two(ddp_run):
     summary = json.loads((ddp_run / "summary.json").read_text())
-    assert summary["world_size"] == 2
+    assert summary["world_size"] == 2  # one process of each machine, in one group
     assert summary["step"] == 30
     assert summary["images_seen"] == 30 * 8 * 2
     steps = sorted(loss_by_step(ddp_run))
@@ -89,16 +102,31 @@ def test_two_process_ddp_really_has_world_size_two(ddp_run):
     assert sum(losses[s] for s in range(26, 31)) < sum(losses[s] for s in range(1, 6))
 
 
-def test_sigusr1_checkpoints_and_exits_75_then_resumes(tiny_shards, tmp_path):
+def test_a_second_trainer_on_a_live_run_folder_refuses_then_sigusr1_checkpoints_exits_75_and_resumes(
+        tiny_shards, tmp_path):
+    """One live run for two checks (one trainer start less): while it trains, a second trainer on its folder
+    exits 2 naming the holder and touches nothing; then SIGUSR1 makes it checkpoint and exit 75, and the same
+    command continues from that checkpoint."""
     run_dir = tmp_path / "usr1"
-    cmd = command(1, tiny_args(tiny_shards, run_dir, "train.max_steps=500", "train.checkpoint_every_steps=1000"))
+    cmd = command(1, tiny_args(tiny_shards, run_dir, "train.max_steps=5000", "train.checkpoint_every_steps=1000"))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=TEST_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_step(run_dir, proc, 3)
-    proc.send_signal(signal.SIGUSR1)
-    out, err = proc.communicate(timeout=120)
+    try:
+        wait_for_step(run_dir, proc, 3)
+        config = (run_dir / "config.yaml").read_bytes()
+        r = run(command(1, tiny_args(tiny_shards, run_dir, "train.max_steps=10")))
+        assert r.returncode == 2
+        assert r.stderr.strip().splitlines() == [
+            f"error: run folder {run_dir} is in use by pid {proc.pid} on {socket.gethostname()}, started "
+            f"{json.loads((run_dir / '.lock').read_text())['started']}; wait for that run to finish or stop it "
+            f"(kill {proc.pid}), or train in another folder with run.name=..."]
+        assert (run_dir / "config.yaml").read_bytes() == config  # nothing of the live run was touched
+        assert len((run_dir / "starts.jsonl").read_text().splitlines()) == 1
+    finally:
+        proc.send_signal(signal.SIGUSR1)
+        out, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-3000:]
     stopped = int((run_dir / "checkpoints" / "latest").read_text().strip().split("-")[1])
-    assert stopped == max(loss_by_step(run_dir)) and 3 <= stopped < 500
+    assert stopped == max(loss_by_step(run_dir)) and 3 <= stopped < 5000
     assert not (run_dir / "summary.json").exists()  # not finished
 
     r = run(command(1, tiny_args(tiny_shards, run_dir, f"train.max_steps={stopped + 3}")))
@@ -158,18 +186,6 @@ def test_consecutive_nonfinite_steps_stop_with_one_sentence(tiny_shards, tmp_pat
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: stopped at step 4: 3 consecutive steps had a non-finite loss or gradient"), last
     assert "recon" in last
-
-
-def test_two_machine_launch_on_localhost(tiny_shards, tmp_path):
-    run_dir = tmp_path / "twomachines"
-    port = free_port()
-    args = tiny_args(tiny_shards, run_dir, "train.max_steps=4")
-    procs = [subprocess.Popen(command(2, args, machines=2, rank=rank, port=port), cwd=ROOT, env=TEST_ENV,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
-    outs = [p.communicate(timeout=240) for p in procs]
-    summary = run_dir / "summary.json"
-    assert summary.exists(), outs[0][1][-3000:] + outs[1][1][-3000:]
-    assert json.loads(summary.read_text())["world_size"] == 2
 
 
 def test_bad_recipe_key_exits_2_with_one_line(tiny_shards, tmp_path):
@@ -260,29 +276,3 @@ def test_logged_terms_are_the_mean_over_the_micro_batches(step_setup):
     # not the last micro-batch's: the reconstruction error of noise and of a flat image differ widely
     assert abs(result.terms["recon"] - each[1].terms["recon"]) > 0.1 * abs(each[0].terms["recon"] - each[1].terms["recon"])
 
-
-# --------------------------------------------------------------------------------------------
-# One owner per run folder
-# --------------------------------------------------------------------------------------------
-
-
-def test_a_second_trainer_on_a_live_run_folder_refuses_naming_the_holder(tiny_shards, tmp_path):
-    run_dir = tmp_path / "busy"
-    args = tiny_args(tiny_shards, run_dir, "train.max_steps=5000", "train.checkpoint_every_steps=1000")
-    first = subprocess.Popen(command(1, args), cwd=ROOT, env=TEST_ENV, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for_step(run_dir, first, 2)
-        config = (run_dir / "config.yaml").read_bytes()
-        r = run(command(1, tiny_args(tiny_shards, run_dir, "train.max_steps=10")))
-        assert r.returncode == 2
-        assert r.stderr.strip().splitlines() == [
-            f"error: run folder {run_dir} is in use by pid {first.pid} on {socket.gethostname()}, started "
-            f"{json.loads((run_dir / '.lock').read_text())['started']}; wait for that run to finish or stop it "
-            f"(kill {first.pid}), or train in another folder with run.name=..."]
-        assert (run_dir / "config.yaml").read_bytes() == config  # nothing of the live run was touched
-        assert len((run_dir / "starts.jsonl").read_text().splitlines()) == 1
-    finally:
-        first.send_signal(signal.SIGUSR1)
-        first.communicate(timeout=120)
-    assert first.returncode == 75
