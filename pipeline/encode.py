@@ -61,7 +61,7 @@ from pipeline.images import decode_image
 from pipeline.inference import LoadedRun, key_noise, load_run
 from pipeline.preemption import EXIT_PREEMPTED, SIGNALS
 from pipeline.runs import RunLock, die_with_parent, launched_by_torchrun, own_run_folder
-from pipeline.models.quantize import codes_dtype
+from pipeline.models.quantize import codes_dtype, keep_eager
 from pipeline.shards import sha256_file
 from pipeline import faults, tiling
 
@@ -546,6 +546,8 @@ def run_encode(args) -> int:
                          len(units) else ""))
 
     model = run.model.to(memory_format=torch.channels_last)
+    if args.compile:
+        keep_eager(model)
     encode_fn = torch.compile(model.encode) if args.compile else model.encode
     latent_shape = _latent_shape(run, size)
     stop = _Stop()

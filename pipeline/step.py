@@ -25,7 +25,7 @@ from pipeline.checkpoint import Parts
 from pipeline.config import AdversarialConfig, Config
 from pipeline.data import DeviceAugment
 from pipeline.models import build_model
-from pipeline.models.quantize import Quantizer, quantizers
+from pipeline.models.quantize import Quantizer, keep_eager, quantizers
 from pipeline.objective import VAELoss
 from pipeline.objective.adversarial import (AdversarialSchedule, LeCamEMA, adaptive_weight, build_discriminator,
                                             decoder_last_layer, discriminator_loss, generator_loss, lecam_penalty,
@@ -241,6 +241,8 @@ def build_training(cfg: Config, accelerator: Accelerator, image_size: int,
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     vae = vae.to(accelerator.device, memory_format=memory_format)
     ema = EMA(vae, cfg.optim.ema_decay).to(accelerator.device) if cfg.optim.ema_decay > 0 else None
+    if cfg.train.compile:
+        keep_eager(vae)  # (after the EMA copy: the average is never compiled)
     module = TrainModule(torch.compile(vae) if cfg.train.compile else vae, loss_fn)
     # The loss's own parameters (the gaussian log-variance) get no weight decay.
     optimizer = build_optimizer(vae.parameters(), [p for p in loss_fn.parameters() if p.requires_grad], cfg.optim)

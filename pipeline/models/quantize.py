@@ -209,7 +209,6 @@ class Quantizer(nn.Module):
 
     # -- statistics and codebook updates (once per optimizer step) -------------------------------
 
-    @torch.compiler.disable
     @torch.no_grad()
     def _track(self, u: Tensor, indices: Tensor) -> None:
         counts = torch.bincount(indices, minlength=self.num_codes).float()
@@ -327,11 +326,22 @@ class QuantizeBlock(nn.Module):
         self.quantizer = Quantizer(cfg, channels, "channels", name, codebook_size)
         self.pending: list[QuantizerOutput] = []
 
-    @torch.compiler.disable  # the pending list is a side effect; eager around it, compiled elsewhere
     def forward(self, x: Tensor) -> Tensor:
         out = self.quantizer(x, track=self.training and torch.is_grad_enabled())
         self.pending.append(out)
         return out.z_q
+
+
+def keep_eager(model: nn.Module) -> None:
+    """Before torch.compile(model): the codebook bookkeeping (Quantizer._track, which keeps this step's
+    statistics on the module) and the quantize blocks (their `pending` list) run eagerly, with graph breaks
+    around them; everything else compiles. Done per instance, on demand: torch.compiler.disable imports
+    torch._dynamo (~1.4 s), which a process that never compiles should not pay for."""
+    for m in model.modules():
+        if isinstance(m, Quantizer):
+            m._track = torch.compiler.disable(m._track)
+        elif isinstance(m, QuantizeBlock):
+            m.forward = torch.compiler.disable(m.forward)
 
 
 def quantizers(model: nn.Module) -> list[Quantizer]:
