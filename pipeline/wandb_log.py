@@ -35,9 +35,10 @@ import re
 import struct
 import zlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-from wandb.proto import wandb_internal_pb2 as pb
+if TYPE_CHECKING:  # imported where records are parsed: the trainer imports this module, and wandb's
+    from wandb.proto import wandb_internal_pb2 as pb  # protobufs cost ~0.5 s of every start-up
 
 HEADER = struct.Struct("<4sHB")  # ident, magic, version
 HEADER_IDENT, HEADER_MAGIC, HEADER_VERSION = b":W&B", 0xBEE1, 0
@@ -103,10 +104,16 @@ def read_payloads(path: str | Path) -> list[bytes]:
     return list(iter_payloads(path))
 
 
+def _pb():
+    from wandb.proto import wandb_internal_pb2
+
+    return wandb_internal_pb2
+
+
 def iter_records(path: str | Path) -> Iterator[pb.Record]:
     """Every `Record` of one `.wandb` file, in the order they were written, parsed as asked for."""
     for payload in iter_payloads(path):
-        record = pb.Record()
+        record = _pb().Record()
         record.ParseFromString(payload)
         yield record
 
