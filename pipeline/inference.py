@@ -300,20 +300,20 @@ def is_shards_folder(path: str | Path) -> bool:
     return (Path(path) / "manifest.json").is_file()
 
 
-def image_files(paths: Sequence[str | Path]) -> list[Path]:
-    """Files named directly, and the image files under named folders (sorted, recursive).
-    ConfigError for a path that does not exist or a folder without images."""
+def image_files(paths: Sequence[str | Path], extensions=IMAGE_EXTENSIONS, what: str = "images") -> list[Path]:
+    """Files named directly, and the files with `extensions` under named folders (sorted, recursive).
+    ConfigError for a path that does not exist or a folder without such files (`what`: their name)."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in extensions)
             if not found:
-                raise ConfigError(f"folder {p} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+                raise ConfigError(f"folder {p} holds no {what} ({', '.join(sorted(extensions))})")
             files += found
         elif p.is_file():
             files.append(p)
         else:
-            raise ConfigError(f"{p} does not exist; give image files or folders of images")
+            raise ConfigError(f"{p} does not exist; give files or folders of {what}")
     return files
 
 

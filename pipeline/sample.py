@@ -201,19 +201,7 @@ class Inputs:
 
 def array_files(paths: Sequence[str], spatial_dims: int) -> list[Path]:
     """.npy (and, 1-D, .wav) files named directly or found under named folders (sorted, recursive)."""
-    exts = arrays.ARRAY_EXTENSIONS[spatial_dims]
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in exts)
-            if not found:
-                raise ConfigError(f"folder {p} holds no arrays ({', '.join(sorted(exts))})")
-            files += found
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise ConfigError(f"{p} does not exist; give .npy files, folders of them, or a shards folder")
-    return files
+    return image_files(paths, arrays.ARRAY_EXTENSIONS[spatial_dims], "arrays")
 
 
 def array_batches(files: Sequence[Path], keys: Sequence[str], shape: tuple[int, ...],

@@ -27,9 +27,7 @@ class DeviceAugment(nn.Module):
         self.data_range = data_range
         self.hflip = cfg.hflip
         augs: list[nn.Module] = []
-        if data_range is not None:
-            pass  # arrays: flips only, done in forward
-        elif cfg.hflip:
+        if cfg.hflip and data_range is None:  # (arrays flip in _arrays: kornia's flips are 2-D/3-D only)
             augs.append(K.RandomHorizontalFlip(p=0.5))
         if cfg.rotation_degrees > 0:
             augs.append(K.RandomRotation(degrees=cfg.rotation_degrees, p=1.0))  # corners fill with black

@@ -41,6 +41,7 @@ import contextlib
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -287,10 +288,8 @@ class Quantizer(nn.Module):
                 f"code_dim={self.code_dim}, layout={self.layout}")
 
 
-def codes_dtype(num_codes: int):
-    """The integer type code maps are stored in: uint16 up to 65,536 codes, else int32 (numpy dtype)."""
-    import numpy as np
-
+def codes_dtype(num_codes: int) -> np.dtype:
+    """The integer type code maps are stored in: uint16 up to 65,536 codes, else int32."""
     return np.dtype(np.uint16) if num_codes <= 2**16 else np.dtype(np.int32)
 
 
