@@ -17,7 +17,8 @@ failure. Points:
 Unset (always, outside tests), `kill_at` is one dictionary lookup.
 
 VAE_PAUSE_AT=<point>@<step>:<seconds> makes every process that reaches <point> at <step> sleep that
-long there instead (a window in which a test's signal is sure to find work left to do).
+long there instead (a window in which a test's signal is sure to find work left to do; points "step"
+and "encode-unit").
 """
 
 from __future__ import annotations

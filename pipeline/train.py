@@ -150,6 +150,7 @@ def main(cfg: Config) -> int:
         nonfinite_run = torch.where(result.ok, torch.zeros_like(nonfinite_run), nonfinite_run + 1)
         meter.add({**result.terms, "grad_norm": result.grad_norm}, result.nonfinite, result.ok)
         faults.kill_at("step", step, main_process)
+        faults.pause_at("step", step)
         interval_steps += 1
         bar.update(1)
 
