@@ -125,7 +125,7 @@ def draw_flower(index: int, seed: int = 0, size: int = 500) -> tuple[str, Image.
     disc = radius * rng.uniform(0.15, 0.28)
     centre = _hsv_to_rgb(rng.uniform(0.08, 0.16), rng.uniform(0.6, 1.0), rng.uniform(0.4, 0.95))
     draw.ellipse([cx - disc, cy - disc, cx + disc, cy + disc], fill=centre)
-    # No blur: a filter pass costs as much as the whole drawing, and the sharder's Lanczos
+    # No blur: a filter pass costs as much as the whole drawing, and the sharder's antialiased
     # downscale removes the polygon edges' aliasing anyway.
     return name, img
 

@@ -6,7 +6,8 @@
 SRC holds one subfolder per class (data/flowers/daisy/..., the Kaggle layout) or is a flat folder
 of images (no labels). Every image is decoded once (EXIF orientation, correct RGB whatever the
 mode; a JPEG at the smallest DCT scale that still covers SIZE), its central square resized once to
-SIZE x SIZE (Lanczos) and encoded once (jpg by default; png, webp or raw npy with --format).
+SIZE x SIZE (antialiased bicubic, pipeline.images.resize_center_crop) and encoded once (jpg by
+default; png, webp or raw npy with --format).
 
 The sample key is a hash of the image's content that does not depend on SIZE or on any option:
 - a JPEG: sha256 of the file without its metadata segments (APP0/APP1 EXIF-XMP/APP13/... and
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import hashlib
+import importlib.metadata
 import io
 import json
 import multiprocessing
@@ -178,9 +180,24 @@ def _content_key(data: bytes, loaded) -> str:
     return hashlib.sha256(b"%dx%d:" % img.size + img.tobytes()).hexdigest()
 
 
+# USTAR header fields of a member with fixed metadata. After name, mode, uid, gid, size, mtime and the
+# checksum, every regular file's header is the same: type "0", no link, "ustar\0" "00", empty owner
+# names, empty device numbers (what tarfile writes for a regular file), no prefix.
+_MODE_UID_GID, _MTIME = b"0000444\0" + b"0000000\0" * 2, b"00000000000\0"
+_HEADER_TAIL = b"0" + bytes(100) + b"ustar\x0000" + bytes(64) + bytes(16) + bytes(155 + 12)
+_HEADER_TAIL_SUM = sum(_HEADER_TAIL) + 8 * ord(" ")  # the checksum counts its own field as spaces
+
+
 def _tar_member(name: str, data: bytes) -> bytes:
-    """One tar member as bytes: the header tarfile writes for it (USTAR, fixed metadata) + padded data."""
-    header = _tarinfo(name, len(data)).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    """One tar member as bytes: the header tarfile writes for it (USTAR, fixed metadata: mode 0444,
+    uid/gid 0, mtime 0) + padded data. Built directly for the short ASCII names the writer uses
+    (tarfile's pure-Python header costs ~35 us, a third of everything but decoding and encoding);
+    test_shards checks the bytes against tarfile's."""
+    if len(name) > 100 or len(data) >= 8**11 or not name.isascii():  # tarfile splits long names into a prefix
+        header = _tarinfo(name, len(data)).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    else:
+        head = name.encode().ljust(100, b"\0") + _MODE_UID_GID + b"%011o\0" % len(data) + _MTIME
+        header = head + b"%06o\0 " % (sum(head) + _HEADER_TAIL_SUM) + _HEADER_TAIL
     return header + data + bytes(-len(data) % tarfile.BLOCKSIZE)
 
 
@@ -201,7 +218,7 @@ def _process(task: _Task) -> dict:
             return {"error": f"too small ({w}x{h} px; the shorter side must be at least {task.min_side} px, "
                              f"see --min-side)"}
         digest = _content_key(data, loaded)
-        arr = np.asarray(resize_center_crop(loaded.image, task.size), dtype=np.uint8)
+        arr = resize_center_crop(loaded.image, task.size)
         encoded = encode_image(arr, task.image_format, task.quality)
     except Exception as e:  # a bad file must never stop the run
         return {"error": describe_error(e)}
@@ -406,22 +423,16 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
-def _single_threaded() -> bool:
-    """True when this process has one OS thread (Linux): then fork is safe, and it starts workers in
-    milliseconds where spawn takes ~0.3 s each (a fresh interpreter importing numpy and PIL). A
-    process with other threads (torch's, a library's) may be forked holding a lock: spawn then."""
-    try:
-        return len(os.listdir("/proc/self/task")) == 1
-    except OSError:
-        return False
-
-
 def _results(tasks: list[_Task], workers: int) -> Iterable[dict]:
-    """Results in task order. One worker runs in this process (the honest single-core figure)."""
+    """Results in task order. One worker runs in this process (the honest single-core figure).
+    Several: forked from one fork server that imported this module and torch once (~1.5 s), where
+    spawn would import them again in every worker and fork would copy a parent with threads
+    (numpy's OpenBLAS pool, the caller's torch)."""
     if workers <= 1 or len(tasks) < 2:
         yield from map(_process, tasks)
         return
-    ctx = multiprocessing.get_context("fork" if _single_threaded() else "spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["pipeline.shards", "torch.nn.functional"])
     chunk = max(1, min(32, len(tasks) // (workers * 8)))
     with ctx.Pool(min(workers, len(tasks))) as pool:
         yield from pool.imap(_process, tasks, chunksize=chunk)
@@ -460,14 +471,22 @@ class _Plan:
     sample_shape: tuple[int, ...] = ()  # array mode: [C, *spatial] of every sample (images: empty)
 
     def fingerprint(self) -> str:
-        """sha256 of the file list (paths, labels, sizes, modification times) and the options: an
-        array task's results are only merged with those of tasks that saw the same."""
-        h = hashlib.sha256(json.dumps([self.options, self.classes, self.skipped], sort_keys=True).encode())
+        """sha256 of the file list (paths, labels, sizes, modification times), the options and the
+        versions of the libraries that make the stored bytes: an array task's results are only merged
+        with those of tasks that saw the same and would have written the same."""
+        h = hashlib.sha256(json.dumps([self.options, self.classes, self.skipped, library_versions()],
+                                      sort_keys=True).encode())
         for task in self.tasks:
             st = os.stat(task.path)
             h.update(b"%s\0%d\0%d\0%d\n" % (task.rel.encode("utf-8", "surrogateescape"), task.label,
                                               st.st_size, st.st_mtime_ns))
         return h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    """The libraries whose version decides the stored bytes: Pillow (decoding, JPEG/PNG/WebP encoding),
+    numpy, torch (the resize). Recorded in the manifest; a SLURM merge refuses parts made with others."""
+    return {"pillow": PIL.__version__, "numpy": np.__version__, "torch": importlib.metadata.version("torch")}
 
 
 def _plan(src, name, size, val_fraction, image_format, quality, max_samples_per_shard, max_bytes_per_shard,
@@ -595,7 +614,7 @@ def _write_set(plan: _Plan, out_dir: str | Path, results: Iterable[dict], progre
             "splits": {s: {"count": sum(sh["count"] for sh in writers[s].shards), "per_class": per_class[s],
                            "shards": writers[s].shards} for s in SPLITS},
             "skipped": skipped, "duplicates": duplicates, "options": o,
-            "versions": {"pillow": PIL.__version__, "numpy": np.__version__},
+            "versions": library_versions(),
         }
         if is_array:  # images keep the manifest they always had (readers default to 2-D images)
             manifest.update(_array_fields(plan, low, high))
@@ -774,8 +793,8 @@ def merge_parts(src: str | Path, out_dir: str | Path = "shards", name: str | Non
                f"{'are' if len(missing) > 1 else 'is'} missing or incomplete" if missing else "")
         if foreign:
             why += ("; " if why else "") + (f"part{'s' if len(foreign) > 1 else ''} {','.join(map(str, foreign))} "
-                                            f"{'were' if len(foreign) > 1 else 'was'} made from another file list or "
-                                            f"other options")
+                                            f"{'were' if len(foreign) > 1 else 'was'} made from another file list, "
+                                            f"other options or other library versions")
         raise ShardsError(f"cannot merge {_parts_dir(out_dir, plan.name)}: {why}; resubmit those tasks with the same "
                           f"arguments (sbatch --array={listed} slurm/shards.sbatch ...) and then the merge")
     manifest = _write_set(plan, out_dir, _part_results(metas, bins), progress, log, t0, f"merged {parts} parts")

@@ -2,11 +2,15 @@
 and corrupt stored bytes raise ValueError without ever unpickling."""
 
 import io
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import ROOT, TEST_ENV
 from pipeline.images import (BACKGROUND_RGB, IMAGE_EXTENSIONS, STORED_FORMATS, decode_image, describe_error,
                              encode_image, load_image, load_rgb, resize_center_crop, to_rgb)
 
@@ -102,7 +106,7 @@ def test_exif_orientation_applied(tmp_path):
                                         (20, 10, 16), (1, 1, 8), (1000, 30, 64)])
 def test_resize_center_crop_shape(w, h, size):
     out = resize_center_crop(Image.new("RGB", (w, h), (9, 9, 9)), size)
-    assert out.size == (size, size)
+    assert out.shape == (size, size, 3) and out.dtype == np.uint8 and (out == 9).all()
 
 
 def test_resize_center_crop_keeps_the_centre():
@@ -110,8 +114,33 @@ def test_resize_center_crop_keeps_the_centre():
     arr = np.zeros((100, 300, 3), np.uint8)
     arr[:, :100, 0] = arr[:, 100:200, 1] = arr[:, 200:, 2] = 255
     out = np.asarray(resize_center_crop(Image.fromarray(arr), 64)).astype(int)
-    inner = out[:, 4:-4]  # away from Lanczos ringing at the borders of the thirds
+    inner = out[:, 4:-4]  # away from the bicubic overshoot at the borders of the thirds
     assert inner[..., 1].min() >= 250 and inner[..., 0].max() <= 5 and inner[..., 2].max() <= 5
+
+
+RESIZE_BYTES = """
+import hashlib, sys
+import numpy as np, torch
+from PIL import Image
+from pipeline.images import resize_center_crop
+rng, h = np.random.default_rng(0), hashlib.sha256()
+for w, hh, size in [(400, 300, 128), (301, 377, 128), (640, 480, 64), (97, 150, 256), (500, 375, 97)]:
+    img = Image.fromarray(rng.integers(0, 256, (hh, w, 3), dtype=np.uint8))
+    h.update(resize_center_crop(img, size).tobytes())
+print(torch.backends.cpu.get_cpu_capability(), h.hexdigest())
+"""
+
+
+def test_resize_gives_the_same_bytes_on_every_cpu_kernel():
+    """Shards written by a SLURM array on mixed nodes are byte-identical to one process's only if the
+    resize is: torch's uint8 antialiased kernel for this CPU (AVX2) and its generic one (used on
+    AVX-512 and ARM machines, forced here with ATEN_CPU_CAPABILITY=default) must agree exactly."""
+    outs = [subprocess.run([sys.executable, "-c", RESIZE_BYTES], cwd=ROOT, capture_output=True, text=True,
+                           check=True, env={**TEST_ENV, **extra}).stdout.split()
+            for extra in ({}, {"ATEN_CPU_CAPABILITY": "default"})]
+    if outs[0][0] == outs[1][0]:
+        pytest.skip(f"this CPU has only torch's {outs[0][0]} kernels: nothing to compare")
+    assert outs[1][0] == "DEFAULT" and outs[0][1] == outs[1][1], outs
 
 
 def test_load_image(tmp_path):
