@@ -114,11 +114,12 @@ def scan_source(src: Path, extensions: frozenset[str] = IMAGE_EXTENSIONS,
     found: list[tuple[str, str]] = []
     for root, dirs, files in os.walk(src):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in IGNORED_DIRS)
+        # The relative folder once per folder (os.path.relpath per file cost ~20 us, 2 % of sharding a file)
+        prefix = "" if root == str(src) else Path(os.path.relpath(root, src)).as_posix() + "/"
         for f in sorted(files):
             if f.startswith(".") or os.path.splitext(f)[1].lower() not in extensions:
                 continue
-            path = os.path.join(root, f)
-            found.append((path, Path(os.path.relpath(path, src)).as_posix()))
+            found.append((os.path.join(root, f), prefix + f))
     if not found:
         exts = " ".join(sorted(extensions))
         hint = _source_hint(src) if what == "image" else (
@@ -433,7 +434,9 @@ def _results(tasks: list[_Task], workers: int) -> Iterable[dict]:
         return
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["pipeline.shards", "torch.nn.functional"])
-    chunk = max(1, min(32, len(tasks) // (workers * 8)))
+    # Chunks of up to 128 tasks: the pool costs the main process ~200 us per image at 8 a chunk, ~90 at
+    # 32, ~70 at 128 (its CPU is taken from the workers); 8 chunks per worker keep the ends even.
+    chunk = max(1, min(128, len(tasks) // (workers * 8)))
     with ctx.Pool(min(workers, len(tasks))) as pool:
         yield from pool.imap(_process, tasks, chunksize=chunk)
 
