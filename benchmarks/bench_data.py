@@ -159,14 +159,14 @@ def in_process(shards: Path, blobs: list[bytes], ext: str, rounds: int) -> tuple
             seen += len(next(batches))
         return (time.process_time() - t) / seen * 1e6
 
-    ratios, costs, plumbing = [], [], []
+    ratios, costs = [], []
     batches = stream_batches(shards, 0, "permutation")
     for _ in range(rounds):
         n, _, cpu = _decode_loop((blobs[:500], ext, 0.5))
         costs.append(reader_cpu(batches))
         ratios.append(cpu / n * 1e6 / costs[-1])
     batches.close()
-    constant = np.zeros((*decode_image(blobs[0], ext).shape,), np.uint8)
+    constant = np.zeros_like(decode_image(blobs[0], ext))
     real, decode_stage.decode_image = decode_stage.decode_image, lambda data, ext: constant
     try:
         batches = stream_batches(shards, 0, "permutation")
@@ -201,10 +201,11 @@ def _decode_loop(args) -> tuple[int, float, float]:
     return n, time.perf_counter() - t0, time.process_time() - cpu0
 
 
-def raw_decode(blobs: list[bytes], ext: str, workers: int, seconds: float, pool: bool = False) -> tuple[float, float]:
+def raw_decode(blobs: list[bytes], ext: str, workers: int, seconds: float,
+               fresh: bool = False) -> tuple[float, float]:
     """Each of `workers` processes decodes all stored images over and over for `seconds` (one worker:
-    in this process, unless `pool`)."""
-    if workers <= 1 and not pool:
+    in this process, unless `fresh`: then in a forked one, like two workers)."""
+    if workers <= 1 and not fresh:
         results = [_decode_loop((blobs, ext, seconds))]
     else:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
@@ -283,7 +284,7 @@ def main() -> None:
     # process here decodes at 190 or at 250 us per image, and the ratio swung 1.4-2.5x.
     ceiling = []
     for _ in range(args.write_rounds):
-        one = raw_decode(blobs, args.format, 1, seconds=3.0, pool=True)[0]
+        one = raw_decode(blobs, args.format, 1, seconds=3.0, fresh=True)[0]
         ceiling.append(raw_decode(blobs, args.format, 2, seconds=3.0)[0] / one)
 
     # Each round: raw, ours (both orders), webdataset, raw again, ImageFolder. Ratios are taken within a round (ours against

@@ -2,7 +2,6 @@
 and corrupt stored bytes raise ValueError without ever unpickling."""
 
 import io
-import os
 import subprocess
 import sys
 
