@@ -468,6 +468,23 @@ def _load_optimizer(path: Path, stem: str, optimizer) -> None:
     except (ValueError, KeyError, RuntimeError) as e:
         raise ConfigError(f"checkpoint {path}: the {stem.replace('_', ' ')} state does not fit this run's parameters "
                           f"({e}); resume with the recipe the run was trained with") from None
+    match_parameter_layout(optimizer)
+
+
+def match_parameter_layout(optimizer) -> None:
+    """Give every per-parameter state tensor (Adam's moments) its parameter's memory format.
+
+    torch's `Optimizer.load_state_dict` casts state to the parameter's dtype and device but leaves it
+    contiguous, as it was saved. With channels_last weights that breaks the fused Adam kernels: on CUDA
+    they refuse the step ("params, grads, exp_avgs, and exp_avg_sqs must have same dtype, device, and
+    layout"); on CPU they pair elements by memory order and silently update each weight with another
+    element's moments. Values are unchanged here (a copy into the parameter's layout)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside Accelerate's wrapper
+    for param, state in inner.state.items():
+        for key, value in state.items():
+            if (isinstance(value, torch.Tensor) and value.shape == param.shape and value.dim() > 0
+                    and value.stride() != param.stride()):
+                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -245,3 +245,32 @@ def test_every_file_and_folder_is_fsynced_before_latest_moves(acc, tmp_path, mon
     assert ("fsync", str(final.parent)) in events[commit:latest]  # the rename itself
     assert ("fsync", str(final.parent / "latest.tmp")) in events[commit:latest]
     assert events[-1] == ("fsync", str(final.parent))  # latest's rename is durable before save() returns
+
+
+def test_restored_optimizer_state_takes_its_parameters_memory_format(acc, tmp_path):
+    """A channels_last model's Adam moments come back in the weights' layout. torch restores them contiguous;
+    CUDA's fused Adam then refuses the step, and CPU's pairs elements by memory order, so the next step
+    silently differs from the uninterrupted one. (torch.equal ignores strides: they are compared apart.)"""
+    def channels_last_parts(seed: int) -> Parts:
+        parts = make_parts(acc, seed=seed)
+        parts.vae.to(memory_format=torch.channels_last)  # in place: the optimizer keeps the same parameters
+        assert parts.vae[0].weight.stride() == (27, 1, 9, 3)
+        return parts
+
+    def step(parts: Parts) -> None:
+        torch.manual_seed(5)
+        train_a_little(parts, steps=2)
+
+    parts = channels_last_parts(0)
+    train_a_little(parts)
+    path = Checkpointer(tmp_path, acc, every_steps=1, keep=3).save(3, parts, {"step": 3})
+    fresh = channels_last_parts(1)
+    Checkpointer(tmp_path, acc, every_steps=1, keep=3).load(path, fresh)
+    state = fresh.optimizer.optimizer.state
+    for param in fresh.vae.parameters():
+        for key, value in state[param].items():
+            if value.dim():
+                assert value.stride() == param.stride(), (key, value.stride(), param.stride())
+    step(parts), step(fresh)  # the next steps: bitwise those of the uninterrupted model
+    for (name, a), b in zip(parts.vae.state_dict().items(), fresh.vae.state_dict().values()):
+        assert torch.equal(a, b) and a.stride() == b.stride(), name
