@@ -36,9 +36,11 @@ ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 STEPS = 16
 
 ARCHS = {
-    "conv": ["model.arch=conv", "model.channels=[8,16]", "model.latent_dim=8"],  # BatchNorm
+    # BatchNorm, channels_last weights (recipes/flowers.yaml's switch): the fused AdamW's moments must come
+    # back in the weights' layout, or the CPU kernel pairs the wrong elements after the restore
+    "conv": ["model.arch=conv", "model.channels=[8,16]", "model.latent_dim=8", "train.channels_last=true"],
     "dcgan": ["model.arch=dcgan", "model.channels=[8,16]", "model.latent=spatial", "model.latent_channels=2",
-              "model.samples_per_input=2"],  # BatchNorm, several draws of z per input
+              "model.samples_per_input=2", "train.channels_last=true"],  # BatchNorm, several draws of z per input
     "resnet": ["model.arch=resnet", "model.channels=[8,16]", "model.latent=spatial", "model.latent_channels=2",
                "model.attention_levels=[1]"],  # GroupNorm + attention
     # recipes/flowers_gan.yaml, tiny: the discriminator trains from step index 3, reaches the generator from
