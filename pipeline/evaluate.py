@@ -15,7 +15,8 @@ What `evaluate()` reports (RUN_DIR/eval/metrics.json, and the run's W&B summary 
 
 - psnr, ssim: of decode(mu) (the posterior mean: deterministic) against the input, both in [0, 1];
   PSNR = 10 log10(1 / MSE) per image, capped at PSNR_CAP_DB for a perfect reconstruction, then averaged
-  over images; SSIM is kornia's (11 px Gaussian window) averaged over pixels, then images.
+  over images; SSIM with kornia's conventions (11 px Gaussian window; pipeline.objective.image.ssim)
+  averaged over pixels, then images.
 - perceptual: the recipe's loss.perceptual distance (pipeline.objective.perceptual.PerceptualDistance) of decode(mu).
   Computed when the recipe names real backbone weights (loss.perceptual.weights = hub or a file),
   whatever loss.perceptual.weight is, since a distance in random features means nothing; --perceptual on
@@ -54,7 +55,6 @@ from typing import Callable, Iterable
 if __package__ in (None, ""):  # run as a file (`accelerate launch pipeline/evaluate.py ...`)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import kornia
 import numpy as np
 import torch
 
@@ -92,9 +92,8 @@ def psnr_per_image(recon01: torch.Tensor, target01: torch.Tensor) -> torch.Tenso
 
 
 def ssim_per_image(recon01: torch.Tensor, target01: torch.Tensor, window: int = 11) -> torch.Tensor:
-    if recon01.dim() != 4:  # signals and volumes: the 1-D window / kornia's ssim3d (pipeline.objective.image)
-        return ssim_map(recon01, target01, window).flatten(1).mean(1)
-    return kornia.metrics.ssim(recon01, target01, window).flatten(1).mean(1)
+    """Images, signals and volumes (pipeline.objective.image.ssim: kornia's SSIM without a host sync)."""
+    return ssim_map(recon01, target01, window).flatten(1).mean(1)
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from pipeline.config import ConfigError, KLConfig, LossConfig, PerceptualConfig
 from pipeline.objective import VAELoss
-from pipeline.objective.image import total_variation
+from pipeline.objective.image import ssim, total_variation
 from pipeline.objective.kl import kl_beta, kl_per_dim
 from pipeline.objective.likelihood import (
     bernoulli_log_prob,
@@ -475,6 +475,25 @@ def test_unknown_recon_kind_and_negative_weights_are_config_errors():
         VAELoss(dataclasses.replace(LossConfig(), tv_weight=-1.0), TANH, 3)
     with pytest.raises(ConfigError, match="loss.ssim_window"):
         VAELoss(LossConfig(ssim_weight=1.0, ssim_window=4), TANH, 3)
+
+
+@pytest.mark.parametrize("shape, window", [((2, 3, 32, 32), 11), ((2, 3, 20, 24), 7), ((1, 1, 13, 13), 11)])
+def test_ssim_is_kornias_map_from_a_window_built_once(shape, window):
+    """Our SSIM (one separable blur of the five moments, the window cached per device) gives kornia's map,
+    in either memory format and under bf16 autocast (computed in float32 like kornia's); 3-D likewise."""
+    import kornia
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(shape, generator=g), torch.rand(shape, generator=g)
+    expected = kornia.metrics.ssim(a, b, window)
+    assert torch.allclose(ssim(a, b, window), expected, atol=1e-6, rtol=0)
+    assert torch.allclose(ssim(a.contiguous(memory_format=torch.channels_last), b, window), expected, atol=1e-6, rtol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ssim(a, b, window)
+    assert got.dtype == torch.float32 and torch.allclose(got, expected, atol=1e-6, rtol=0)
+    vol_a, vol_b = torch.rand(2, 1, 8, 8, 8, generator=g), torch.rand(2, 1, 8, 8, 8, generator=g)
+    assert torch.allclose(ssim(vol_a, vol_b, 5), kornia.metrics.ssim3d(vol_a, vol_b, 5), atol=1e-5, rtol=0)
+    assert ssim(a, a, window).min() > 0.9999  # an image with itself
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -44,35 +44,60 @@ def _total_variation_nd(x: Tensor) -> Tensor:
     return total.mean(1) / positions
 
 
-def ssim(x: Tensor, y: Tensor, window_size: int, max_val: float = 1.0) -> Tensor:
-    """The SSIM map of two batches of the same shape: kornia.metrics.ssim for images, ssim3d for volumes,
-    and for signals `ssim1d`, the same computation with a 1-D window. Mean it for the SSIM index."""
-    if x.dim() == 4:
-        return kornia.metrics.ssim(x, y, window_size, max_val=max_val)
-    if x.dim() == 5:
-        return kornia.metrics.ssim3d(x, y, window_size, max_val=max_val)
-    return ssim1d(x, y, window_size, max_val=max_val)
+def ssim(x: Tensor, y: Tensor, window_size: int, max_val: float = 1.0, eps: float = 1e-12) -> Tensor:
+    """The SSIM map of two batches of the same shape [N, C, *spatial] with 1, 2 or 3 spatial axes; mean it for
+    the SSIM index. kornia's conventions (kornia.metrics.ssim / ssim3d give the same map to float32 rounding,
+    tests/test_losses.py): a sampled Gaussian window of sigma 1.5 with `window_size` taps, reflected borders
+    ('same' size), c1 = (0.01 L)^2, c2 = (0.03 L)^2 with L = max_val, eps added to the denominator, computed
+    in float32 whatever the autocast. Needs every spatial side > window_size // 2.
+
+    Built for the training step on a GPU, where it runs in every step: the window is made once per device
+    (kornia builds it from a Python float in every call, a host-to-device copy that waits for the queue),
+    and the five local moments (x, y, x², y², xy) are blurred together — one padding and one separable
+    convolution per axis instead of five of each."""
+    dims = x.dim() - 2
+    with torch.autocast(x.device.type, enabled=False):
+        x, y = x.float(), y.float()
+        c = x.shape[1]
+        moments = _blur(torch.cat([x, y, x * x, y * y, x * y], dim=1), window_size)
+        mu1, mu2, xx, yy, xy = moments.split(c, dim=1)
+        c1, c2 = (0.01 * max_val) ** 2, (0.03 * max_val) ** 2
+        mu1_mu2 = mu1 * mu2
+        mu1_sq, mu2_sq = mu1.square(), mu2.square()
+        num = (2.0 * mu1_mu2 + c1) * (2.0 * (xy - mu1_mu2) + c2)
+        den = (mu1_sq + mu2_sq + c1) * ((xx - mu1_sq) + (yy - mu2_sq) + c2)
+    assert dims in (1, 2, 3)
+    return num / (den + eps)
 
 
 def ssim1d(x: Tensor, y: Tensor, window_size: int, max_val: float = 1.0, eps: float = 1e-12) -> Tensor:
-    """SSIM map of signals [N, C, L] with kornia's conventions along one axis: a sampled Gaussian window of
-    sigma 1.5 (window_size taps, odd), reflected borders ('same'), c1 = (0.01 L)^2, c2 = (0.03 L)^2 with L
-    = max_val, eps added to the denominator. Needs L > window_size // 2 samples."""
-    c = x.shape[1]
-    half = window_size // 2
-    t = torch.arange(window_size, dtype=torch.float32, device=x.device) - half
-    g = torch.exp(-t.square() / (2 * 1.5 ** 2))
-    kernel = (g / g.sum()).to(x.dtype).view(1, 1, -1).expand(c, 1, -1)
+    """SSIM map of signals [N, C, L] (kornia has no 1-D SSIM): `ssim` along one axis."""
+    return ssim(x, y, window_size, max_val, eps)
 
-    def blur(v: Tensor) -> Tensor:
-        return F.conv1d(F.pad(v, (half, half), mode="reflect"), kernel, groups=c)
 
-    c1, c2 = (0.01 * max_val) ** 2, (0.03 * max_val) ** 2
-    mu1, mu2 = blur(x), blur(y)
-    sigma1 = blur(x * x) - mu1.square()
-    sigma2 = blur(y * y) - mu2.square()
-    sigma12 = blur(x * y) - mu1 * mu2
-    num = (2 * mu1 * mu2 + c1) * (2 * sigma12 + c2)
-    den = (mu1.square() + mu2.square() + c1) * (sigma1 + sigma2 + c2)
-    return num / (den + eps)
+def _blur(v: Tensor, window_size: int) -> Tensor:
+    """Each channel of [N, C, *spatial] convolved with the separable Gaussian window, borders reflected."""
+    dims, c, half = v.dim() - 2, v.shape[1], window_size // 2
+    g = gaussian_window(window_size, v.device)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+    out = F.pad(v, [half] * (2 * dims), mode="reflect")
+    for axis in reversed(range(dims)):  # one 1-D pass per spatial axis, the last (W) first as kornia
+        shape = [1] * dims
+        shape[axis] = window_size
+        out = conv(out, g.view(1, 1, *shape).expand(c, 1, *shape), groups=c)
+    return out
 
+
+_WINDOWS: dict[tuple[int, torch.device], Tensor] = {}
+
+
+def gaussian_window(window_size: int, device: torch.device, sigma: float = 1.5) -> Tensor:
+    """The normalised 1-D Gaussian window (float32) on `device`, built once per (size, device): kornia's
+    get_gaussian_kernel1d's values, distances measured from the nearest tap."""
+    key = (window_size, torch.device(device))
+    if key not in _WINDOWS:
+        t = torch.arange(window_size, dtype=torch.float32) - window_size // 2
+        dist = t.square() - t.square().min()
+        g = torch.exp(-dist / (2 * sigma ** 2))
+        _WINDOWS[key] = (g / g.sum()).to(device)
+    return _WINDOWS[key]
