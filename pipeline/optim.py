@@ -56,23 +56,26 @@ class EMA(torch.nn.Module):
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int, ok: torch.Tensor | None = None) -> None:
         """Move the average toward `model`. `ok` (a 0-dim bool tensor on the device) False leaves the
-        average exactly as it was — a skipped non-finite step must not move it — without a host sync."""
+        average exactly as it was — a skipped non-finite step must not move it — without a host sync.
+        Integer buffers (BatchNorm's num_batches_tracked) are counters, copied rather than averaged: a
+        skipped step has already put the model's back (train_step), so copying them is right either way."""
         ema, current, ints, int_current = [], [], [], []
         for (name, e), c in zip(self.module.state_dict().items(), model.state_dict().values()):
             if e.is_floating_point():
                 ema.append(e)
                 current.append(c.detach())
             else:
-                ints.append(e)  # integer buffers such as BatchNorm's num_batches_tracked
+                ints.append(e)
                 int_current.append(c)
+        if ints:
+            torch._foreach_copy_(ints, int_current)
         weight = 1.0 - self.decay_at(step)
         if ok is None:
             torch._foreach_lerp_(ema, current, weight)
-            for e, c in zip(ints, int_current):
-                e.copy_(c)
             return
-        # A skipped step left the weights and buffers as they were (finite), so a weight of exactly 0
-        # gives e + 0 * (c - e) = e: the average does not move. No host sync, no extra copies.
-        torch._foreach_lerp_(ema, current, ok.to(ema[0].dtype) * weight if ema else weight)
-        for e, c in zip(ints, int_current):
-            e.copy_(torch.where(ok, c, e))
+        # e += w * (c - e) with w a device tensor, 0 on a skipped step: the weights and buffers it left are
+        # finite, so e + 0 * (c - e) = e exactly. (_foreach_lerp_ takes a 0-dim tensor weight as a Python
+        # number: an .item(), a host sync in every step.) Three fused foreach kernels.
+        delta = torch._foreach_sub(current, ema)
+        torch._foreach_mul_(delta, ok.to(ema[0].dtype) * weight)
+        torch._foreach_add_(ema, delta)

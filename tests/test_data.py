@@ -257,6 +257,25 @@ def test_device_augment_scaling_and_global_rng():
     assert all(f or u for f, u in zip(flipped, unchanged)) and 10 < sum(flipped) < 54
 
 
+def test_device_augment_flips_then_rotates_as_kornia_does():
+    """The flip and the rotation are one affine warp: each image equals kornia's rotate (align_corners=True,
+    positive angles counter-clockwise) of the image flipped or not, with the draws read back from the same
+    global RNG (the flips first, then the angles); non-square images rotate without shear."""
+    import kornia
+
+    images = torch.randint(0, 256, (6, 3, 16, 20), dtype=torch.uint8)
+    augment = DeviceAugment(DataConfig(hflip=True, rotation_degrees=30.0), (0.0, 1.0))
+    torch.manual_seed(1)
+    out = augment(images, train=True)
+    torch.manual_seed(1)
+    flip = torch.rand(6) < 0.5
+    angle = (torch.rand(6) * 2 - 1) * 30.0
+    x = images.float() / 255
+    expected = kornia.geometry.transform.rotate(torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x), angle,
+                                                align_corners=True)
+    assert 0 < flip.sum() < 6 and torch.allclose(out, expected, atol=1e-5, rtol=0)
+
+
 # --------------------------------------------------------------------------------------------
 # Determinism and exact resume
 # --------------------------------------------------------------------------------------------

@@ -51,18 +51,20 @@ def _steps(t, accelerator, cfg, batches, first: int) -> list[dict[str, float]]:
     return logged
 
 
-@pytest.mark.parametrize("precision, compile_, gan", [
-    ("bf16", False, False),
-    # the expensive one: VAE and discriminator compiled, bf16, the adversarial terms in the graph. (bf16 steps
-    # with the stage eager: tests/test_adversarial.py; fp32 resume with it: test_resume.py's gan case.)
-    ("bf16", True, True),
+@pytest.mark.parametrize("precision, compile_, gan, extra", [
+    ("bf16", False, False, []),
+    # the expensive one: VAE and discriminator compiled, bf16, the adversarial terms in the graph, and the
+    # switches the GPU recipes ship (flowers_gan: channels_last weights, BatchNorm statistics kept as views of
+    # one flat tensor that the compiled graph writes in place). (bf16 steps with the stage eager:
+    # tests/test_adversarial.py; fp32 resume with it: test_resume.py's gan case.)
+    ("bf16", True, True, ["model.arch=dcgan", "train.channels_last=true"]),
 ])
-def test_steps_and_exact_resume(tiny_shards, tmp_path, precision, compile_, gan):
+def test_steps_and_exact_resume(tiny_shards, tmp_path, precision, compile_, gan, extra):
     from pipeline.checkpoint import Checkpointer, restore_rng, seed_rng
 
     cfg = load_config("recipes/demo.yaml", [f"data.shards={tiny_shards}", *TINY, *(GAN if gan else []),
                                             f"train.mixed_precision={precision}", f"train.compile={compile_}",
-                                            "train.max_steps=4"])
+                                            "train.max_steps=4", *extra])
     g = torch.Generator().manual_seed(0)
     batches = [torch.rand(4, 3, 32, 32, generator=g) * 2 - 1 for _ in range(4)]
 
@@ -84,6 +86,8 @@ def test_steps_and_exact_resume(tiny_shards, tmp_path, precision, compile_, gan)
     assert again == after, "the resumed steps differ from the uninterrupted ones"
     for name, a, b in (("vae", t.vae, t2.vae), ("ema", t.ema, t2.ema)):
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values())), name
+    moments = t2.optimizer.optimizer.state  # in the weights' layout (torch.equal above ignores strides)
+    assert all(v.stride() == p.stride() for p in t2.vae.parameters() for v in moments[p].values() if v.dim())
     if gan:
         assert all(torch.equal(x, y) for x, y in zip(t.adversary.disc.state_dict().values(),
                                                      t2.adversary.disc.state_dict().values()))

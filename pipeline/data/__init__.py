@@ -42,7 +42,7 @@ or unreadable shard is missing (by its manifest count), are skipped and counted,
 #   transport.py     batching, shared-memory batch slots, the DataLoader that runs the readers
 #   train_stream.py  TrainStream (data.order=permutation | resampled) and its resume state
 #   validation.py    val_batches: every val sample once over ranks x workers
-#   augment.py       DeviceAugment (kornia, on the device)
+#   augment.py       DeviceAugment (on the device: normalisation, flip, rotation)
 #   gpu_decode.py    data.decode=gpu: workers read JPEG bytes, nvJPEG decodes each batch
 # Every name other modules import from `pipeline.data` is re-exported here (and the private helpers
 # that tests and other branches reach for, so imports written against the single module keep working).

@@ -259,8 +259,9 @@ class Quantizer(nn.Module):
             gathered = [torch.empty_like(candidates) for _ in range(world)]
             dist.all_gather(gathered, candidates.contiguous())
             candidates = torch.cat(gathered)
-        g = torch.Generator().manual_seed(1_000_003 * (step + 1))  # the same choice on every rank
-        pick = torch.randint(candidates.shape[0], (self.num_codes,), generator=g).to(candidates.device)
+        # The same choice on every rank, drawn on the device (a CPU draw copied over would wait for the queue).
+        g = torch.Generator(device=candidates.device).manual_seed(1_000_003 * (step + 1))
+        pick = torch.randint(candidates.shape[0], (self.num_codes,), generator=g, device=candidates.device)
         dead = (self.restart_counts < self.restart_threshold) & ok
         new = candidates[pick]
         if self.kind == "vq":

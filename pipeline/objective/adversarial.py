@@ -206,8 +206,7 @@ class LeCamEMA(nn.Module):
     @torch.no_grad()
     def update(self, mean_real: Tensor, mean_fake: Tensor, ok: Tensor) -> None:
         # The first update takes the values as they are (an EMA started at 0 would pull toward 0).
-        decay = torch.where(self.count > 0, torch.tensor(self.decay, device=self.real.device),
-                            torch.zeros((), device=self.real.device))
+        decay = (self.count > 0).float() * self.decay  # (no tensor from a Python float: no host-to-device copy)
         new_real = decay * self.real + (1 - decay) * mean_real.float()
         new_fake = decay * self.fake + (1 - decay) * mean_fake.float()
         self.real.copy_(torch.where(ok, new_real, self.real))
