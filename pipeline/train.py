@@ -35,18 +35,15 @@ from pipeline.checkpoint import BestWeights, Checkpointer, preserved_rng, restor
 from pipeline.config import Config, ConfigError, cli_config, exit_on_config_error, save_config
 from pipeline.data import TrainStream, check_fits, data_range, read_manifest, val_batches
 from pipeline.evaluate import validate
+from pipeline.flops import peak_flops, step_flops_per_image
 from pipeline.metrics import ReconstructionMetrics
 from pipeline.meters import IntervalMeter
-from pipeline.models import training_flops_per_image
 from pipeline.models.quantize import window_health
 from pipeline.optim import lr_at, set_lr
 from pipeline.preemption import EXIT_PREEMPTED, StopFlag
 from pipeline.runs import die_with_parent, launched_by_torchrun, own_run_folder
 from pipeline.step import Training, build_training, discriminator_step, train_step
 from pipeline.tracking import Tracker
-
-# Dense bf16 tensor-core peaks (FLOP/s) for MFU; a GPU not listed reports no MFU rather than a guess.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
 
 
 def main(cfg: Config) -> int:
@@ -68,7 +65,10 @@ def main(cfg: Config) -> int:
 
     # Model, loss, optimizer (+ EMA of the weights for media and evaluation), prepared by Accelerate.
     t = build_training(cfg, accelerator, manifest["size"], data_range(manifest))
-    flops_per_image = training_flops_per_image(t.vae, manifest["size"])
+    # For MFU: the VAE's, the perceptual backbone's and the discriminator's FLOPs (pipeline/flops.py)
+    flops = step_flops_per_image(t.vae, t.loss, t.adversary.disc if t.adversary else None, manifest["size"],
+                                 r1=cfg.loss.adversarial.weight > 0 and cfg.loss.adversarial.r1_weight > 0)
+    flops_per_image = flops["total"]
     if main_process:  # lets evaluate/sample load the run even after its shards are gone
         (run_dir / "model_info.json").write_text(json.dumps(
             {"image_size": manifest["size"], "classes": manifest["classes"], "image_format": manifest["image_format"],
@@ -115,7 +115,7 @@ def main(cfg: Config) -> int:
     if media_images is not None and media_images.dtype != torch.uint8:  # arrays: normalised as training batches
         media_images = t.augment(media_images.to(device), train=False).cpu()
     images_per_step = cfg.data.batch_size_per_device * cfg.train.grad_accum_steps * accelerator.num_processes
-    peak = _peak_flops(device)
+    peak = peak_flops(device)
     nonfinite_run = torch.tensor(nonfinite["run"], device=device)
     # Interval timing for images/s; the time spent in media, evaluation and checkpoints is left out.
     data_seconds, other_seconds, interval_start, interval_steps, start_step = 0.0, 0.0, time.perf_counter(), 0, step
@@ -221,7 +221,8 @@ def main(cfg: Config) -> int:
     wall = time.perf_counter() - loop_start
     summary = {"step": step, "images_seen": stream.position, "wall_seconds": wall,
                "images_per_second": images_per_step * (step - start_step) / max(wall, 1e-9),
-               "flops_per_image": flops_per_image, "world_size": accelerator.num_processes,
+               "flops_per_image": flops_per_image, "flops_per_image_by_network": flops,
+               "world_size": accelerator.num_processes,
                "exit_code": exit_code}
     if peak:
         summary["mfu"] = flops_per_image * summary["images_per_second"] / accelerator.num_processes / peak
@@ -263,13 +264,6 @@ def _first_images(cfg: Config, n: int) -> torch.Tensor:
         if sum(len(x) for x in images) >= n:
             break
     return torch.cat(images)[:n]
-
-
-def _peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
 def _memory_gb(device: torch.device) -> float:

@@ -44,7 +44,7 @@ def build_model(cfg: ModelConfig, image_size: int) -> VAE:
 
 # CPU's fused attention kernel is missing from FlopCounterMode's table (CUDA's are there); without
 # this, attention matmuls that run through it would silently drop out of the count.
-_SDPA_CPU = {
+SDPA_CPU_FLOPS = {  # FlopCounterMode counts the CUDA SDPA kernels; the CPU one by the same formulas
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_flop,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: sdpa_backward_flop,
 }
@@ -66,7 +66,7 @@ def training_flops_per_image(model: VAE, image_size: int) -> int:
     meta = copy.deepcopy(model, memo).eval()  # eval: a 1-image batch is fine for BatchNorm
     x = torch.zeros(1, meta.in_channels, *[image_size] * meta.spatial_dims, device="meta")  # one sample's shape
     params = [p for p in meta.parameters() if p.requires_grad]
-    with FlopCounterMode(display=False, custom_mapping=_SDPA_CPU) as counter:
+    with FlopCounterMode(display=False, custom_mapping=SDPA_CPU_FLOPS) as counter:
         out = meta(x)
         loss = out.recon.float().mean() + out.mu.float().square().mean()
         loss = loss + (out.logvar.float().mean() if out.logvar is not None else 0)
