@@ -290,9 +290,18 @@ class TrainConfig:
     grad_accum_steps: int = 1
     """Micro-batches accumulated per optimizer step."""
     compile: bool = False
-    """torch.compile the model."""
+    """torch.compile the model (and the discriminator)."""
+    compile_mode: str = "default"
+    """train.compile's mode: default | reduce-overhead (CUDA graphs: the compiled graph replays as one launch,
+    for small models whose steps are launch-bound) | max-autotune | max-autotune-no-cudagraphs."""
     channels_last: bool = False
     """Use channels_last memory format (faster convolutions on tensor cores)."""
+    tf32: bool = True
+    """CUDA only: TF32 tensor cores for fp32 matmuls and convolutions (fp32 accumulation, 10-bit mantissa
+    inputs), what fp32 work runs at on Ampere and later; false for IEEE fp32 (bitwise comparisons)."""
+    cudnn_benchmark: bool = True
+    """CUDA only: cuDNN times its convolution algorithms for each new input shape once and keeps the
+    fastest (shapes are fixed here, so only the first steps pay); false for its heuristic choice."""
     checkpoint_every_steps: int = 500
     """Save a resumable checkpoint every this many steps (and always at the end)."""
     keep_checkpoints: int = 3
@@ -393,6 +402,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.name": ("adam", "adamw"),
     "optim.schedule": ("constant", "cosine", "exponential"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
+    "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "tracking.mode": ("offline", "online", "disabled"),
     "tracking.best_mode": ("min", "max"),
     "metrics.lpips_net": ("alex", "vgg", "squeeze"),

@@ -22,7 +22,7 @@ import torch
 from accelerate import Accelerator
 
 from pipeline.checkpoint import Parts
-from pipeline.config import AdversarialConfig, Config
+from pipeline.config import AdversarialConfig, Config, TrainConfig
 from pipeline.data import DeviceAugment
 from pipeline.models import build_model
 from pipeline.models.quantize import Quantizer, keep_eager, quantizers
@@ -166,6 +166,8 @@ def train_step(t: Training, accelerator, micro_batches, step: int, cfg: Config) 
     skips the update through found_inf (the GradScaler's path), BatchNorm statistics are put back,
     and the caller's EMA update is given `ok`. The flags are all-reduced (MAX) in one small
     collective, so every rank takes the same decision without a host sync."""
+    if cfg.train.compile and cfg.train.compile_mode == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be overwritten now
     t.buffers.save()  # BatchNorm running statistics move in every forward: put back if the step is skipped
     adversary = t.adversary if t.adversary is not None and t.adversary.schedule.gen_active(step) else None
     keep_fakes = t.adversary is not None and t.adversary.schedule.disc_active(step)
@@ -282,9 +284,23 @@ def _skip_unless(ok: torch.Tensor, optimizer, accelerator) -> None:
             torch.maximum(found, (~ok).float().to(found.device), out=found)
 
 
+def configure_backends(train: TrainConfig, device: torch.device) -> None:
+    """This process's CUDA math settings (train.tf32, train.cudnn_benchmark); nothing on other devices."""
+    if device.type != "cuda":
+        return
+    torch.set_float32_matmul_precision("high" if train.tf32 else "highest")  # "high": TF32 matmuls
+    torch.backends.cudnn.allow_tf32 = train.tf32
+    torch.backends.cudnn.benchmark = train.cudnn_benchmark
+
+
+def compiled(module: torch.nn.Module, train: TrainConfig) -> torch.nn.Module:
+    return torch.compile(module, mode=None if train.compile_mode == "default" else train.compile_mode)
+
+
 def build_training(cfg: Config, accelerator: Accelerator, image_size: int,
                    data_range: tuple[float, float] | None = None) -> Training:
     """data_range: array shards' normalization (pipeline.data.data_range); None for images."""
+    configure_backends(cfg.train, accelerator.device)
     vae = build_model(cfg.model, image_size)
     loss_fn = VAELoss(cfg.loss, vae.output_range, cfg.model.in_channels, cfg.model.spatial_dims)
     augment = DeviceAugment(cfg.data, vae.output_range, data_range).to(accelerator.device)
@@ -293,7 +309,7 @@ def build_training(cfg: Config, accelerator: Accelerator, image_size: int,
     ema = EMA(vae, cfg.optim.ema_decay).to(accelerator.device) if cfg.optim.ema_decay > 0 else None
     if cfg.train.compile:
         keep_eager(vae)  # (after the EMA copy: the average is never compiled)
-    module = TrainModule(torch.compile(vae) if cfg.train.compile else vae, loss_fn)
+    module = TrainModule(compiled(vae, cfg.train) if cfg.train.compile else vae, loss_fn)
     # The loss's own parameters (the gaussian log-variance) get no weight decay.
     optimizer = build_optimizer(vae.parameters(), [p for p in loss_fn.parameters() if p.requires_grad], cfg.optim)
     module, optimizer = accelerator.prepare(module, optimizer)
@@ -309,7 +325,7 @@ def _build_adversary(cfg: Config, accelerator: Accelerator, vae: torch.nn.Module
     schedule = AdversarialSchedule(a, cfg.train.max_steps)
     disc = build_discriminator(a, cfg.model.in_channels, image_size).to(accelerator.device,
                                                                         memory_format=memory_format)
-    critic = torch.compile(disc) if cfg.train.compile else disc
+    critic = compiled(disc, cfg.train) if cfg.train.compile else disc
     if cfg.train.compile and a.adaptive_weight:
         # The adaptive weight takes two gradients through the compiled VAE's backward (retain_graph) before
         # the step's backward; AOTAutograd's donated buffers (freed after one backward) forbid that.
