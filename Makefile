@@ -82,7 +82,10 @@ test-slurm: install  ## Bring up a local two-node Slurm cluster and run the real
 bench-data: install  ## Benchmark shard writing (1, 2 workers) and reading vs raw decode, ImageFolder, webdataset (ratios)
 	$(BIN)/python benchmarks/bench_data.py $(ARGS)
 
-bench-train: install  ## Benchmark the training step vs a bare PyTorch loop (prints the overhead)
+bench-train: install  ## Training step vs a bare PyTorch loop: ATen ops per step (flowers, resnet_f8; goal <= 1.10x) and images/s
+	$(BIN)/python benchmarks/bench_train.py recipes/flowers.yaml loss.perceptual.weights=none data.batch_size_per_device=4 --ops-only
+	$(BIN)/python benchmarks/bench_train.py recipes/resnet_f8.yaml train.compile=false data.batch_size_per_device=4 \
+		--image-size 32 --ops-only
 	$(BIN)/python benchmarks/bench_train.py $(ARGS)
 
 bench-quality: install  ## Same wall time with and without the adversarial stage: PSNR, SSIM, sharpness (LPIPS/rFID with weights)
@@ -96,7 +99,7 @@ encode: install  ## Encode shards into latent shards (resumable): make encode RU
 bench-encode: install  ## Benchmark encode --format shards vs a plain loop over the same shards (prints the ratio)
 	$(BIN)/python benchmarks/bench_encode.py $(ARGS)
 .PHONY: bench-gpu
-bench-gpu: install  ## One GPU, <5 min: images/s, MFU, data wait, memory by precision/compile/channels_last/GAN
+bench-gpu: install  ## One GPU, <5 min: images/s, MFU, warm-up, memory by precision/compile/channels_last/GAN; step vs bare; data
 	$(BIN)/python benchmarks/bench_gpu.py $(ARGS)
 
 sweep: install  ## Run a sweep (Optuna; here, or ARGS="--slurm" for a SLURM array): make sweep SWEEP=recipes/sweeps/demo_kl.yaml
