@@ -487,7 +487,11 @@ def _hyperparameters_kept(optimizer):
 def trainer_state(path: Path) -> dict:
     """Rank 0's trainer state in the checkpoint at `path` (step, data position, the config train.py stored),
     to be read before anything is built or loaded."""
-    return json.loads((path / "trainer_rank0.json").read_text())
+    try:
+        return json.loads((path / "trainer_rank0.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"checkpoint file {path / 'trainer_rank0.json'} cannot be read ({e}); resume from another "
+                          f"checkpoint (train.resume=<folder>) or start over with train.resume=never") from None
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -5,7 +5,7 @@ key, before anything in the run folder is replaced.
 
     changes = check_changes(trainer_state, cfg, checkpoint)   # {key: [checkpoint's value, this run's]}
 
-The rule per key is RULES (the most specific entry wins; README: "What a resumed run may change").
+The rule per key is RULES (the most specific entry wins; the table: README, Resume, "Changed settings").
 Refused: what the checkpoint's contents are made of or positioned in — the architecture (its weights),
 the learned log-variance's shape, the discriminator's architecture, the data order and seed (its data
 position and random streams), the metric that chose the best weights so far. Everything else applies:

@@ -10,7 +10,9 @@ starts.jsonl, summary.json. Running the same command again resumes from the late
 (train.resume=auto): weights, optimizer, scaler, EMA, RNG states and the global data position. On the
 same number of processes the resumed run repeats the uninterrupted one bit for bit (tests/test_resume.py
 kills runs at every kind of moment); on another number it continues the same data order from the same
-position, with fresh random streams. One live trainer per run folder (a lock); under a launcher the
+position, with fresh random streams. Settings changed on its command line apply from the checkpoint's step
+(optimizer, schedule, max_steps, loss weights, ...) or are refused (architecture, data order; the table: README,
+Resume, "Changed settings"). One live trainer per run folder (a lock); under a launcher the
 workers die with it. SIGUSR1/SIGTERM: every rank finishes its step, one checkpoint is saved, and the
 process exits with code 75 (EXIT_PREEMPTED).
 """
@@ -105,7 +107,8 @@ def main(cfg: Config) -> int:
         elif changes:
             accelerator.print(f"changed since the checkpoint, applied from step {step + 1}: {describe(changes)}")
     changed = {"changed": changes} if changes else {}  # recorded: starts.jsonl here, the W&B config below
-    segment = lock.record_start({"step": step, "world_size": accelerator.num_processes, **changed}) if main_process else 0
+    segment = (lock.record_start({"step": step, "world_size": accelerator.num_processes, **changed})
+               if main_process else 0)
 
     tracker = Tracker(cfg, run_dir, accelerator, segment=segment, resumed_step=step)
     tracker.log_resume_changes()

@@ -163,7 +163,8 @@ def test_a_second_trainer_on_a_live_run_folder_refuses_then_sigusr1_checkpoints_
         f"cannot change when a run is resumed (the checkpoint's weights are those of the model it was trained "
         f"with); resume with model.latent_dim=8, or train in a new run folder (run.name=...) or from scratch "
         f"(train.resume=never)"]
-    assert (run_dir / "config.yaml").read_bytes() == config and len((run_dir / "starts.jsonl").read_text().splitlines()) == 2
+    assert (run_dir / "config.yaml").read_bytes() == config
+    assert len((run_dir / "starts.jsonl").read_text().splitlines()) == 2
 
 
 def test_a_nonfinite_step_changes_nothing_and_is_counted(tiny_shards, tmp_path):
