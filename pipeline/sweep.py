@@ -234,9 +234,9 @@ class Sweep:
         seed = int.from_bytes(hashlib.sha256(repr((self.cfg.seed, number)).encode()).digest()[:4], "little")
         if self.cfg.sampler == "random":
             return optuna.samplers.RandomSampler(seed=seed)
-        if self.cfg.sampler == "grid":
+        if self.cfg.sampler == "grid":  # its seed shuffles the grid, whose n-th point trial n takes: one per study
             space = {k: [json.dumps(c) for c in s.choices] for k, s in self.cfg.parameters.items()}
-            return optuna.samplers.GridSampler(space, seed=seed)
+            return _grid_sampler(space, seed=self.cfg.seed)
         return optuna.samplers.TPESampler(seed=seed)
 
     def assign(self, worker: str) -> int | None:
@@ -353,6 +353,19 @@ class Sweep:
             run.summary.update({"sweep/best_trial": rows[0]["trial"], f"sweep/best/{self.cfg.metric}": rows[0][self.cfg.metric]})
         run.finish()
         wandb.teardown()
+
+
+def _grid_sampler(space: dict, seed: int):
+    """Optuna's GridSampler without its study.stop() once every point has a result: stop() is for
+    study.optimize, which a sweep does not run (it raised at the last grid point's result); the budget,
+    at most the grid's size (validate_sweep), ends a grid sweep."""
+    import optuna
+
+    class GridSampler(optuna.samplers.GridSampler):
+        def after_trial(self, study, trial, state, values) -> None:
+            pass
+
+    return GridSampler(space, seed=seed)
 
 
 def _plain(value: Any) -> Any:

@@ -165,13 +165,15 @@ def sampler_sweep(tmp_path: Path, **fields) -> Path:
                                     "parameters": {"optim.lr": {"log_range": [0.0001, 0.1]}}, **fields})
 
 
-@pytest.mark.parametrize("sampler", ["tpe", "random"])
+@pytest.mark.parametrize("sampler", ["tpe", "random", "grid"])
 def test_a_local_sweep_gives_every_trial_its_own_parameters(tmp_path, sampler):
+    """(grid: four trials are the whole grid; the last one's result must not stop the sweep with a traceback.)"""
     from pipeline.sweep import Sweep, run_local
 
     trainer = tmp_path / "trainer.py"
     trainer.write_text(STAND_IN_TRAINER)
-    sweep = Sweep(load_sweep(sampler_sweep(tmp_path, sampler=sampler, trials=4)))
+    grid = {"parameters": {"optim.lr": {"choices": [0.0005, 0.001, 0.002, 0.004]}}} if sampler == "grid" else {}
+    sweep = Sweep(load_sweep(sampler_sweep(tmp_path, sampler=sampler, trials=4, **grid)))
     assert run_local(sweep, [sys.executable, str(trainer)]) == 0
     lrs = [sweep.params(n)["optim.lr"] for n in range(4)]
     assert len(set(lrs)) == 4, lrs
