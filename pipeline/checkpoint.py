@@ -201,11 +201,13 @@ class Checkpointer:
                 parts.ema.load_state_dict(_load_tensors(path / "ema.safetensors"))
             else:  # EMA switched on for a run that trained without it: start it from the weights
                 parts.ema.module.load_state_dict(parts.vae.state_dict())
-        _load_optimizer(path, "optimizer", parts.optimizer)
+        with _hyperparameters_kept(parts.optimizer):
+            _load_optimizer(path, "optimizer", parts.optimizer)
         if parts.disc is not None:
             if (path / "disc.safetensors").is_file():
                 parts.load_disc_state(_load_tensors(path / "disc.safetensors"), path)
-                _load_optimizer(path, "disc_optimizer", parts.disc_optimizer)
+                with _hyperparameters_kept(parts.disc_optimizer):
+                    _load_optimizer(path, "disc_optimizer", parts.disc_optimizer)
             else:  # a run trained without the adversarial stage, continued with it: a new discriminator
                 acc.print(f"checkpoint {path} holds no discriminator (trained without loss.adversarial): the "
                           f"discriminator starts from its initial weights")
@@ -485,6 +487,28 @@ def match_parameter_layout(optimizer) -> None:
             if (isinstance(value, torch.Tensor) and value.shape == param.shape and value.dim() > 0
                     and value.stride() != param.stride()):
                 state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
+@contextlib.contextmanager
+def _hyperparameters_kept(optimizer):
+    """torch's load_state_dict replaces the param groups with the saved ones, hyperparameters included: put
+    this run's back (lr, betas, eps, weight decay: from its config, as the optimizer was built), so a run
+    resumed with other optimizer settings trains with them (pipeline.resume_policy). The state — moments,
+    step counts — is the checkpoint's; the lr is set again before every step anyway."""
+    mine = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    yield
+    for group, hyperparameters in zip(optimizer.param_groups, mine, strict=True):
+        group.update(hyperparameters)
+
+
+def trainer_state(path: Path) -> dict:
+    """Rank 0's trainer state in the checkpoint at `path` (step, data position, the config train.py stored),
+    to be read before anything is built or loaded."""
+    try:
+        return json.loads((path / "trainer_rank0.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"checkpoint file {path / 'trainer_rank0.json'} cannot be read ({e}); resume from another "
+                          f"checkpoint (train.resume=<folder>) or start over with train.resume=never") from None
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import sys
 import types
 import typing
@@ -263,6 +265,8 @@ class OptimConfig:
     """Decoupled weight decay (adamw) or L2 (adam)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """Adam betas."""
+    eps: float = 1e-8
+    """Adam epsilon, added to the denominator (torch's default)."""
     schedule: str = "constant"
     """constant | cosine (linear warm-up then cosine decay) | exponential (seed 002's ExponentialLR)."""
     warmup_steps: int = 0
@@ -407,6 +411,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "tracking.best_mode": ("min", "max"),
     "metrics.lpips_net": ("alex", "vgg", "squeeze"),
 }
+# Fields where a YAML boolean stands for a word: YAML 1.1 reads `no` and `false` as False, and "no" is
+# accelerate's own word for "no mixed precision".
+BOOLEAN_WORDS: dict[str, dict[bool, str]] = {"train.mixed_precision": {False: "no", True: "yes"}}
+# What `1e-3` looks like: YAML 1.1 reads a float only with a dot, so `1e-3` and `5e-05` arrive as strings.
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 BLOCK_NAMES = ("resnet", "attention", "downsample", "upsample", "conv", "norm_act", "quantize")
 
 
@@ -444,6 +453,14 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         return None if value is None else _coerce(value, args[0], key, source)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp in (float, int) and isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+        number = float(value)
+        if tp is float:
+            return number
+        if number.is_integer():  # `train.max_steps=1e5`
+            return int(number)
+    if tp is str and isinstance(value, bool) and key in BOOLEAN_WORDS:
+        return BOOLEAN_WORDS[key][value]
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # `run.name=123` on the command line is still a name
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
@@ -532,10 +549,11 @@ def validate(cfg: Config, source: str = "recipe", check_paths: bool = True) -> N
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
             raise ConfigError(f"{source}: {key} is {flat[key]!r} but must be one of {', '.join(allowed)}")
+    _validate_numbers(flat, source)
     for key in ("data.batch_size_per_device", "data.val_batch_size_per_device", "train.max_steps",
                 "train.grad_accum_steps", "train.checkpoint_every_steps", "train.keep_checkpoints",
                 "tracking.log_every_steps", "tracking.media_every_steps", "tracking.eval_every_steps",
-                "model.samples_per_input", "train.max_nonfinite_steps"):
+                "model.samples_per_input", "train.max_nonfinite_steps", "optim.gamma_every_steps"):
         if flat[key] < 1:
             raise ConfigError(f"{source}: {key} must be at least 1, got {flat[key]}")
     if not cfg.tracking.best_metric.startswith("val/"):
@@ -545,12 +563,8 @@ def validate(cfg: Config, source: str = "recipe", check_paths: bool = True) -> N
         raise ConfigError(f"{source}: tracking.interpolation_steps must be at least 2, got {cfg.tracking.interpolation_steps}")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"{source}: data.num_workers must be 0 or more, got {cfg.data.num_workers}")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"{source}: optim.lr must be positive, got {cfg.optim.lr}")
     if not 0 <= cfg.optim.ema_decay < 1:
         raise ConfigError(f"{source}: optim.ema_decay must be in [0, 1), got {cfg.optim.ema_decay}")
-    if len(cfg.optim.betas) != 2:
-        raise ConfigError(f"{source}: optim.betas must have two values, got {cfg.optim.betas}")
     if cfg.loss.recon == "bce" and cfg.model.output != "sigmoid":
         raise ConfigError(
             f"{source}: loss.recon is bce, which needs outputs in [0, 1), but model.output is "
@@ -576,6 +590,32 @@ def validate(cfg: Config, source: str = "recipe", check_paths: bool = True) -> N
             raise ConfigError(
                 f"{source}: data.shards folder {shards} has no manifest.json; build it with "
                 f"`make shards SRC=<image folder> NAME={shards.name}` (or `make demo-data`)")
+
+
+_POSITIVE = (lambda v: math.isfinite(v) and v > 0, "a finite number above 0")
+_NON_NEGATIVE = (lambda v: math.isfinite(v) and v >= 0, "a finite number of 0 or more")
+_BETAS = (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)")
+_STEPS = (lambda v: v >= 0, "0 or more")
+# Ranges of the numbers people tune, checked here so that a bad one is this sentence, not a torch traceback.
+RANGES: dict[str, tuple[Any, str]] = {
+    "optim.lr": _POSITIVE, "optim.eps": _POSITIVE, "optim.gamma": _POSITIVE, "optim.betas": _BETAS,
+    "optim.weight_decay": _NON_NEGATIVE, "optim.grad_clip_norm": _NON_NEGATIVE, "optim.warmup_steps": _STEPS,
+    "optim.min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "loss.adversarial.lr": _POSITIVE, "loss.adversarial.betas": _BETAS,
+    "loss.adversarial.weight_decay": _NON_NEGATIVE,
+    **{f"loss.{k}": _NON_NEGATIVE for k in ("recon_weight", "kl.weight", "kl.free_bits_nats", "perceptual.weight",
+                                             "ssim_weight", "tv_weight", "sparsity_weight")},
+    "loss.kl.warmup_steps": _STEPS, "data.rotation_degrees": _NON_NEGATIVE,
+}
+
+
+def _validate_numbers(flat: dict[str, Any], source: str) -> None:
+    for key, (ok, what) in RANGES.items():
+        if not ok(flat[key]):
+            raise ConfigError(f"{source}: {key} must be {what}, got {flat[key]}")
+    for key, value in flat.items():  # NaN passes every `<` check silently: refuse it wherever it is
+        if any(isinstance(v, float) and math.isnan(v) for v in (value if isinstance(value, list) else [value])):
+            raise ConfigError(f"{source}: {key} is {value}; give a number")
 
 
 def _validate_quantizer(cfg: Config, source: str) -> None:
@@ -627,8 +667,6 @@ def _validate_adversarial(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: loss.adversarial.disc_layers and disc_channels must be at least 1")
     if a.lr <= 0 or a.adaptive_weight_max <= 0:
         raise ConfigError(f"{source}: loss.adversarial.lr and adaptive_weight_max must be positive")
-    if len(a.betas) != 2:
-        raise ConfigError(f"{source}: loss.adversarial.betas must have two values, got {a.betas}")
     if not 0 <= a.lecam_ema_decay < 1:
         raise ConfigError(f"{source}: loss.adversarial.lecam_ema_decay must be in [0, 1), got {a.lecam_ema_decay}")
     if a.weight > 0 and a.r1_weight > 0 and cfg.train.compile:

@@ -16,7 +16,7 @@ def build_optimizer(model_params, no_decay_params, cfg: OptimConfig) -> torch.op
     `no_decay_params` (the loss's learned log-variance) get no weight decay, which would pull sigma to 1."""
     cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
     groups = [{"params": list(model_params)}, {"params": list(no_decay_params), "weight_decay": 0.0}]
-    return cls([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas),
+    return cls([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                weight_decay=cfg.weight_decay, fused=True)
 
 

@@ -99,7 +99,7 @@ class SweepConfig:
     sampler: str = "tpe"
     """tpe (Optuna's TPE; random for its first 10 trials) | random | grid (every combination of choices)."""
     seed: int = 0
-    """Seeds the samplers (each worker draws from its own stream derived from it)."""
+    """Seeds the sampler: trial n's draws come from a stream derived from (seed, n), whichever worker asks."""
     sweep_dir: str = "runs/sweeps"
     """Parent folder of sweep folders."""
     parameters: dict[str, ParamSpec] = field(default_factory=dict)
@@ -223,15 +223,20 @@ class Sweep:
                 out[key] = FloatDistribution(low, high, log=bool(spec.log_range))
         return out
 
-    def _sampler(self, worker: str):
+    def _sampler(self, number: int):
+        """The sampler that proposes trial `number`. Its random stream is the study's, at that trial: seeded
+        from (seed, number), so every trial draws afresh whichever worker or process asks for it, the same
+        sweep file proposes the same start-up trials again, and nothing but the journal has to be shared.
+        TPE reads the finished trials from the journal at every ask; a sampler object kept per process
+        would hold nothing more."""
         import optuna
 
-        seed = int.from_bytes(hashlib.sha256(repr((self.cfg.seed, worker)).encode()).digest()[:4], "little")
+        seed = int.from_bytes(hashlib.sha256(repr((self.cfg.seed, number)).encode()).digest()[:4], "little")
         if self.cfg.sampler == "random":
             return optuna.samplers.RandomSampler(seed=seed)
-        if self.cfg.sampler == "grid":
+        if self.cfg.sampler == "grid":  # its seed shuffles the grid, whose n-th point trial n takes: one per study
             space = {k: [json.dumps(c) for c in s.choices] for k, s in self.cfg.parameters.items()}
-            return optuna.samplers.GridSampler(space, seed=seed)
+            return _grid_sampler(space, seed=self.cfg.seed)
         return optuna.samplers.TPESampler(seed=seed)
 
     def assign(self, worker: str) -> int | None:
@@ -253,7 +258,7 @@ class Sweep:
                     return number
             if len(trials) >= self.cfg.trials:
                 return None
-            self.study.sampler = self._sampler(worker)
+            self.study.sampler = self._sampler(len(trials))  # the number study.ask gives (under the lock)
             trial = self.study.ask(self._distributions())
             _write(mine, {"trial": trial.number})
             return trial.number
@@ -348,6 +353,19 @@ class Sweep:
             run.summary.update({"sweep/best_trial": rows[0]["trial"], f"sweep/best/{self.cfg.metric}": rows[0][self.cfg.metric]})
         run.finish()
         wandb.teardown()
+
+
+def _grid_sampler(space: dict, seed: int):
+    """Optuna's GridSampler without its study.stop() once every point has a result: stop() is for
+    study.optimize, which a sweep does not run (it raised at the last grid point's result); the budget,
+    at most the grid's size (validate_sweep), ends a grid sweep."""
+    import optuna
+
+    class GridSampler(optuna.samplers.GridSampler):
+        def after_trial(self, study, trial, state, values) -> None:
+            pass
+
+    return GridSampler(space, seed=seed)
 
 
 def _plain(value: Any) -> Any:

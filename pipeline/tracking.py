@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from pipeline import faults, media, wandb_log
 from pipeline.config import Config, ConfigError, to_dict
 from pipeline.preemption import EXIT_PREEMPTED
+from pipeline.runs import STARTS_FILE
 
 RUN_ID_FILE = "wandb_run_id"
 METRICS_FILE = "metrics.jsonl"
@@ -369,6 +370,24 @@ class Tracker:
         if self.run is not None:
             with staging_in(self.run_dir):
                 use_artifact(self.run, dataset_artifact(shards_dir), self.mode)
+
+    def log_resume_changes(self) -> None:
+        """The settings each start changed when it resumed (starts.jsonl's `changed`) into the W&B config as
+        changed_on_resume: {segment: {"step", "changed": {key: [then, now]}}}, every start's, so the latest
+        update holds them all; the config's own keys hold this start's values."""
+        starts = self.run_dir / STARTS_FILE
+        if self.run is None or not starts.is_file():
+            return
+        history = {}
+        for line in starts.read_text().splitlines():
+            try:
+                start = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a kill
+            if start.get("changed"):
+                history[str(start["segment"])] = {"step": start["step"], "changed": start["changed"]}
+        if history:
+            self.run.config.update({"changed_on_resume": history}, allow_val_change=True)
 
     def log_model(self, weights: Mapping[str, Tensor], aliases: Sequence[str], metadata: Mapping[str, Any]) -> None:
         """Record trained weights (with the run's config.yaml and model_info.json) as a version of the run's

@@ -10,7 +10,9 @@ starts.jsonl, summary.json. Running the same command again resumes from the late
 (train.resume=auto): weights, optimizer, scaler, EMA, RNG states and the global data position. On the
 same number of processes the resumed run repeats the uninterrupted one bit for bit (tests/test_resume.py
 kills runs at every kind of moment); on another number it continues the same data order from the same
-position, with fresh random streams. One live trainer per run folder (a lock); under a launcher the
+position, with fresh random streams. Settings changed on its command line apply from the checkpoint's step
+(optimizer, schedule, max_steps, loss weights, ...) or are refused (architecture, data order; the table: README,
+Resume, "Changed settings"). One live trainer per run folder (a lock); under a launcher the
 workers die with it. SIGUSR1/SIGTERM: every rank finishes its step, one checkpoint is saved, and the
 process exits with code 75 (EXIT_PREEMPTED).
 """
@@ -31,8 +33,8 @@ from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from pipeline import faults
-from pipeline.checkpoint import BestWeights, Checkpointer, preserved_rng, restore_rng, seed_rng
-from pipeline.config import Config, ConfigError, cli_config, exit_on_config_error, save_config
+from pipeline.checkpoint import BestWeights, Checkpointer, preserved_rng, restore_rng, seed_rng, trainer_state
+from pipeline.config import Config, ConfigError, cli_config, exit_on_config_error, save_config, to_dict
 from pipeline.data import TrainStream, check_fits, data_range, read_manifest, val_batches
 from pipeline.evaluate import validate
 from pipeline.flops import peak_flops, step_flops_per_image
@@ -41,6 +43,7 @@ from pipeline.meters import IntervalMeter
 from pipeline.models.quantize import window_health
 from pipeline.optim import lr_at, set_lr
 from pipeline.preemption import EXIT_PREEMPTED, StopFlag
+from pipeline.resume_policy import check_changes, describe
 from pipeline.runs import die_with_parent, launched_by_torchrun, own_run_folder
 from pipeline.step import Training, build_training, discriminator_step, train_step
 from pipeline.tracking import Tracker
@@ -54,6 +57,11 @@ def main(cfg: Config) -> int:
     main_process, device = accelerator.is_main_process, accelerator.device
     run_dir = Path(cfg.run.dir) / (cfg.run.name or cfg.name)
     lock = own_run_folder(run_dir, accelerator)  # before anything is written there
+    # What this start continues, and whether its settings may continue it: a setting that cannot change on
+    # resume (the architecture, the data order) is refused here, before config.yaml is replaced.
+    checkpointer = Checkpointer(run_dir, accelerator, cfg.train.checkpoint_every_steps, cfg.train.keep_checkpoints)
+    resume_from = checkpointer.resolve(cfg.train.resume)
+    changes = check_changes(trainer_state(resume_from), cfg, resume_from) if resume_from is not None else {}
     if main_process:
         save_config(cfg, run_dir / "config.yaml")
     set_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -74,11 +82,9 @@ def main(cfg: Config) -> int:
             {"image_size": manifest["size"], "classes": manifest["classes"], "image_format": manifest["image_format"],
              **{k: manifest[k] for k in ("spatial_dims", "sample_shape", "normalization") if k in manifest}}))
 
-    # Resume weights, optimizer, scaler, EMA, step and data position from the run folder.
-    checkpointer = Checkpointer(run_dir, accelerator, cfg.train.checkpoint_every_steps, cfg.train.keep_checkpoints)
+    # Resume weights, optimizer (with this run's hyperparameters), scaler, EMA, step and data position.
     meter = IntervalMeter()  # loss terms summed on the device; read (one sync) on logging steps
     step, nonfinite = 0, {"run": 0, "total": 0}  # consecutive and total skipped (non-finite) steps
-    resume_from = checkpointer.resolve(cfg.train.resume)
     resumed = checkpointer.load(resume_from, t.parts) if resume_from is not None else None
     if resumed is not None:
         step, state = resumed.step, resumed.trainer
@@ -95,9 +101,17 @@ def main(cfg: Config) -> int:
                     f"continue, the random streams are reseeded, so losses are not bitwise those of an "
                     f"uninterrupted run") + (f"; {note}" if note else "")
         accelerator.print(f"resumed from {resume_from} at step {step}" + (f" ({note})" if note else ""))
-    segment = lock.record_start({"step": step, "world_size": accelerator.num_processes}) if main_process else 0
+        if changes is None:
+            accelerator.print(f"checkpoint {resume_from} holds no config (an older version wrote it): settings "
+                              f"changed since are not checked")
+        elif changes:
+            accelerator.print(f"changed since the checkpoint, applied from step {step + 1}: {describe(changes)}")
+    changed = {"changed": changes} if changes else {}  # recorded: starts.jsonl here, the W&B config below
+    segment = (lock.record_start({"step": step, "world_size": accelerator.num_processes, **changed})
+               if main_process else 0)
 
     tracker = Tracker(cfg, run_dir, accelerator, segment=segment, resumed_step=step)
+    tracker.log_resume_changes()
     loss_terms = t.loss.active_terms(t.vae)  # which of KL / quantizer loss, and every weighted extra
     accelerator.print("loss = " + " + ".join(loss_terms))
     tracker.log_model_info(t.vae, flops_per_image, loss_terms)
@@ -206,7 +220,7 @@ def main(cfg: Config) -> int:
         stopping = stop.should_stop()
         saved = checkpointer.maybe_save(step, t.parts, lambda: {
             "step": step, "images_seen": stream.position, "world_size": accelerator.num_processes,
-            "stream": stream.state_dict(), "meter": meter.state_dict(),
+            "stream": stream.state_dict(), "meter": meter.state_dict(), "config": to_dict(cfg),
             "nonfinite": {"run": int(nonfinite_run.item()), "total": nonfinite["total"]}}, force=stopping or last)
         if saved:
             stop.check_checkpoint_time(checkpointer.last_save_seconds, accelerator)

@@ -123,3 +123,55 @@ def test_cli_exit_code_2_with_one_line(tmp_path, shards):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "error: command line: unknown key model.latnet_dim (did you mean model.latent_dim?)"]
+
+
+# Numbers as people type them: YAML 1.1 reads `1e-3` as a string and `no`/`false` as a boolean.
+@pytest.mark.parametrize("override, key, expected", [
+    ("optim.lr=1e-3", "optim.lr", 0.001),
+    ("optim.lr=5E-4", "optim.lr", 0.0005),
+    ("loss.kl.weight=1e-05", "loss.kl.weight", 1e-5),
+    ("optim.betas=[0.9, 1e-3]", "optim.betas", [0.9, 0.001]),
+    ("train.max_steps=1e4", "train.max_steps", 10000),
+    ("train.mixed_precision=no", "train.mixed_precision", "no"),
+    ("train.mixed_precision=false", "train.mixed_precision", "no"),
+    ("train.mixed_precision=bf16", "train.mixed_precision", "bf16"),
+])
+def test_numbers_and_words_as_people_type_them(tmp_path, shards, override, key, expected):
+    nested = override.split("=", 1)[1]  # the value as typed, in the recipe: `loss: {kl: {weight: 1e-05}}`
+    for part in reversed(key.split(".")):
+        nested = f"{{{part}: {nested}}}"
+    recipe = write(tmp_path, f"data: {{shards: {shards}}}\n{nested[1:-1]}\n")
+    for cfg in (load_config(recipe), load_config(write(tmp_path, f"data: {{shards: {shards}}}\n", "plain.yaml"),
+                                                  [override])):
+        got = cfg
+        for part in key.split("."):
+            got = getattr(got, part)
+        assert got == expected and type(got) is type(expected), (override, got)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=.nan", "optim.lr must be a finite number above 0, got nan"),
+    ("optim.lr=.inf", "optim.lr must be a finite number above 0, got inf"),
+    ("optim.lr=0", "optim.lr must be a finite number above 0, got 0.0"),
+    ("optim.betas=[1.5,2]", "optim.betas must be two numbers in [0, 1), got [1.5, 2.0]"),
+    ("optim.betas=[0.9,-0.1]", "optim.betas must be two numbers in [0, 1), got [0.9, -0.1]"),
+    ("optim.betas=[0.9]", "optim.betas must be two numbers in [0, 1), got [0.9]"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay must be a finite number of 0 or more, got -0.1"),
+    ("optim.eps=0", "optim.eps must be a finite number above 0, got 0.0"),
+    ("optim.min_lr_ratio=2", "optim.min_lr_ratio must be in [0, 1], got 2.0"),
+    ("optim.grad_clip_norm=-1", "optim.grad_clip_norm must be a finite number of 0 or more, got -1.0"),
+    ("optim.warmup_steps=-1", "optim.warmup_steps must be 0 or more, got -1"),
+    ("optim.gamma=0", "optim.gamma must be a finite number above 0, got 0.0"),
+    ("optim.gamma_every_steps=0", "optim.gamma_every_steps must be at least 1, got 0"),
+    ("loss.adversarial.lr=.nan", "loss.adversarial.lr must be a finite number above 0, got nan"),
+    ("loss.adversarial.betas=[1,0.9]", "loss.adversarial.betas must be two numbers in [0, 1), got [1.0, 0.9]"),
+    ("loss.kl.weight=.nan", "loss.kl.weight must be a finite number of 0 or more, got nan"),
+    ("loss.recon_weight=-1", "loss.recon_weight must be a finite number of 0 or more, got -1.0"),
+    ("model.logvar_max=.nan", "model.logvar_max is nan; give a number"),
+    ("train.mixed_precision=yes", "train.mixed_precision is 'yes' but must be one of no, bf16, fp16"),
+])
+def test_out_of_range_values_are_one_sentence_naming_the_key(tmp_path, shards, override, message):
+    recipe = write(tmp_path, f"data: {{shards: {shards}}}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(recipe, [override])
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)

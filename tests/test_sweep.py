@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -84,6 +87,7 @@ def test_a_local_sweep_trains_its_trials_and_a_second_run_continues_the_study(tm
     assert [row["trial"] for row in sorted(rows, key=lambda row: row["trial"])] == ["0", "1"]
     psnr = [float(row["val/psnr"]) for row in rows]
     assert psnr == sorted(psnr, reverse=True) and [row["best"] for row in rows] == ["True", "False"]
+    assert rows[0]["optim.lr"] != rows[1]["optim.lr"]  # one worker, two trials, two points of the space
     for row in rows:  # each trial an ordinary run, trained with its own parameters, in the sweep's group
         run = Path(row["run"])
         summary = json.loads((run / "summary.json").read_text())
@@ -99,6 +103,7 @@ def test_a_local_sweep_trains_its_trials_and_a_second_run_continues_the_study(tm
                        env=TEST_ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert sorted(row["trial"] for row in results(sweep_dir)) == ["0", "1", "2"]
+    assert len({row["optim.lr"] for row in results(sweep_dir)}) == 3
     assert "trial 2 " in r.stdout and "trial 0 " not in r.stdout
 
 
@@ -139,3 +144,79 @@ def test_report_tells_preempted_finished_and_failed_trials_apart(tmp_path):
 def test_shipped_sweep_files_are_valid(path):
     cfg = load_sweep(path)
     assert cfg.parameters and cfg.trials >= 1
+
+
+# A stand-in for pipeline/train.py in the sampler tests below: run_local starts it as it starts the trainer
+# (`<launch> pipeline/train.py RECIPE key=value ...`), and it writes the trial's summary.json with a
+# known metric, best at optim.lr = 0.003, so what the sweep does with the results can be checked in
+# seconds. (The trainer itself runs in the end-to-end sweep test above.)
+STAND_IN_TRAINER = """
+import json, math, sys
+from pathlib import Path
+args = dict(a.split("=", 1) for a in sys.argv[2:] if "=" in a)
+run = Path(args["run.dir"]) / args["run.name"]
+run.mkdir(parents=True, exist_ok=True)
+(run / "summary.json").write_text(json.dumps({"val/psnr": -abs(math.log10(float(args["optim.lr"]) / 0.003))}))
+"""
+
+
+def sampler_sweep(tmp_path: Path, **fields) -> Path:
+    return write_sweep(tmp_path, **{"overrides": [*TINY, "tracking.mode=disabled"],
+                                    "parameters": {"optim.lr": {"log_range": [0.0001, 0.1]}}, **fields})
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random", "grid"])
+def test_a_local_sweep_gives_every_trial_its_own_parameters(tmp_path, sampler):
+    """(grid: four trials are the whole grid; the last one's result must not stop the sweep with a traceback.)"""
+    from pipeline.sweep import Sweep, run_local
+
+    trainer = tmp_path / "trainer.py"
+    trainer.write_text(STAND_IN_TRAINER)
+    grid = {"parameters": {"optim.lr": {"choices": [0.0005, 0.001, 0.002, 0.004]}}} if sampler == "grid" else {}
+    sweep = Sweep(load_sweep(sampler_sweep(tmp_path, sampler=sampler, trials=4, **grid)))
+    assert run_local(sweep, [sys.executable, str(trainer)]) == 0
+    lrs = [sweep.params(n)["optim.lr"] for n in range(4)]
+    assert len(set(lrs)) == 4, lrs
+    assert [t.state.name for t in sweep.study.get_trials()] == ["COMPLETE"] * 4
+
+
+def test_array_tasks_each_get_their_own_parameters(tmp_path):
+    """Three array tasks, each in its own process with its own Sweep (slurm/sweep.sbatch's --assign), asking
+    for a trial while the others are still training."""
+    from pipeline.sweep import Sweep
+
+    path = sampler_sweep(tmp_path, sampler="tpe", trials=3)
+    alive = [subprocess.Popen(["sleep", "300"]) for _ in range(3)]  # stand-ins for live array tasks
+    try:
+        tasks = [(Sweep(load_sweep(path)), f"local-{socket.gethostname()}-{p.pid}") for p in alive]
+        numbers = [sweep.assign(worker) for sweep, worker in tasks]
+        lrs = [sweep.params(n)["optim.lr"] for (sweep, _), n in zip(tasks, numbers)]
+    finally:
+        for p in alive:
+            p.kill()
+    assert numbers == [0, 1, 2] and len(set(lrs)) == 3, lrs
+
+
+def test_tpe_proposals_follow_the_finished_trials(tmp_path):
+    """The same seed, the same random start-up trials, opposite results: TPE's next proposals go where the
+    finished trials were best (a high learning rate in one study, a low one in the other)."""
+    from pipeline.sweep import Sweep
+
+    proposals = {}
+    for goal in ("maximize", "minimize"):
+        (tmp_path / goal).mkdir()
+        sweep = Sweep(load_sweep(sampler_sweep(tmp_path / goal, sampler="tpe", trials=16, goal=goal)))
+        worker = f"local-{socket.gethostname()}-{os.getpid()}"
+        for _ in range(16):
+            number = sweep.assign(worker)
+            sweep.run_dir(number).mkdir(parents=True)
+            lr = sweep.params(number)["optim.lr"]
+            (sweep.run_dir(number) / "summary.json").write_text(json.dumps({"val/psnr": math.log10(lr)}))
+            assert sweep.report(number, 0)[1] is False
+            (sweep.dir / "tasks" / f"{worker}.json").unlink()
+        proposals[goal] = [sweep.params(n)["optim.lr"] for n in range(16)]
+    startup, tpe = slice(0, 10), slice(10, 16)  # Optuna's TPE draws its first 10 trials at random
+    assert proposals["maximize"][startup] == proposals["minimize"][startup]
+    assert len(set(proposals["maximize"][startup])) == 10
+    high, low = (np.log10(proposals[g][tpe]) for g in ("maximize", "minimize"))
+    assert high.mean() > np.log10(0.01) > np.log10(0.001) > low.mean(), (high, low)

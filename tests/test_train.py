@@ -18,6 +18,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import ROOT, TEST_ENV, free_port
+from pipeline import wandb_log
+from pipeline.checkpoint import decode_state
 
 pytestmark = pytest.mark.slow
 
@@ -106,7 +108,8 @@ def test_a_second_trainer_on_a_live_run_folder_refuses_then_sigusr1_checkpoints_
         tiny_shards, tmp_path):
     """One live run for two checks (one trainer start less): while it trains, a second trainer on its folder
     exits 2 naming the holder and touches nothing; then SIGUSR1 makes it checkpoint and exit 75, and the same
-    command continues from that checkpoint."""
+    command continues from that checkpoint, with changed optimizer settings that apply (and a changed
+    architecture that is refused)."""
     run_dir = tmp_path / "usr1"
     cmd = command(1, tiny_args(tiny_shards, run_dir, "train.max_steps=5000", "train.checkpoint_every_steps=1000"))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=TEST_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -129,10 +132,39 @@ def test_a_second_trainer_on_a_live_run_folder_refuses_then_sigusr1_checkpoints_
     assert stopped == max(loss_by_step(run_dir)) and 3 <= stopped < 5000
     assert not (run_dir / "summary.json").exists()  # not finished
 
-    r = run(command(1, tiny_args(tiny_shards, run_dir, f"train.max_steps={stopped + 3}")))
+    # Resumed with other optimizer settings: they apply (torch's load_state_dict would restore the saved
+    # param groups) and are recorded in starts.jsonl and in the W&B config.
+    changed = ["optim.weight_decay=0.1", "optim.betas=[0.5,0.9]"]
+    r = run(command(1, tiny_args(tiny_shards, run_dir, f"train.max_steps={stopped + 3}", *changed)))
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from {run_dir / 'checkpoints' / f'step-{stopped:06d}'}" in r.stdout + r.stderr
+    assert (f"changed since the checkpoint, applied from step {stopped + 1}: optim.weight_decay 0.0 -> 0.1, "
+            f"optim.betas [0.9, 0.999] -> [0.5, 0.9], train.max_steps 5000 -> {stopped + 3}, "
+            f"train.checkpoint_every_steps 1000 -> 5\n") in r.stdout + r.stderr
     assert json.loads((run_dir / "summary.json").read_text())["step"] == stopped + 3
+    expected = {"optim.weight_decay": [0.0, 0.1], "optim.betas": [[0.9, 0.999], [0.5, 0.9]],
+                "train.max_steps": [5000, stopped + 3], "train.checkpoint_every_steps": [1000, 5]}
+    assert json.loads((run_dir / "starts.jsonl").read_text().splitlines()[1])["changed"] == expected
+    final = run_dir / "checkpoints" / f"step-{stopped + 3:06d}"
+    groups = decode_state(json.loads((final / "optimizer.json").read_text()),
+                          load_file(str(final / "optimizer.safetensors")))["param_groups"]
+    assert [(g["weight_decay"], g["betas"]) for g in groups] == [(0.1, (0.5, 0.9))]  # what the last steps used
+    logged = wandb_log.config(run_dir)
+    assert (logged["optim"]["weight_decay"], logged["optim"]["betas"]) == (0.1, [0.5, 0.9])
+    assert logged["changed_on_resume"] == {"2": {"step": stopped, "changed": expected}}
+
+    # A changed architecture is refused in one sentence naming the key, before the run folder is touched.
+    config = (run_dir / "config.yaml").read_bytes()
+    r = run(command(1, tiny_args(tiny_shards, run_dir, f"train.max_steps={stopped + 3}", *changed,
+                                 "model.latent_dim=16")))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"error: checkpoint {final} was trained with model.latent_dim=8 and this run has model.latent_dim=16, which "
+        f"cannot change when a run is resumed (the checkpoint's weights are those of the model it was trained "
+        f"with); resume with model.latent_dim=8, or train in a new run folder (run.name=...) or from scratch "
+        f"(train.resume=never)"]
+    assert (run_dir / "config.yaml").read_bytes() == config
+    assert len((run_dir / "starts.jsonl").read_text().splitlines()) == 2
 
 
 def test_a_nonfinite_step_changes_nothing_and_is_counted(tiny_shards, tmp_path):
