@@ -171,8 +171,7 @@ def validate(model, loss_fn, augment, batches: Iterable, accelerator, step: int,
     kl_per_dim = (kl_dim_sum / total)
     if "val/neg_elbo_nats" in metrics:
         metrics["val/kl_nats"] = kl_per_dim.sum().item()
-        metrics["val/elbo_bits_per_dim"] = metrics["val/neg_elbo_nats"] / (
-            model.in_channels * model.image_size**2 * math.log(2))
+        metrics["val/elbo_bits_per_dim"] = metrics["val/neg_elbo_nats"] / (model.values_per_sample * math.log(2))
     metrics.update({f"val/{k}": v for k, v in code_metrics.items() if not isinstance(v, list)})
     metrics["val/active_units"] = int((cov_mu > ACTIVE_UNIT_THRESHOLD).sum().item())
     metrics["val/latent_dims"] = int(cov_mu.numel())

@@ -72,7 +72,7 @@ class LoadedRun:
     @property
     def pixel_dims(self) -> int:
         """C*H*W (C*L, C*D*H*W): the number of sub-pixels bits/dim divides by."""
-        return self.model.in_channels * self.image_size ** self.model.spatial_dims
+        return self.model.values_per_sample
 
     def to_data_units(self, x: Tensor) -> Tensor:
         """Array runs: samples in the model's range -> the data's own units (the inverse of the normalisation)."""

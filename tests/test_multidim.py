@@ -192,6 +192,31 @@ def test_vae_loss_every_term_in_n_d(dims):
     assert loss.log_px_z(out.recon.detach(), x).shape == (3,)  # the discretised likelihood for evaluation
 
 
+@pytest.mark.parametrize("dims", [1, 3])
+def test_validation_bits_per_dim_divide_by_every_value_of_a_sample(dims, fresh_accelerator_state):
+    """val/elbo_bits_per_dim of a signal (C*L values) or a volume (C*D*H*W) is -ELBO / (values * ln 2), as
+    pipeline.evaluate reports it (it divided by C*size**2 for every dims)."""
+    import math
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from pipeline.config import DataConfig, LossConfig
+    from pipeline.data import DeviceAugment
+    from pipeline.evaluate import validate
+    from pipeline.objective import VAELoss
+
+    size = SIZES[dims]
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(in_channels=2, spatial_dims=dims, **ARCHS["resnet"][0]), size)
+    loss = VAELoss(LossConfig(recon="mse"), model.output_range, 2, dims)
+    augment = DeviceAugment(DataConfig(hflip=False), model.output_range, data_range=(0.0, 1.0))
+    batches = [SimpleNamespace(images=torch.rand(3, 2, *[size] * dims))]
+    m = validate(model, loss, augment, batches, Accelerator(cpu=True), step=0)
+    assert model.values_per_sample == 2 * size ** dims
+    assert m["val/elbo_bits_per_dim"] == pytest.approx(m["val/neg_elbo_nats"] / (2 * size ** dims * math.log(2)))
+
+
 def test_perceptual_loss_refused_for_other_dims():
     from pipeline.config import LossConfig, PerceptualConfig
     from pipeline.objective import VAELoss

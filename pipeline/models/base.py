@@ -90,6 +90,11 @@ class VAE(nn.Module):
             self.quantizer = Quantizer(q, q.token_dim if vector else self.latent_shape[0],
                                        "vector" if vector else "channels", "latent")
 
+    @property
+    def values_per_sample(self) -> int:
+        """C*H*W (C*L, C*D*H*W): the sub-pixels (values) of one sample, what bits/dim divides by."""
+        return self.in_channels * self.image_size ** self.spatial_dims
+
     def posterior_width(self, n: int) -> int:
         """Output width of the encoder's head for an n-value latent: mu and logvar, or z_e alone when quantized."""
         return n if self.quantizer is not None else 2 * n
