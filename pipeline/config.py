@@ -647,7 +647,10 @@ def to_dict(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Atomically and durably: a restart on a full disk keeps the previous config.yaml whole."""
+    from pipeline import durable  # (durable imports ConfigError from here)
+
+    durable.write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def exit_on_config_error(fn):

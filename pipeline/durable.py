@@ -104,7 +104,8 @@ def append_line(path: str | Path, line: str) -> None:
 def write_error(path: Path, e: BaseException) -> ConfigError:
     """One sentence for a failed write, naming the file and why (a full disk said as such)."""
     text = os.strerror(e.errno) if isinstance(e, OSError) and e.errno else str(e).splitlines()[0] if str(e) else type(e).__name__
-    full = "No space left on device" in text or "Disk quota exceeded" in text
+    full = next((s for s in ("No space left on device", "Disk quota exceeded") if s in text), None)
+    text = full or text  # safetensors wraps ENOSPC in "Error while serializing: I/O error: ... (os error 28)"
     hint = ("free space there (or point run.dir elsewhere) and run the same command again; files written "
             "before are intact" if full else "check that the folder is writable and run the same command again; "
                                              "files written before are intact")

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.checkpoint import fsync_path
+from pipeline import durable
 from pipeline.config import ConfigError
 from pipeline.data import IMAGE_EXTS, read_manifest, read_tars
 from pipeline.images import decode_image
@@ -193,13 +193,7 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(data, indent=1, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
+    durable.write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 class _UnitWriter:

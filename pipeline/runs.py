@@ -32,6 +32,7 @@ from typing import Callable
 
 import torch
 
+from pipeline import durable
 from pipeline.config import ConfigError
 
 LOCK_FILE = ".lock"
@@ -122,9 +123,7 @@ class RunLock:
         saved a checkpoint on a stop signal and is to be continued (pipeline.sweep reads it: launchers
         turn a worker's 75 into their own exit code 1). A killed start writes nothing."""
         path = self.run_dir / "exit.json"
-        tmp = path.with_name(f".exit.json.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"segment": segment, "exit_code": exit_code, "step": step}))
-        os.replace(tmp, path)
+        durable.write_json(path, {"segment": segment, "exit_code": exit_code, "step": step})
 
     def release(self) -> None:
         if self.fd is not None:

@@ -52,7 +52,6 @@ import csv
 import io
 import json
 import math
-import os
 import sys
 import tarfile
 from pathlib import Path
@@ -62,7 +61,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline import arrays, media, tiling
+from pipeline import arrays, durable, media, tiling
 from pipeline.config import ConfigError, exit_on_config_error, load_config
 from pipeline.data import Batch
 from pipeline.evaluate import log_weights, to_unit_range
@@ -110,13 +109,7 @@ class Outputs:
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return durable.write_with(path, write)
 
 
 def save_npy(array: np.ndarray, path: Path) -> Path:

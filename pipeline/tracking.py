@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipeline import faults, media, wandb_log
+from pipeline import durable, faults, media, wandb_log
 from pipeline.config import Config, ConfigError, to_dict
 from pipeline.preemption import EXIT_PREEMPTED
 
@@ -89,9 +89,7 @@ def load_or_create_run_id(run_dir: Path) -> str:
     if path.is_file() and path.read_text().strip():
         return path.read_text().strip()
     run_id = secrets.token_hex(4)  # 8 chars of [0-9a-f]: valid for W&B, unique per run folder
-    tmp = path.with_name(f".{RUN_ID_FILE}.tmp-{os.getpid()}")
-    tmp.write_text(run_id + "\n")
-    os.replace(tmp, path)
+    durable.write_text(path, run_id + "\n")
     return run_id
 
 
@@ -229,8 +227,11 @@ class Tracker:
         self.last_scalars.update(row)
         head = {"step": int(step), "segment": self.segment} if self.segment else {"step": int(step)}
         line = json.dumps({**head, **row}, allow_nan=True)
-        self._metrics.write(line + "\n")  # one write per line: a kill tears at most the last line
-        self._metrics.flush()
+        try:
+            self._metrics.write(line + "\n")  # one write per line: a kill tears at most the last line
+            self._metrics.flush()
+        except OSError as e:  # a full disk: one sentence, not a traceback
+            raise durable.write_error(Path(self._metrics.name), e) from None
 
     def fixed_noise(self, model: nn.Module) -> Tensor:
         """The prior-sample noise, drawn once per run from train.seed (the same on every resume)."""
