@@ -55,6 +55,14 @@ class DataConfig:
     """Random horizontal flip on the device (kornia.augmentation)."""
     rotation_degrees: float = 0.0
     """Random rotation in [-d, d] degrees on the device; 0 disables it."""
+    verify_shards: str = "size"
+    """Checked at start against manifest.json, for every shard the run reads: size (one stat per shard:
+    a replaced or cut shard of another size) | sha256 (also re-hash each shard once per process: any
+    change, at the cost of reading the whole set once)."""
+    on_damaged_shard: str = "stop"
+    """A shard that fails verify_shards: stop (one sentence naming it) | skip (left out of the run and
+    named in a warning; the epoch is shorter by its samples) | read (named in a warning and read for what
+    it still holds: samples that do not decode, or that a cut shard lacks, are skipped and counted)."""
 
 
 @dataclass
@@ -378,6 +386,8 @@ class Config:
 # Fields whose value must be one of a fixed set: dotted key -> allowed values.
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.order": ("permutation", "resampled"),
+    "data.verify_shards": ("size", "sha256"),
+    "data.on_damaged_shard": ("stop", "skip", "read"),
     "data.decode": ("cpu", "gpu", "auto"),
     "model.arch": ("conv", "dcgan", "vanilla", "resnet"),
     "model.latent": ("auto", "vector", "spatial"),

@@ -121,3 +121,13 @@ def inside(folder: Path, name: str, what: str) -> Path:
         raise ConfigError(f"{what} names {name!r}, which is outside {folder}; names read from files must stay "
                           f"inside their folder: rebuild or repair the file rather than pointing elsewhere")
     return folder / name
+
+
+def sample_key(key: str, where: str) -> str:
+    """A sample key read from a shard, checked before it becomes a tar member or file name: relative,
+    without `..`, NUL or backslash (a key may hold `/`, webdataset's folder prefix)."""
+    parts = key.split("/")
+    if not key or key.startswith("/") or ".." in parts or "\\" in key or "\0" in key:
+        raise ConfigError(f"{where} holds a sample key {key[:80]!r} that would name a file outside its folder; "
+                          f"rebuild that shard set with `make shards`")
+    return key

@@ -103,7 +103,8 @@ def plan_units(inputs: list[Path], splits: tuple[str, ...]) -> list[Unit]:
         m = read_manifest(folder)
         for split in splits:
             for shard in m["splits"][split]["shards"]:
-                units.append(Unit(len(units), split, f"{split}-{per_split[split]:06d}.tar", str(folder / shard["file"]),
+                source = durable.inside(folder, shard["file"], f"{folder / 'manifest.json'}")
+                units.append(Unit(len(units), split, f"{split}-{per_split[split]:06d}.tar", str(source),
                                   f"{m.get('name', folder.name)}:{shard['file']}", int(shard["count"]),
                                   m["image_format"]))
                 per_split[split] += 1
@@ -218,6 +219,7 @@ class _UnitWriter:
             stats: np.ndarray) -> None:
         """One batch: arrays name -> [n, *latent] as stored; stats: the statistics' array as float64."""
         for i, key in enumerate(keys):
+            durable.sample_key(key, f"shard {self.unit.source}")  # it becomes a member name
             for name, arr in arrays.items():
                 self._member(f"{key}.{name}.npy", npy_bytes(arr[i]))
             label = int(labels[i])

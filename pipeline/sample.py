@@ -460,11 +460,13 @@ def _shard_latents(folder: Path, member: str) -> Iterator[tuple[str, np.ndarray]
     bf16 = manifest.get("latent_dtype") == "bfloat16"
     for split in manifest["splits"].values():
         for shard in split["shards"]:
-            with tarfile.open(folder / shard["file"]) as tar:
+            path = durable.inside(folder, shard["file"], f"{folder / 'manifest.json'}")
+            with tarfile.open(path) as tar:
                 for info in tar:
                     key, _, ext = info.name.partition(".")
                     if ext != f"{member}.npy" or not info.isfile():
                         continue
+                    durable.sample_key(key, f"latent shard {path}")  # it becomes an output file name
                     arr = np.load(io.BytesIO(tar.extractfile(info).read()), allow_pickle=False)
                     if member == "codes":  # integer code maps, decoded through the codebook
                         yield key, arr.astype(np.int64)

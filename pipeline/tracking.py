@@ -482,7 +482,8 @@ def dataset_artifact(shards_dir: str | Path):
         "sha256": {s["file"]: s["sha256"] for s in shards}, "path": str(d.resolve())})
     art.add_file(str(d / "manifest.json"), name="manifest.json")
     for s in shards:  # references: the tars stay where they are; their sha256 is in the manifest
-        art.add_reference(f"file://{(d / s['file']).resolve()}", name=s["file"], checksum=False)
+        path = durable.inside(d, s["file"], f"{d / 'manifest.json'}")
+        art.add_reference(f"file://{path.resolve()}", name=s["file"], checksum=False)
     return art
 
 

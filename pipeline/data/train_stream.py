@@ -102,7 +102,8 @@ class _ReadByPosition:
                     if out is None:
                         skipped += 1
                         if skipped <= 5:
-                            log.warning("skipping corrupt or missing sample at position %d", position)
+                            log.warning("skipping corrupt or missing sample at position %d: %s", position,
+                                        self.reader.where(shard, index))
                         out = self._replacement(position)
                     out["__skipped__"] = skipped
                     out["__cursor__"] = None
@@ -258,7 +259,7 @@ class TrainStream:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         d = cfg.data
         m = read_manifest(d.shards)
-        shards = _shards(d.shards, m, "train")
+        shards = _shards(d.shards, m, "train", d.verify_shards, d.on_damaged_shard)
         self.samples_per_epoch: int = sum(c for _, c in shards)
         if self.samples_per_epoch == 0:
             raise ConfigError(f"{d.shards}/manifest.json lists no training samples; re-run `make shards` "
