@@ -112,10 +112,7 @@ class RunLock:
         text = path.read_text() if path.exists() else ""
         segment = 1 + sum(1 for line in text.split("\n")[:-1] if line.strip())
         torn = bool(text) and not text.endswith("\n")  # a start killed while writing its line
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(("\n" if torn else "") + json.dumps({"segment": segment, **holder_info(), **details}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        durable.append_line(path, ("\n" if torn else "") + json.dumps({"segment": segment, **holder_info(), **details}))
         return segment
 
     def record_exit(self, segment: int, exit_code: int, step: int) -> None:
