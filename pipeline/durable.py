@@ -103,13 +103,14 @@ def append_line(path: str | Path, line: str) -> None:
 
 def write_error(path: Path, e: BaseException) -> ConfigError:
     """One sentence for a failed write, naming the file and why (a full disk said as such)."""
-    text = os.strerror(e.errno) if isinstance(e, OSError) and e.errno else str(e).splitlines()[0] if str(e) else type(e).__name__
-    full = next((s for s in ("No space left on device", "Disk quota exceeded") if s in text), None)
-    text = full or text  # safetensors wraps ENOSPC in "Error while serializing: I/O error: ... (os error 28)"
-    hint = ("free space there (or point run.dir elsewhere) and run the same command again; files written "
-            "before are intact" if full else "check that the folder is writable and run the same command again; "
-                                             "files written before are intact")
-    return ConfigError(f"could not write {path} ({text}); {hint}")
+    if isinstance(e, OSError) and e.errno:
+        why = os.strerror(e.errno)
+    else:  # e.g. safetensors: "Error while serializing: I/O error: No space left on device (os error 28)"
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+    full = next((s for s in ("No space left on device", "Disk quota exceeded") if s in why), None)
+    fix = "free space on that disk" if full else "check that the folder is writable"
+    return ConfigError(f"could not write {path} ({full or why}); {fix} and run the same command again "
+                       f"(what was written before is intact)")
 
 
 def inside(folder: Path, name: str, what: str) -> Path:
