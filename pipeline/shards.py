@@ -388,13 +388,16 @@ class _OutputFolder:
                               f"keep the one you want and remove the other")
 
     def commit(self) -> None:
-        """Swap the complete staging folder into place."""
+        """Swap the complete staging folder into place (its files and names are on disk already: the
+        manifest's durable write fsynced the folder), and make the swap itself durable."""
         if self.final.exists():
             os.rename(self.final, self.old)
             os.rename(self.stage, self.final)
+            durable.fsync_path(self.root)
             shutil.rmtree(self.old)
         else:
             os.rename(self.stage, self.final)
+            durable.fsync_path(self.root)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None and self.stage.exists():
