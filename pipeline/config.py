@@ -57,8 +57,10 @@ class DataConfig:
     """Random rotation in [-d, d] degrees on the device; 0 disables it."""
     verify_shards: str = "size"
     """Checked at start against manifest.json, for every shard the run reads: size (one stat per shard:
-    a replaced or cut shard of another size) | sha256 (also re-hash each shard once per process: any
-    change, at the cost of reading the whole set once)."""
+    a replaced or cut shard of another size) | sha256 (also re-hash each shard once per process before
+    training: any change, at the cost of reading the whole set once) | background (size at start; the
+    main process re-hashes the training shards in a thread while training runs, and a mismatch stops the
+    run at the next batch)."""
     on_damaged_shard: str = "stop"
     """A shard that fails verify_shards: stop (one sentence naming it) | skip (left out of the run and
     named in a warning; the epoch is shorter by its samples) | read (named in a warning and read for what
@@ -386,7 +388,7 @@ class Config:
 # Fields whose value must be one of a fixed set: dotted key -> allowed values.
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.order": ("permutation", "resampled"),
-    "data.verify_shards": ("size", "sha256"),
+    "data.verify_shards": ("size", "sha256", "background"),
     "data.on_damaged_shard": ("stop", "skip", "read"),
     "data.decode": ("cpu", "gpu", "auto"),
     "model.arch": ("conv", "dcgan", "vanilla", "resnet"),

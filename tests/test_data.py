@@ -687,3 +687,17 @@ def test_read_time_warnings_name_the_shard_file_and_offset(dataset, caplog, orde
     take(stream, 30)
     said = [r.getMessage() for r in caplog.records if "skipping corrupt" in r.getMessage()]
     assert said and re.search(dataset["corrupt"] + r" in .*/train-000001\.tar at byte \d+", said[0]), said
+
+
+def test_background_sha256_stops_the_stream_at_the_next_batch(tmp_path):
+    root = _three_shards(tmp_path / "set")
+    _corrupt_first_image(root / "train-000001.tar")  # same size: only a hash sees it
+    stream = TrainStream(cfg_for(root, verify="background"), rank=0, world_size=1)  # starts at once
+    stream._background.thread.join(timeout=30)  # (the hashing is done; a run would meet it a few batches on)
+    with pytest.raises(ConfigError, match=r"train-000001.tar does not match the sha256 .*\(found by "
+                                          r"data.verify_shards=background while training"):
+        take(stream, 1)
+    clean = TrainStream(cfg_for(_three_shards(tmp_path / "clean"), verify="background"), rank=0, world_size=1)
+    clean._background.thread.join(timeout=30)
+    assert len(take(clean, 8)) == 8 and clean._background.problem is None
+    assert TrainStream(cfg_for(root, verify="background"), rank=1, world_size=2)._background is None  # main only

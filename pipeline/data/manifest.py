@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -116,7 +117,7 @@ def _shards(shards_dir: str | Path, manifest: dict, split: str, verify: str = "s
     good, damaged = [], []
     for s in manifest["splits"][split]["shards"]:
         path = inside(d, s["file"], f"{d / 'manifest.json'} ({split} shard)")
-        problem = shard_damage(path, s, verify == "sha256")
+        problem = shard_damage(path, s, verify == "sha256")  # (background: see BackgroundCheck)
         if problem is None or on_damaged == "read":
             good.append((str(path), s["count"]))
         if problem is None:
@@ -155,3 +156,27 @@ def shard_damage(path: Path, shard: dict, sha256: bool) -> str | None:
 
 
 _HASHED: dict[tuple[str, int, int], str] = {}
+
+
+class BackgroundCheck:
+    """data.verify_shards=background: re-hash shards in a daemon thread while training runs (hashlib and
+    file reads release the GIL). `raise_if_damaged()`, called once a batch, stops the run at the first
+    mismatch found."""
+
+    def __init__(self, shards: list[tuple[Path, dict]]):
+        self.problem: str | None = None
+        self.thread = threading.Thread(target=self._run, args=(shards,), name="shard-sha256", daemon=True)
+        self.thread.start()
+
+    def _run(self, shards: list[tuple[Path, dict]]) -> None:
+        for path, entry in shards:
+            problem = shard_damage(path, entry, sha256=True)
+            if problem is not None:
+                self.problem = f"shard {path} {problem}"
+                return
+
+    def raise_if_damaged(self) -> None:
+        if self.problem is not None:
+            raise ConfigError(f"{self.problem} (found by data.verify_shards=background while training): it was "
+                              f"replaced or damaged after `make shards`; rebuild the set, or restart with "
+                              f"data.verify_shards=sha256 data.on_damaged_shard=skip to train without it")
