@@ -7,7 +7,10 @@ Specification:
 - order "permutation": each epoch is one permutation of all training samples, the same whatever the
   world size, workers and batch size; every sample is read exactly once per epoch; a run continues
   from a JSON state exactly, also on another world size; order "resampled" resumes exactly;
-- corrupt samples and truncated shards are skipped and counted; pickles are never unpickled.
+- corrupt samples and truncated shards are skipped and counted; pickles are never unpickled;
+- every shard is checked against its manifest entry before reading (size; sha256 when asked, before or
+  while training) and must lie in the shards folder; a damaged one stops, is skipped or is read by
+  choice; read-time warnings name the shard file and byte offset.
 """
 
 from __future__ import annotations
