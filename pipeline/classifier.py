@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from pipeline import durable
 from pipeline.config import ConfigError, PerceptualConfig
 from pipeline.objective.perceptual import build_backbone, check_weights_file
 
@@ -84,13 +84,14 @@ def build_classifier(name: str, num_classes: int, init: str) -> nn.Module:
 
 
 def _save_safetensors(model: nn.Module, path: Path, metadata: dict[str, str]) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    os.replace(tmp, path)  # atomic: a killed run never leaves a half-written weights file
+    # atomic and durable: a killed run never leaves a half-written weights file
+    durable.write_with(path, lambda tmp: save_file(state, str(tmp), metadata=metadata),
+                       tmp=path.with_name(path.name + ".tmp"), errors=(SafetensorError,))
 
 
 def train_classifier(cfg, out: Path, steps: int, lr: float | None, weight_decay: float, init: str,

@@ -57,6 +57,16 @@ class DataConfig:
     """Random horizontal flip on the device (kornia.augmentation)."""
     rotation_degrees: float = 0.0
     """Random rotation in [-d, d] degrees on the device; 0 disables it."""
+    verify_shards: str = "size"
+    """Checked at start against manifest.json, for every shard the run reads: size (one stat per shard:
+    a replaced or cut shard of another size) | sha256 (also re-hash each shard once per process before
+    training: any change, at the cost of reading the whole set once) | background (size at start; the
+    main process re-hashes the training shards in a thread while training runs, and a mismatch stops the
+    run at the next batch)."""
+    on_damaged_shard: str = "stop"
+    """A shard that fails verify_shards: stop (one sentence naming it) | skip (left out of the run and
+    named in a warning; the epoch is shorter by its samples) | read (named in a warning and read for what
+    it still holds: samples that do not decode, or that a cut shard lacks, are skipped and counted)."""
 
 
 @dataclass
@@ -391,6 +401,8 @@ class Config:
 # Fields whose value must be one of a fixed set: dotted key -> allowed values.
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.order": ("permutation", "resampled"),
+    "data.verify_shards": ("size", "sha256", "background"),
+    "data.on_damaged_shard": ("stop", "skip", "read"),
     "data.decode": ("cpu", "gpu", "auto"),
     "model.arch": ("conv", "dcgan", "vanilla", "resnet"),
     "model.latent": ("auto", "vector", "spatial"),
@@ -695,7 +707,10 @@ def to_dict(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Atomically and durably: a restart on a full disk keeps the previous config.yaml whole."""
+    from pipeline import durable  # (durable imports ConfigError from here)
+
+    durable.write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def exit_on_config_error(fn):

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pipeline import durable
+
 VERSION = 1  # bump when the drawing changes, so old folders are regenerated
 MARKER = ".demo_data.json"
 # name -> (petal count, petal shape, petal length / width ratio)
@@ -163,9 +165,7 @@ def generate(out_dir: str | Path, count: int = 2000, size: int = 500, seed: int 
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
             for _ in pool.imap_unordered(_write_one, jobs, chunksize=16):
                 pass
-    tmp = marker.with_name(MARKER + ".tmp")
-    tmp.write_text(json.dumps(params) + "\n")
-    os.replace(tmp, marker)  # last: its presence means the set is complete
+    durable.write_text(marker, json.dumps(params) + "\n")  # last: its presence means the set is complete
     log(f"{out}: wrote {count} demo images in {len(CLASSES)} classes in {time.perf_counter() - t0:.1f} s")
     return True
 

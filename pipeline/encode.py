@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.checkpoint import fsync_path
+from pipeline import durable
 from pipeline.config import ConfigError
 from pipeline.data import IMAGE_EXTS, read_manifest, read_tars
 from pipeline.images import decode_image
@@ -103,7 +103,8 @@ def plan_units(inputs: list[Path], splits: tuple[str, ...]) -> list[Unit]:
         m = read_manifest(folder)
         for split in splits:
             for shard in m["splits"][split]["shards"]:
-                units.append(Unit(len(units), split, f"{split}-{per_split[split]:06d}.tar", str(folder / shard["file"]),
+                source = durable.inside(folder, shard["file"], f"{folder / 'manifest.json'}")
+                units.append(Unit(len(units), split, f"{split}-{per_split[split]:06d}.tar", str(source),
                                   f"{m.get('name', folder.name)}:{shard['file']}", int(shard["count"]),
                                   m["image_format"]))
                 per_split[split] += 1
@@ -193,13 +194,7 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(data, indent=1, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
+    durable.write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 class _UnitWriter:
@@ -224,6 +219,7 @@ class _UnitWriter:
             stats: np.ndarray) -> None:
         """One batch: arrays name -> [n, *latent] as stored; stats: the statistics' array as float64."""
         for i, key in enumerate(keys):
+            durable.sample_key(key, f"shard {self.unit.source}")  # it becomes a member name
             for name, arr in arrays.items():
                 self._member(f"{key}.{name}.npy", npy_bytes(arr[i]))
             label = int(labels[i])

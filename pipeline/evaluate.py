@@ -44,9 +44,7 @@ What `evaluate()` reports (RUN_DIR/eval/metrics.json, and the run's W&B summary 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -60,7 +58,7 @@ import torch
 
 from accelerate import Accelerator
 
-from pipeline import faults, media
+from pipeline import durable, faults, media
 from pipeline.config import ConfigError, exit_on_config_error
 from pipeline.inference import check_shards, key_noise, load_run, split_batches
 from pipeline.metrics import ReconstructionMetrics
@@ -447,9 +445,7 @@ def latent_usage_plot(metrics: dict, latent_shape: tuple[int, ...]) -> np.ndarra
 
 def write_json_atomic(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    durable.write_json(path, data, indent=1)
 
 
 def log_to_wandb(run, metrics: dict, plot: np.ndarray) -> str | None:

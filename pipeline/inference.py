@@ -35,6 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
+from pipeline import durable
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.data import Batch, DeviceAugment, check_fits, data_range, read_manifest, sample_shape, val_batches
 from pipeline.images import IMAGE_EXTENSIONS, describe_error, load_image
@@ -102,7 +103,7 @@ def resolve_checkpoint(run_dir: Path, checkpoint: str | None = None) -> Path:
         if not pointer.is_file():
             raise ConfigError(f"run folder {run_dir} has no complete checkpoint yet (no {pointer}); "
                               f"let training save one (train.checkpoint_every_steps) and try again")
-        path = ckpt_dir / pointer.read_text().strip()
+        path = durable.inside(ckpt_dir, pointer.read_text().strip(), str(pointer))
     else:
         path = Path(checkpoint) if Path(checkpoint).is_dir() else ckpt_dir / checkpoint
     if not (path / "model.safetensors").is_file():

@@ -12,13 +12,14 @@ out black there. Inputs are float images in the model's output range, [B, C, H, 
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from pipeline import durable
 
 PAD_VALUE = 0  # black padding between tiles, so a wrongly black image is not hidden by a white frame
 TRAVERSAL_VALUES = (-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0)  # prior standard deviations
@@ -66,18 +67,12 @@ def make_grid(images: np.ndarray, nrow: int, padding: int = 2, pad_value: int = 
 
 
 def save_png(array: np.ndarray, path: str | Path) -> Path:
-    """Write a uint8 [H, W, 3] array as PNG atomically (a temporary file, then os.replace)."""
+    """Write a uint8 [H, W, 3] array as PNG atomically and durably (pipeline.durable)."""
     from PIL import Image
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return durable.write_with(path, lambda tmp: Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG"))
 
 
 # ------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from typing import Callable
 
 import torch
 
+from pipeline import durable
 from pipeline.config import ConfigError
 
 LOCK_FILE = ".lock"
@@ -111,10 +112,7 @@ class RunLock:
         text = path.read_text() if path.exists() else ""
         segment = 1 + sum(1 for line in text.split("\n")[:-1] if line.strip())
         torn = bool(text) and not text.endswith("\n")  # a start killed while writing its line
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(("\n" if torn else "") + json.dumps({"segment": segment, **holder_info(), **details}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        durable.append_line(path, ("\n" if torn else "") + json.dumps({"segment": segment, **holder_info(), **details}))
         return segment
 
     def record_exit(self, segment: int, exit_code: int, step: int) -> None:
@@ -122,9 +120,7 @@ class RunLock:
         saved a checkpoint on a stop signal and is to be continued (pipeline.sweep reads it: launchers
         turn a worker's 75 into their own exit code 1). A killed start writes nothing."""
         path = self.run_dir / "exit.json"
-        tmp = path.with_name(f".exit.json.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"segment": segment, "exit_code": exit_code, "step": step}))
-        os.replace(tmp, path)
+        durable.write_json(path, {"segment": segment, "exit_code": exit_code, "step": step})
 
     def release(self) -> None:
         if self.fd is not None:

@@ -52,7 +52,6 @@ import csv
 import io
 import json
 import math
-import os
 import sys
 import tarfile
 from pathlib import Path
@@ -62,7 +61,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline import arrays, media, tiling
+from pipeline import arrays, durable, media, tiling
 from pipeline.config import ConfigError, exit_on_config_error, load_config
 from pipeline.data import Batch
 from pipeline.evaluate import log_weights, to_unit_range
@@ -110,13 +109,7 @@ class Outputs:
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return durable.write_with(path, write)
 
 
 def save_npy(array: np.ndarray, path: Path) -> Path:
@@ -467,11 +460,13 @@ def _shard_latents(folder: Path, member: str) -> Iterator[tuple[str, np.ndarray]
     bf16 = manifest.get("latent_dtype") == "bfloat16"
     for split in manifest["splits"].values():
         for shard in split["shards"]:
-            with tarfile.open(folder / shard["file"]) as tar:
+            path = durable.inside(folder, shard["file"], f"{folder / 'manifest.json'}")
+            with tarfile.open(path) as tar:
                 for info in tar:
                     key, _, ext = info.name.partition(".")
                     if ext != f"{member}.npy" or not info.isfile():
                         continue
+                    durable.sample_key(key, f"latent shard {path}")  # it becomes an output file name
                     arr = np.load(io.BytesIO(tar.extractfile(info).read()), allow_pickle=False)
                     if member == "codes":  # integer code maps, decoded through the codebook
                         yield key, arr.astype(np.int64)

@@ -57,7 +57,7 @@ import numpy as np
 import PIL
 from tqdm import tqdm
 
-from pipeline import arrays
+from pipeline import arrays, durable
 from pipeline.images import (IMAGE_EXTENSIONS, STORED_FORMATS, describe_error, encode_image, load_rgb_reduced,
                              resize_center_crop)
 
@@ -331,13 +331,7 @@ class _SplitWriter:
 
 
 def _atomic_write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    durable.write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n", tmp=path.with_name(path.name + ".tmp"))
 
 
 def _is_ours(name: str) -> bool:
@@ -394,13 +388,16 @@ class _OutputFolder:
                               f"keep the one you want and remove the other")
 
     def commit(self) -> None:
-        """Swap the complete staging folder into place."""
+        """Swap the complete staging folder into place (its files and names are on disk already: the
+        manifest's durable write fsynced the folder), and make the swap itself durable."""
         if self.final.exists():
             os.rename(self.final, self.old)
             os.rename(self.stage, self.final)
+            durable.fsync_path(self.root)
             shutil.rmtree(self.old)
         else:
             os.rename(self.stage, self.final)
+            durable.fsync_path(self.root)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None and self.stage.exists():
@@ -810,13 +807,7 @@ def merge_parts(src: str | Path, out_dir: str | Path = "shards", name: str | Non
 # ------------------------------------------------------------------------------------------------
 
 
-def sha256_file(path: Path) -> str:
-    """sha256 of a file, read in 1 MiB blocks (shards and pipeline.encode's latent shards)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+sha256_file = durable.sha256_file  # (shards and pipeline.encode's latent shards)
 
 
 def _read_samples(path: Path) -> list[tuple[str, set[str]]]:

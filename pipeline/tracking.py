@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipeline import faults, media, wandb_log
+from pipeline import durable, faults, media, wandb_log
 from pipeline.config import Config, ConfigError, to_dict
 from pipeline.preemption import EXIT_PREEMPTED
 from pipeline.runs import STARTS_FILE
@@ -90,9 +90,7 @@ def load_or_create_run_id(run_dir: Path) -> str:
     if path.is_file() and path.read_text().strip():
         return path.read_text().strip()
     run_id = secrets.token_hex(4)  # 8 chars of [0-9a-f]: valid for W&B, unique per run folder
-    tmp = path.with_name(f".{RUN_ID_FILE}.tmp-{os.getpid()}")
-    tmp.write_text(run_id + "\n")
-    os.replace(tmp, path)
+    durable.write_text(path, run_id + "\n")
     return run_id
 
 
@@ -230,8 +228,11 @@ class Tracker:
         self.last_scalars.update(row)
         head = {"step": int(step), "segment": self.segment} if self.segment else {"step": int(step)}
         line = json.dumps({**head, **row}, allow_nan=True)
-        self._metrics.write(line + "\n")  # one write per line: a kill tears at most the last line
-        self._metrics.flush()
+        try:
+            self._metrics.write(line + "\n")  # one write per line: a kill tears at most the last line
+            self._metrics.flush()
+        except OSError as e:  # a full disk: one sentence, not a traceback
+            raise durable.write_error(Path(self._metrics.name), e) from None
 
     def fixed_noise(self, model: nn.Module) -> Tensor:
         """The prior-sample noise, drawn once per run from train.seed (the same on every resume)."""
@@ -500,7 +501,8 @@ def dataset_artifact(shards_dir: str | Path):
         "sha256": {s["file"]: s["sha256"] for s in shards}, "path": str(d.resolve())})
     art.add_file(str(d / "manifest.json"), name="manifest.json")
     for s in shards:  # references: the tars stay where they are; their sha256 is in the manifest
-        art.add_reference(f"file://{(d / s['file']).resolve()}", name=s["file"], checksum=False)
+        path = durable.inside(d, s["file"], f"{d / 'manifest.json'}")
+        art.add_reference(f"file://{path.resolve()}", name=s["file"], checksum=False)
     return art
 
 

@@ -19,7 +19,6 @@ process exits with code 75 (EXIT_PREEMPTED).
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from pipeline import faults
+from pipeline import durable, faults
 from pipeline.checkpoint import BestWeights, Checkpointer, preserved_rng, restore_rng, seed_rng, trainer_state
 from pipeline.config import Config, ConfigError, cli_config, exit_on_config_error, save_config, to_dict
 from pipeline.data import TrainStream, check_fits, data_range, read_manifest, val_batches
@@ -78,7 +77,7 @@ def main(cfg: Config) -> int:
                                  r1=cfg.loss.adversarial.weight > 0 and cfg.loss.adversarial.r1_weight > 0)
     flops_per_image = flops["total"]
     if main_process:  # lets evaluate/sample load the run even after its shards are gone
-        (run_dir / "model_info.json").write_text(json.dumps(
+        durable.write_json(run_dir / "model_info.json", (
             {"image_size": manifest["size"], "classes": manifest["classes"], "image_format": manifest["image_format"],
              **{k: manifest[k] for k in ("spatial_dims", "sample_shape", "normalization") if k in manifest}}))
 
@@ -243,7 +242,7 @@ def main(cfg: Config) -> int:
     if exit_code == 0:
         summary.update({k: v for k, v in tracker.last_scalars.items() if k.startswith(("loss/", "val/"))})
         if main_process:
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            durable.write_json(run_dir / "summary.json", summary, indent=2)
             # The trained weights (EMA when on) as the run's model artifact: final, and best by best_metric.
             tracker.log_model(_eval_model(t).state_dict(), ["final", "latest"], {"step": step})
             if best.state is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import random
 import signal
 import subprocess
@@ -274,3 +275,85 @@ def test_restored_optimizer_state_takes_its_parameters_memory_format(acc, tmp_pa
     step(parts), step(fresh)  # the next steps: bitwise those of the uninterrupted model
     for (name, a), b in zip(parts.vae.state_dict().items(), fresh.vae.state_dict().values()):
         assert torch.equal(a, b) and a.stride() == b.stride(), name
+
+
+# --------------------------------------------------------------------------------------------
+# Verified by content: damage that keeps every size is found, and auto falls back past it
+# --------------------------------------------------------------------------------------------
+
+
+def _same_size_garble(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] = ord("}") if data[len(data) // 2] != ord("}") else ord("{")  # breaks the JSON
+    path.write_bytes(bytes(data))
+
+
+def _edit_manifest(**fields):
+    def edit(path: Path) -> None:
+        m = json.loads(path.read_text())
+        m.update(fields)
+        path.write_text(json.dumps(m))
+    return edit
+
+
+def _flip_in_tensor_data(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x10  # inside the last tensor's bytes: the header still parses, a weight changes
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {  # (file in step-000008, how it is damaged, phrase the printed line gives)
+    "garbled trainer_rank0.json": ("trainer_rank0.json", _same_size_garble, "trainer_rank0.json does not match"),
+    "garbled optimizer.json": ("optimizer.json", _same_size_garble, "optimizer.json does not match"),
+    "world_size one": ("checkpoint.json", _edit_manifest(world_size="one"), "world_size 'one', not a whole number"),
+    "zeroed model": ("model.safetensors", lambda p: p.write_bytes(bytes(p.stat().st_size)), "model.safetensors does not match"),
+    "flipped bits in model": ("model.safetensors", _flip_in_tensor_data, "model.safetensors does not match"),
+    "step 9999": ("checkpoint.json", _edit_manifest(step=9999), "says step 9999, but the folder is step-000008"),
+    "a file outside": ("checkpoint.json", lambda p: _edit_manifest(files={**json.loads(p.read_text())["files"],
+                                                                          "../x.json": {"bytes": 2, "sha256": ""}})(p),
+                       "not a plain file name inside"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_auto_falls_back_past_damage_that_keeps_the_sizes(acc, tmp_path, capsys, case):
+    """Each damage the issue found (a JSON traceback, a ValueError, a silent load of flipped weights, a
+    resume "at step 9999") is now a reason to fall back, said in one line."""
+    name, damage, phrase = DAMAGE[case]
+    parts = make_parts(acc)
+    ckpt = Checkpointer(tmp_path, acc, every_steps=1, keep=5)
+    for step in (4, 8):
+        train_a_little(parts, 1)
+        ckpt.save(step, parts, {"step": step})
+    capsys.readouterr()
+    damage(tmp_path / "checkpoints" / "step-000008" / name)
+    assert ckpt.resolve("auto").name == "step-000004"
+    said = capsys.readouterr().out.strip().splitlines()
+    assert len(said) == 1 and phrase in said[0] and "resuming from" in said[0] and said[0].endswith(
+        "step-000004, the newest complete checkpoint"), said
+    assert ckpt.load(ckpt.resolve("auto"), make_parts(acc, seed=1)).step == 4
+    with pytest.raises(ConfigError, match=r"step-000008 cannot be loaded: .*" + re.escape(phrase.split(",")[0])):
+        ckpt.resolve(str(tmp_path / "checkpoints" / "step-000008"))  # named explicitly: refused
+
+
+def test_latest_and_best_json_cannot_point_outside_their_folder(acc, tmp_path, capsys):
+    parts = make_parts(acc)
+    ckpt = Checkpointer(tmp_path, acc, every_steps=1, keep=5)
+    ckpt.save(4, parts, {"step": 4})
+    outside = tmp_path / "elsewhere" / "step-000004"
+    outside.parent.mkdir()
+    os.rename(tmp_path / "checkpoints" / "step-000004", outside)  # a complete checkpoint, but not in checkpoints/
+    ckpt.save(2, parts, {"step": 2})
+    (tmp_path / "checkpoints" / "latest").write_text("../elsewhere/step-000004")
+    assert ckpt.resolve("auto").name == "step-000002"
+    assert "is not valid (it holds '../elsewhere/step-000004', which is not a checkpoint name" in capsys.readouterr().out
+
+    best = ck.BestWeights(tmp_path, "val/loss", "min")
+    assert best.update(3, {"val/loss": 1.0}, parts.vae)
+    pointer = tmp_path / "best" / "best.json"
+    pointer.write_text(json.dumps({**json.loads(pointer.read_text()), "file": "../checkpoints/step-000002/model.safetensors"}))
+    with pytest.raises(ConfigError, match=r"best.json's file field names '\.\./checkpoints/.*', which is outside"):
+        ck.BestWeights(tmp_path, "val/loss", "min")
+    pointer.write_text('{"step": 3, "value": ')
+    with pytest.raises(ConfigError, match=r"best.json is not valid .* delete it"):
+        ck.BestWeights(tmp_path, "val/loss", "min")

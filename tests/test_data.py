@@ -7,7 +7,10 @@ Specification:
 - order "permutation": each epoch is one permutation of all training samples, the same whatever the
   world size, workers and batch size; every sample is read exactly once per epoch; a run continues
   from a JSON state exactly, also on another world size; order "resampled" resumes exactly;
-- corrupt samples and truncated shards are skipped and counted; pickles are never unpickled.
+- corrupt samples and truncated shards are skipped and counted; pickles are never unpickled;
+- every shard is checked against its manifest entry before reading (size; sha256 when asked, before or
+  while training) and must lie in the shards folder; a damaged one stops, is skipped or is read by
+  choice; read-time warnings name the shard file and byte offset.
 """
 
 from __future__ import annotations
@@ -89,10 +92,12 @@ def make_samples(n: int, start: int) -> list[dict]:
 
 
 def cfg_for(shards: Path, num_workers: int = 0, batch_size: int = 4, seed: int = 0, buffer: int = 8,
-            val_batch_size: int = 3, order: str = "permutation") -> Config:
+            val_batch_size: int = 3, order: str = "permutation", on_damaged: str = "stop",
+            verify: str = "size") -> Config:
     return Config(data=DataConfig(shards=str(shards), batch_size_per_device=batch_size,
                                   val_batch_size_per_device=val_batch_size, num_workers=num_workers,
-                                  shuffle_buffer_samples=buffer, order=order),
+                                  shuffle_buffer_samples=buffer, order=order, on_damaged_shard=on_damaged,
+                                  verify_shards=verify),
                   train=TrainConfig(seed=seed))
 
 
@@ -473,12 +478,14 @@ def test_corrupt_sample_and_truncated_shard_are_skipped_and_counted(tmp_path):
     assert [bool(s.get("__missing__")) for s in slots] == [False] * 5 + [True] * 3
 
     good_val = [s["__key__"] for s in val[0] if s is not val[0][2]] + [s["__key__"] for s in val[1][:5]]
-    assert sorted(_val_keys_over(cfg_for(root), world_size=2, workers=2)) == sorted(good_val)
+    # (the cut shards fail the start-up size check: on_damaged_shard=read reads what they still hold)
+    assert sorted(_val_keys_over(cfg_for(root, on_damaged="read"), world_size=2, workers=2)) == sorted(good_val)
 
     counts = [6, 8]
     good_train = {s["__key__"] for s in train[0] if s is not train[0][1]} | {s["__key__"] for s in train[1][:3]}
     for order in ("permutation", "resampled"):
-        stream = TrainStream(cfg_for(root, num_workers=0, batch_size=4, order=order), rank=0, world_size=1)
+        stream = TrainStream(cfg_for(root, num_workers=0, batch_size=4, order=order, on_damaged="read"), rank=0,
+                             world_size=1)
         keys = [k for batch in take(stream, 20) for k in batch.keys]
         assert len(keys) == 80 and set(keys) <= good_train
         if order == "permutation":
@@ -643,3 +650,76 @@ def test_bytes_path_decoded_in_the_main_process_equals_decoding_in_the_workers(d
     assert all(torch.equal(g.images, r.images) and torch.equal(g.labels, r.labels) for g, r in zip(got, reference))
     assert stream.skipped_samples == workers_decode.skipped_samples
     assert order == "resampled" or stream.skipped_samples > 0  # 60 samples: a whole epoch, the corrupt one in it
+
+
+# --------------------------------------------------------------------------------------------
+# Shards checked against the manifest at start; names that stay in the folder; warnings that say where
+# --------------------------------------------------------------------------------------------
+
+
+def _three_shards(root: Path) -> Path:
+    return write_shard_set(root, [make_samples(6, 0), make_samples(8, 100), make_samples(7, 200)],
+                           [make_samples(4, 300)])
+
+
+def test_a_replaced_shard_stops_at_start_in_one_sentence_or_is_skipped_and_named(tmp_path, caplog):
+    """`cp train-000000.tar train-000001.tar` used to train silently, reading shard 0 twice an epoch."""
+    root = _three_shards(tmp_path / "set")
+    (root / "train-000001.tar").write_bytes((root / "train-000000.tar").read_bytes())
+    with pytest.raises(ConfigError, match=r"^shard .*/train-000001.tar has \d+ bytes, the manifest says \d+: it was "
+                                          r"replaced or damaged .* data.on_damaged_shard=skip"):
+        TrainStream(cfg_for(root), rank=0, world_size=1)
+
+    stream = TrainStream(cfg_for(root, on_damaged="skip"), rank=0, world_size=1)
+    said = [r.getMessage() for r in caplog.records if "on_damaged_shard" in r.getMessage()]
+    assert len(said) == 1 and "leaving out 1 damaged train shard(s) of 3 (8 of 21 samples)" in said[0]
+    assert "train-000001.tar has" in said[0]
+    assert stream.samples_per_epoch == 13  # shards 0 and 2: each of their samples once per epoch
+    keys = [k for b in take(stream, 13 * 2 // 4) for k in b.keys]
+    lost = {s["__key__"] for s in make_samples(8, 100)}
+    assert not lost & set(keys) and len(set(keys)) == 13
+
+
+def test_damage_of_the_same_size_is_found_by_sha256_when_asked(tmp_path):
+    root = _three_shards(tmp_path / "set")
+    _corrupt_first_image(root / "train-000002.tar")  # bit rot: same size, the tar still valid
+    TrainStream(cfg_for(root), rank=0, world_size=1)  # the size check cannot see it
+    with pytest.raises(ConfigError, match=r"train-000002.tar does not match the sha256 the manifest lists"):
+        TrainStream(cfg_for(root, verify="sha256"), rank=0, world_size=1)
+    (root / "val-000000.tar").write_bytes(b"")  # validation shards are checked the same way
+    with pytest.raises(ConfigError, match=r"val-000000.tar has 0 bytes, the manifest says"):
+        list(val_batches(cfg_for(root), rank=0, world_size=1))
+
+
+@pytest.mark.parametrize("name", ["../elsewhere.tar", "ABSOLUTE"])
+def test_a_manifest_cannot_point_a_shard_outside_its_folder(tmp_path, name):
+    root = _three_shards(tmp_path / "set")
+    outside = tmp_path / "elsewhere.tar"
+    outside.write_bytes((root / "train-000000.tar").read_bytes())  # a readable tar: today it is read
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][0]["file"] = str(outside) if name == "ABSOLUTE" else name
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=r"manifest.json \(train shard\) names .*elsewhere.tar', which is outside"):
+        read_manifest(root)
+
+
+@pytest.mark.parametrize("order", ["permutation", "resampled"])
+def test_read_time_warnings_name_the_shard_file_and_offset(dataset, caplog, order):
+    stream = TrainStream(cfg_for(dataset["dir"], order=order), rank=0, world_size=1)
+    take(stream, 30)
+    said = [r.getMessage() for r in caplog.records if "skipping corrupt" in r.getMessage()]
+    assert said and re.search(dataset["corrupt"] + r" in .*/train-000001\.tar at byte \d+", said[0]), said
+
+
+def test_background_sha256_stops_the_stream_at_the_next_batch(tmp_path):
+    root = _three_shards(tmp_path / "set")
+    _corrupt_first_image(root / "train-000001.tar")  # same size: only a hash sees it
+    stream = TrainStream(cfg_for(root, verify="background"), rank=0, world_size=1)  # starts at once
+    stream._background.thread.join(timeout=30)  # (the hashing is done; a run would meet it a few batches on)
+    with pytest.raises(ConfigError, match=r"train-000001.tar does not match the sha256 .*\(found by "
+                                          r"data.verify_shards=background while training"):
+        take(stream, 1)
+    clean = TrainStream(cfg_for(_three_shards(tmp_path / "clean"), verify="background"), rank=0, world_size=1)
+    clean._background.thread.join(timeout=30)
+    assert len(take(clean, 8)) == 8 and clean._background.problem is None
+    assert TrainStream(cfg_for(root, verify="background"), rank=1, world_size=2)._background is None  # main only

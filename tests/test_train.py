@@ -4,6 +4,7 @@ the non-finite guard, a two-"machine" launch, and what reaches W&B (read back fr
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -225,6 +226,23 @@ def test_bad_recipe_key_exits_2_with_one_line(tiny_shards, tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "error: command line: unknown key model.latnet_dim (did you mean model.latent_dim?)"]
+
+
+def test_a_replaced_shard_stops_training_in_one_sentence_or_is_skipped_by_choice(tiny_shards, tmp_path):
+    """`cp train-000000.tar train-000001.tar`: shard 0 would be read twice an epoch and shard 1 never. Tars
+    are padded to 10 KiB records, so the copy here has the same size: the sha256 check finds it."""
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    (shards / "train-000001.tar").write_bytes((shards / "train-000000.tar").read_bytes())
+    check = "data.verify_shards=sha256"
+    r = run(command(1, tiny_args(shards, tmp_path / "stop", "train.max_steps=2", check)))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-3000:]
+    assert re.match(r"error: shard .*/train-000001.tar (does not match the sha256|has \d+ bytes).*: it was replaced", r.stderr)
+    r = run(command(1, tiny_args(shards, tmp_path / "skip", "train.max_steps=2", check, "data.on_damaged_shard=skip")))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert re.search(r"leaving out 1 damaged train shard\(s\) of 3 \(32 of \d+ samples\): .*train-000001.tar", r.stderr)
 
 
 def test_wandb_offline_run_holds_losses_config_and_media(ddp_run):

@@ -30,8 +30,12 @@ no decoding. The state is small plain JSON (see TrainStream.state_dict).
 
 Safety: only whitelisted tar members are ever read (image, cls); images are decoded by
 pipeline.images.decode_image, which never unpickles. `.pyd`/`.pickle` members are skipped unread
-(webdataset's default decoders would unpickle them). Corrupt samples, and the samples a truncated
-or unreadable shard is missing (by its manifest count), are skipped and counted, never a crash.
+(webdataset's default decoders would unpickle them). Before reading, every shard is checked against
+its manifest entry (size; sha256 with data.verify_shards=sha256) and must lie inside the shards
+folder: a damaged shard stops the run with one sentence, or is left out (data.on_damaged_shard=skip)
+or read for what it holds (=read). While reading, corrupt samples, and the samples a truncated or
+unreadable shard is missing (by its manifest count), are skipped and counted, never a crash; the
+warnings name the shard file and byte offset.
 """
 
 # The package's parts, each readable on its own:

@@ -24,6 +24,15 @@ def _image_preference(image_ext: str) -> tuple[str, ...]:
     return (image_ext,) + tuple(e for e in IMAGE_EXTS if e != image_ext)
 
 
+def where(sample: dict) -> str:
+    """Where a raw sample came from, for a warning: its key, shard file and byte offset."""
+    shard = sample.get("__shard__")
+    if sample.get("__missing__"):
+        return f"{sample['__key__']} (missing: {shard or 'its shard'} ends before it or could not be read)"
+    at = f" at byte {sample['__offset__']}" if "__offset__" in sample else ""
+    return f"{sample['__key__']} in {shard}{at}" if shard else sample["__key__"]
+
+
 class _Decoder:
     """Stage: raw sample -> {image uint8 HxWx3, label, key} using only whitelisted decoders.
 
@@ -52,7 +61,7 @@ class _Decoder:
                 return {"image": decode_sample(sample[ext], self.sample_shape), "label": label, "key": sample["__key__"]}
             image = decode_image(sample[ext], ext)
         except Exception as exn:  # noqa: BLE001 - any failure of one sample is that sample's problem
-            log.debug("sample %s: %r", sample["__key__"], exn)
+            log.debug("sample %s: %r", where(sample), exn)
             return None
         if image.shape != (self.size, self.size, 3) or image.dtype != np.uint8:
             return None
@@ -66,7 +75,7 @@ class _Decoder:
                 self.skipped += 1
                 bad_in_a_row += 1
                 if self.skipped <= 5:
-                    log.warning("skipping corrupt or missing sample %s", sample["__key__"])
+                    log.warning("skipping corrupt or missing sample %s", where(sample))
                 if bad_in_a_row >= self.limit:
                     raise RuntimeError(f"{bad_in_a_row} corrupt or missing samples in a row; the shards seem "
                                        f"to hold nothing decodable (run `make verify`)")

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
+import threading
 from pathlib import Path
 
 import numpy as np
 
+from pipeline import durable
 from pipeline.config import Config, ConfigError
+from pipeline.durable import inside
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "png", "webp", "npy")
 """Image member extensions the reader decodes (the only ones pipeline.shards writes)."""
@@ -43,6 +49,7 @@ def read_manifest(shards_dir: str | Path) -> dict:
         _check_array_fields(m, path, redo)
     for split in ("train", "val"):
         for s in m["splits"][split]["shards"]:
+            inside(d, s["file"], f"{path} ({split} shard)")  # never a path that leaves the shard folder
             if not (d / s["file"]).is_file():
                 raise ConfigError(f"shard {d / s['file']} listed in {path} is missing; {redo} "
                                   f"(`make verify NAME={d.name}` checks every shard)")
@@ -101,5 +108,75 @@ def check_fits(cfg: Config, manifest: dict, where: str) -> None:
                           f"model.in_channels is {cfg.model.in_channels}; set model.in_channels={shape[0]}")
 
 
-def _shards(shards_dir: str | Path, manifest: dict, split: str) -> tuple[tuple[str, int], ...]:
-    return tuple((str(Path(shards_dir) / s["file"]), s["count"]) for s in manifest["splits"][split]["shards"])
+def _shards(shards_dir: str | Path, manifest: dict, split: str, verify: str = "size",
+            on_damaged: str = "stop") -> tuple[tuple[str, int], ...]:
+    """(path, count) of the split's shards, each checked against the manifest first (`verify`: size, or
+    size and sha256). A damaged shard stops the run in one sentence; with on_damaged="skip" it is left
+    out, with "read" kept (the reader skips what does not decode); either way named in one warning."""
+    d = Path(shards_dir)
+    good, damaged = [], []
+    for s in manifest["splits"][split]["shards"]:
+        path = inside(d, s["file"], f"{d / 'manifest.json'} ({split} shard)")
+        problem = shard_damage(path, s, verify == "sha256")  # (background: see BackgroundCheck)
+        if problem is None or on_damaged == "read":
+            good.append((str(path), s["count"]))
+        if problem is None:
+            continue
+        if on_damaged in ("skip", "read"):
+            damaged.append((s, problem))
+        else:
+            raise ConfigError(f"shard {path} {problem}: it was replaced or damaged after `make shards`; rebuild the "
+                              f"set (`make verify NAME={d.name}` lists every damaged shard) or set "
+                              f"data.on_damaged_shard=skip to train without it")
+    if damaged:
+        lost = sum(s["count"] for s, _ in damaged)
+        total = sum(s["count"] for s in manifest["splits"][split]["shards"])
+        log.warning("data.on_damaged_shard=%s: %s %d damaged %s shard(s) of %d (%d of %d samples): %s", on_damaged,
+                    "leaving out" if on_damaged == "skip" else "reading what is left of", len(damaged), split,
+                    len(manifest["splits"][split]["shards"]), lost, total,
+                    "; ".join(f"{d / s['file']} {problem}" for s, problem in damaged))
+    return tuple(good)
+
+
+def shard_damage(path: Path, shard: dict, sha256: bool) -> str | None:
+    """None when the shard file matches its manifest entry (size; and sha256 when asked), else a phrase."""
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    if "bytes" in shard and size != int(shard["bytes"]):
+        return f"has {size} bytes, the manifest says {shard['bytes']}"
+    if sha256 and "sha256" in shard:
+        key = (str(path), size, path.stat().st_mtime_ns)
+        if key not in _HASHED:  # once per process and file version: validation asks again at every eval
+            _HASHED[key] = durable.sha256_file(path)
+        if _HASHED[key] != shard["sha256"]:
+            return "does not match the sha256 the manifest lists for it"
+    return None
+
+
+_HASHED: dict[tuple[str, int, int], str] = {}
+
+
+class BackgroundCheck:
+    """data.verify_shards=background: re-hash shards in a daemon thread while training runs (hashlib and
+    file reads release the GIL). `raise_if_damaged()`, called once a batch, stops the run at the first
+    mismatch found."""
+
+    def __init__(self, shards: list[tuple[Path, dict]]):
+        self.problem: str | None = None
+        self.thread = threading.Thread(target=self._run, args=(shards,), name="shard-sha256", daemon=True)
+        self.thread.start()
+
+    def _run(self, shards: list[tuple[Path, dict]]) -> None:
+        for path, entry in shards:
+            problem = shard_damage(path, entry, sha256=True)
+            if problem is not None:
+                self.problem = f"shard {path} {problem}"
+                return
+
+    def raise_if_damaged(self) -> None:
+        if self.problem is not None:
+            raise ConfigError(f"{self.problem} (found by data.verify_shards=background while training): it was "
+                              f"replaced or damaged after `make shards`; rebuild the set, or restart with "
+                              f"data.verify_shards=sha256 data.on_damaged_shard=skip to train without it")

@@ -42,7 +42,7 @@ def _tar_entries(f, path: str, read: frozenset[str]) -> Iterator[tuple[str, str,
         header = f.read(512)
         if len(header) < 512:
             if header:
-                raise EOFError(f"truncated tar header in {path}")
+                raise EOFError(f"truncated tar header at byte {offset} of {path}")
             return  # a tar cut at a member boundary: the manifest count notices what is missing
         if header[0] == 0 and header.count(0) == 512:
             return  # end-of-archive blocks
@@ -50,7 +50,7 @@ def _tar_entries(f, path: str, read: frozenset[str]) -> Iterator[tuple[str, str,
         # adler32 gives that sum mod 65521 in C (a Python sum() would cost ~6 us a header).
         stored = _octal(header[148:156]) - 256 + sum(header[148:156])
         if zlib.adler32(header) & 0xFFFF != (1 + stored) % 65521:
-            raise ValueError(f"corrupt tar header (bad checksum) in {path}")
+            raise ValueError(f"corrupt tar header (bad checksum) at byte {offset} of {path}")
         size, kind = _octal(header[124:136]), header[156]
         padded = (size + 511) & ~511
         offset += 512 + padded
@@ -77,7 +77,7 @@ def _tar_entries(f, path: str, read: frozenset[str]) -> Iterator[tuple[str, str,
         if ext in read:
             data = f.read(size)
             if len(data) < size:
-                raise EOFError(f"truncated tar member {name} in {path}")
+                raise EOFError(f"truncated tar member {name} at byte {offset - padded} of {path}")
             f.seek(padded - size, 1)
         else:
             f.seek(padded, 1)
@@ -87,21 +87,27 @@ def _tar_entries(f, path: str, read: frozenset[str]) -> Iterator[tuple[str, str,
 def _tar_members(path: str, wanted: frozenset[str]) -> Iterator[tuple[str, str, bytes]]:
     """(key, extension, bytes) of the tar's regular members whose extension is in `wanted`, in order.
     Members not wanted are seeked over, never read."""
+    for key, ext, data, _ in _tar_members_at(path, wanted):
+        yield key, ext, data
+
+
+def _tar_members_at(path: str, wanted: frozenset[str]) -> Iterator[tuple[str, str, bytes, int]]:
+    """As _tar_members, with the byte offset of each member's data in the file (for warnings)."""
     with open(path, "rb", buffering=1 << 20) as f:
-        for key, ext, _, _, data in _tar_entries(f, path, wanted):
+        for key, ext, offset, _, data in _tar_entries(f, path, wanted):
             if data is not None:
-                yield key, ext, data
+                yield key, ext, data, offset
 
 
 def _group_samples(members: Iterator[tuple[str, str, bytes]]) -> Iterator[dict]:
     """Consecutive members sharing a key -> one sample dict {"__key__", ext: bytes, ...}; a member
     that appears twice in one sample marks it `__bad__` (which copy is right is unknown)."""
     sample: dict | None = None
-    for key, ext, data in members:
+    for key, ext, data, *offset in members:  # (an offset, when given, is where the sample starts)
         if sample is None or sample["__key__"] != key:
             if sample is not None:
                 yield sample
-            sample = {"__key__": key}
+            sample = {"__key__": key, **({"__offset__": offset[0]} if offset else {})}
         if ext in sample:
             sample["__bad__"] = True
         sample[ext] = data
@@ -114,7 +120,7 @@ def _shard_samples(path: str) -> Iterator[dict]:
 
     Stops quietly (logged) on a broken tar; the sample being assembled when it breaks is dropped,
     as its members may be incomplete."""
-    samples = _group_samples(_tar_members(path, READ_EXTS))
+    samples = _group_samples(_tar_members_at(path, READ_EXTS))
     try:
         yield from samples
     except (OSError, EOFError, ValueError, UnicodeError) as exn:
@@ -137,7 +143,7 @@ def read_tars(shards: Iterator[dict]) -> Iterator[dict]:
     `__missing__` samples up to `stop` (they are counted as skipped downstream), extra members past
     the manifest count are ignored. So a sample's position never depends on damage elsewhere."""
     for shard in shards:
-        tags = {k: v for k, v in shard.items() if k.startswith("__")}
+        tags = {**{k: v for k, v in shard.items() if k.startswith("__")}, "__shard__": shard["path"]}
         samples = _shard_samples(shard["path"])
         position = 0
         for sample in itertools.islice(samples, shard["stop"]):
@@ -243,6 +249,15 @@ class _RandomAccess:
         for ext, (off, n) in parts.items():
             sample[ext] = data[off - lo:off - lo + n]
         return sample
+
+    def where(self, shard: int, index: int) -> str:
+        """The shard file and byte offset of a sample (indexed already), for a warning."""
+        path = self.shards[shard][0]
+        entries, keys = self.index.get(shard, (np.zeros((0, 6), np.int64), []))
+        if index >= len(entries):
+            return f"{path}#{index} (missing: the shard ends before it or could not be read)"
+        offsets = [o for o in (int(entries[index][0]), int(entries[index][3])) if o >= 0]  # image, cls data
+        return f"{keys[index]} in {path}" + (f" at byte {min(offsets)}" if offsets else "")
 
     def close(self) -> None:
         for fd in self.files.values():

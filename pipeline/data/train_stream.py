@@ -11,6 +11,7 @@ import logging
 import math
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -20,7 +21,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from pipeline.config import Config, ConfigError
 from pipeline.data.decode import MAX_CONSECUTIVE_BAD, _Decoder
 from pipeline.data.gpu_decode import decode_device
-from pipeline.data.manifest import _shards, batch_layout, read_manifest, sample_shape
+from pipeline.data.manifest import BackgroundCheck, _shards, batch_layout, read_manifest, sample_shape
 from pipeline.data.order import _rng, epoch_order
 from pipeline.data.tar import _RandomAccess, read_tars
 from pipeline.data.transport import Batch, _BufferPool, _load, _SharedSlots, batched
@@ -102,7 +103,8 @@ class _ReadByPosition:
                     if out is None:
                         skipped += 1
                         if skipped <= 5:
-                            log.warning("skipping corrupt or missing sample at position %d", position)
+                            log.warning("skipping corrupt or missing sample at position %d: %s", position,
+                                        self.reader.where(shard, index))
                         out = self._replacement(position)
                     out["__skipped__"] = skipped
                     out["__cursor__"] = None
@@ -258,7 +260,7 @@ class TrainStream:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         d = cfg.data
         m = read_manifest(d.shards)
-        shards = _shards(d.shards, m, "train")
+        shards = _shards(d.shards, m, "train", d.verify_shards, d.on_damaged_shard)
         self.samples_per_epoch: int = sum(c for _, c in shards)
         if self.samples_per_epoch == 0:
             raise ConfigError(f"{d.shards}/manifest.json lists no training samples; re-run `make shards` "
@@ -285,6 +287,11 @@ class TrainStream:
         self._batches = 0  # resampled: batches handed out
         self._cursors = [[0, 0, 0] for _ in range(workers)]  # resampled, per logical worker: epoch, index, skipped
         self._iterating = False
+        self._background: BackgroundCheck | None = None
+        if d.verify_shards == "background" and rank == 0:  # the main process re-hashes the shards it kept
+            kept = {path for path, _ in shards}
+            entries = [(Path(d.shards) / s["file"], s) for s in m["splits"]["train"]["shards"]]
+            self._background = BackgroundCheck([(path, s) for path, s in entries if str(path) in kept])
 
     @property
     def skipped_samples(self) -> int:
@@ -311,6 +318,8 @@ class TrainStream:
         batches = 0
         try:
             for images, labels, keys, meta in loader:
+                if self._background is not None:
+                    self._background.raise_if_damaged()
                 self._position += p.world_size * p.batch_size
                 if self.order == "permutation":
                     expected = batches % p.workers

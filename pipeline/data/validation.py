@@ -78,7 +78,7 @@ def val_batches(cfg: Config, rank: int, world_size: int, num_workers: int | None
     d = cfg.data
     m = read_manifest(d.shards)
     workers = d.num_workers if num_workers is None else num_workers
-    readers = _ValReaders(_shards(d.shards, m, split), m["image_format"], int(m["size"]), rank,
+    readers = _ValReaders(_shards(d.shards, m, split, d.verify_shards, d.on_damaged_shard), m["image_format"], int(m["size"]), rank,
                           max(1, workers), world_size, d.val_batch_size_per_device, sample_shape(m))
     shape, dtype = batch_layout(m, d.val_batch_size_per_device)
     loader = _load(readers, workers, shape, dtype=dtype)

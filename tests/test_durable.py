@@ -1,0 +1,93 @@
+"""pipeline.durable: a file is replaced whole or not at all, and a full disk is one sentence; on a real
+small tmpfs, a training run that fills it exits non-zero with one line and loses nothing written before."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import durable
+from pipeline.config import ConfigError
+from test_train import command, run, tiny_args
+
+
+def test_write_replaces_whole_and_a_failed_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "x.json"
+    durable.write_json(path, {"a": 1})
+    assert json.loads(path.read_text()) == {"a": 1}
+
+    def fail(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(ConfigError, match=r"could not write .*x.json \(No space left on device\); free space"):
+        durable.write_with(path, fail)
+    assert json.loads(path.read_text()) == {"a": 1} and [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+@pytest.mark.parametrize("name", ["../x.tar", "/etc/passwd", "a/../../b", ""])
+def test_a_name_read_from_a_file_cannot_leave_its_folder(tmp_path, name):
+    with pytest.raises(ConfigError, match=r"manifest.json names .* which is outside"):
+        durable.inside(tmp_path, name, "manifest.json")
+    assert durable.inside(tmp_path, "sub/train-000000.tar", "m") == tmp_path / "sub/train-000000.tar"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 30 MB tmpfs (root only): the disk a run fills. Skipped where mounting is not permitted."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=30m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode})")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill(disk: Path, leave_bytes: int) -> None:
+    """Fill the disk up to `leave_bytes` free (whole 4 KiB pages)."""
+    filler = disk / "filler"
+    filler.unlink(missing_ok=True)
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    with open(filler, "wb") as f:
+        f.truncate(0)
+        try:
+            f.write(bytes(max(0, free - leave_bytes)))
+        except OSError:
+            pass  # full before the last bytes: that is the point
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_sentence_and_loses_nothing_written_before(tiny_shards, small_disk):
+    run_dir = small_disk / "run"
+    args = tiny_args(tiny_shards, run_dir, "tracking.mode=disabled", "tracking.media_every_steps=100",
+                     "tracking.eval_every_steps=100", "train.max_steps=5")
+    first = run(command(1, args))
+    assert first.returncode == 0, first.stderr[-3000:]
+    config = (run_dir / "config.yaml").read_bytes()
+    ckpt = run_dir / "checkpoints" / "step-000005"
+    saved = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+
+    # A restart on a disk with no space at all: config.yaml (rewritten at every start) stays whole.
+    fill(small_disk, 0)
+    full = run(command(1, [*args, "train.max_steps=10", "optim.lr=0.0005"]))
+    said = full.stderr.rsplit("error: ", 1)[-1].strip()  # (after the progress bar's last \r)
+    assert full.returncode != 0 and "Traceback" not in full.stderr, full.stderr[-3000:]
+    assert said.startswith("could not write") and "config.yaml (No space left on device)" in said and "\n" not in said
+    assert (run_dir / "config.yaml").read_bytes() == config
+
+    # Room for the start but not for the next checkpoint: the save fails in one sentence, the earlier
+    # checkpoint stays complete and `latest` names it.
+    fill(small_disk, sum(len(b) for b in saved.values()) // 3)
+    late = run(command(1, [*args, "train.max_steps=10"]))
+    said = late.stderr.rsplit("error: ", 1)[-1].strip()
+    assert late.returncode != 0 and "Traceback" not in late.stderr, late.stderr[-3000:]
+    assert said.startswith("could not write") and "model.safetensors (No space left on device)" in said, said
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step-000005"
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == saved
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["max_steps"] == 10  # this start's, whole
