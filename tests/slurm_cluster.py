@@ -31,6 +31,7 @@ from conftest import free_port
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client"]
 DAEMON_BINARIES = ["/usr/sbin/slurmctld", "/usr/sbin/slurmd"]
+GPUS_PER_NODE = 2  # fake, count-only GPUs on each node (see write_config)
 
 
 def unavailable_reason() -> str | None:
@@ -103,12 +104,20 @@ class SlurmCluster:
             f"SlurmdLogFile={r}/log/slurmd-%n.log",
             "SlurmctldDebug=info",
             "SlurmdDebug=info",
+            "GresTypes=gpu",
         ]
         for name in self.nodes:
             lines.append(f"NodeName={name} NodeAddr=127.0.0.1 Port={free_port()} "
-                         f"CPUs={self.cpus_per_node} State=UNKNOWN")
+                         f"CPUs={self.cpus_per_node} Gres=gpu:{GPUS_PER_NODE} State=UNKNOWN")
         lines.append("PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP")
         self.conf.write_text("\n".join(lines) + "\n")
+        # Fake GPUs: empty files stand in for /dev/nvidia<i>. Slurm allocates and reports them
+        # (SLURM_GPUS_ON_NODE, `scontrol show job -d`) as on a GPU cluster, and nothing can use them.
+        (self.root / "dev").mkdir(exist_ok=True)
+        for i in range(GPUS_PER_NODE):
+            (self.root / "dev" / f"gpu{i}").touch()
+        (self.root / "gres.conf").write_text("".join(
+            f"NodeName={name} Name=gpu File={r}/dev/gpu[0-{GPUS_PER_NODE - 1}]\n" for name in self.nodes))
 
     # ---------------------------------------------------------------- daemons
 

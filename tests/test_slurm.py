@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
 def submit(cluster: SlurmCluster, script: str, shards: Path, runs: Path, *overrides: str,
-           cpus_per_task: int = 1, env_extra: dict | None = None) -> str:
+           cpus_per_task: int = 1, env_extra: dict | None = None, sbatch_extra: list[str] = ()) -> str:
     """sbatch the real script as a user would, with a tiny CPU recipe; returns the job id."""
     # The job inherits this environment. Leave out what the script must set by itself on a node
     # without GPUs (ACCELERATE_USE_CPU, W&B offline, OMP threads); use this interpreter's env.
@@ -37,7 +37,8 @@ def submit(cluster: SlurmCluster, script: str, shards: Path, runs: Path, *overri
               "data.shuffle_buffer_samples=16", "data.val_batch_size_per_device=8", "tracking.log_every_steps=1",
               "tracking.media_every_steps=1000", "tracking.eval_every_steps=1000", "tracking.media_images=4",
               "optim.warmup_steps=2", "loss.kl.warmup_steps=5", *overrides]
-    sbatch_flags = ["--gpus-per-node=0", f"--cpus-per-task={cpus_per_task}", f"--output={runs}/slurm-%j.out"]
+    sbatch_flags = ["--gpus-per-node=0", f"--cpus-per-task={cpus_per_task}", f"--output={runs}/slurm-%j.out",
+                    *sbatch_extra]
     return cluster.sbatch([*sbatch_flags, script, *recipe], cwd=ROOT, env=env)
 
 
@@ -186,3 +187,89 @@ def test_a_sweep_runs_as_an_array_and_resubmitting_continues_it(cluster, tiny_sh
     assert logs.count("the sweep's budget is spent: nothing to train") == 2, logs[-3000:]
     with open(tmp_path / "sweeps" / "arr" / "results.csv") as f:
         assert sorted(row["trial"] for row in csv.DictReader(f)) == ["0", "1"]
+
+
+# A stand-in for the trainer under slurm/launch.sh: it says when it is ready, then sleeps; USR1 stops it
+# with the trainer's exit code. A restarted task (SLURM_RESTART_COUNT=1) ends at once.
+SLEEPER = """
+import os, signal, sys, time
+signal.signal(signal.SIGUSR1, lambda *_: sys.exit(75))
+restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+print(f"task {os.environ['SLURM_ARRAY_TASK_ID']} ready (restart {restarts})", flush=True)
+time.sleep(0 if restarts else float(sys.argv[1]))
+"""
+
+# A batch script as thin as slurm/encode.sbatch: the shared launcher runs the stand-in.
+LAUNCH_SLEEPER = """#!/bin/bash
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --signal=B:USR1@300
+set -uo pipefail
+cd "$SLURM_SUBMIT_DIR" || exit 2
+source "$1/bin/activate"
+source slurm/launch.sh
+launch "$2" "$3"
+"""
+
+
+def array_tasks(cluster: SlurmCluster, array: str) -> dict[int, dict[str, str]]:
+    """Each task of an array: index -> its `scontrol show job` fields (JobId, JobState, Restarts, ...)."""
+    tasks = {}
+    for record in cluster.scontrol("show", "job", array).split("\n\n"):
+        fields = dict(re.findall(r"(\w+)=(\S*)", record))
+        if fields.get("ArrayTaskId", "").isdigit():
+            tasks[int(fields["ArrayTaskId"])] = fields
+    return tasks
+
+
+def test_a_signalled_array_task_requeues_itself_alone_and_steps_start_under_export_none(cluster, tmp_path):
+    """An array of 2 tasks under the shared launcher, submitted as sites with `--export=NONE` do (the step
+    gets the batch shell's environment: srun --export=ALL). Both sleep; USR1 goes to the task that carries
+    the array's own job id, the one whose `scontrol requeue $SLURM_JOB_ID` would requeue the whole array.
+    Only that task is requeued; the other one is not cancelled and runs once to the end."""
+    (tmp_path / "sleeper.py").write_text(SLEEPER)
+    (tmp_path / "launch.sbatch").write_text(LAUNCH_SLEEPER)
+    array = cluster.sbatch(["--export=NONE", "--array=0-1", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1",
+                            f"--output={tmp_path}/slurm-%A_%a.out", str(tmp_path / "launch.sbatch"), sys.prefix,
+                            str(tmp_path / "sleeper.py"), "10"], cwd=ROOT)
+
+    def logs() -> str:
+        return "\n".join(p.read_text(errors="replace") for p in sorted(tmp_path.glob("slurm-*.out")))
+
+    deadline = time.monotonic() + 90
+    while logs().count("ready (restart 0)") < 2:
+        assert time.monotonic() < deadline and cluster.squeue(array), logs()[-3000:]
+        time.sleep(0.2)
+    tasks = array_tasks(cluster, array)
+    signalled = next(i for i, t in tasks.items() if t["JobId"] == array)  # the task that kept the array's id
+    other = 1 - signalled
+    cluster.scancel("--batch", "--signal=USR1", f"{array}_{signalled}")  # its batch shell, as --signal=B: does
+    # Until the other task has ended and the signalled one is back in the queue; its second start would only
+    # repeat the first (the multinode test resumes a requeued job), so it is cancelled.
+    while not (tasks[other]["JobState"] == "COMPLETED" and tasks[signalled]["Restarts"] == "1"):
+        assert time.monotonic() < deadline + 60, f"{tasks}\n{logs()[-3000:]}"
+        time.sleep(0.5)
+        tasks = array_tasks(cluster, array)
+    cluster.scancel(array)
+    cluster.wait_done(array, timeout_s=30)
+
+    assert tasks[other]["Restarts"] == "0", logs()[-3000:]
+    assert logs().count(f"task {other} ready") == 1 and f"requeueing {array}_{signalled}" in logs()
+    assert "execve" not in logs()
+
+
+def test_uneven_gpus_per_node_are_refused_in_one_sentence_before_anything_launches(cluster, tiny_shards, tmp_path):
+    """`--gpus=3` on two nodes: Slurm gives them 2 and 1 of their (fake, gres.conf) GPUs. Processes per node
+    counted on the batch node alone would start 2 on each, one without a GPU; the launcher refuses first."""
+    job = submit(cluster, "slurm/multinode.sbatch", tiny_shards, tmp_path, "train.max_steps=4",
+                 sbatch_extra=["--gpus=3"])
+    cluster.wait_done(job, timeout_s=60)
+    log = job_log(tmp_path / f"slurm-{job}", job)
+    error = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and re.fullmatch(
+        rf"error: Slurm gave the nodes of job {job} different numbers of GPUs \(\S+ [12] GPUs; \S+ [12] GPUs\) and "
+        r"every node runs the same number of processes: submit with --gpus-per-node=N instead of --gpus",
+        error[0]), log[-3000:]
+    assert "accelerate" not in log and "node 0" not in log  # no step started
+    assert "JobState=FAILED" in cluster.scontrol("show", "job", job) and "ExitCode=2:0" in cluster.scontrol(
+        "show", "job", job)
