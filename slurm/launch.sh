@@ -6,9 +6,11 @@
 #     exit $?
 #
 # runs one `accelerate launch … PROGRAM ARGS` per node and returns its exit status. On USR1 (the
-# warning before the time limit: #SBATCH --signal=B:USR1@<seconds>) or TERM (preemption, scancel, the
-# limit itself: Slurm kills KillWait seconds later, 30 by default) the program saves and exits 75,
-# and this job, or this task of an array, is requeued.
+# warning before the time limit: #SBATCH --signal=B:USR1@<seconds>) the program saves and exits 75,
+# and this job, or this task of an array, is requeued. On TERM (preemption, scancel, the limit itself;
+# Slurm kills KillWait seconds later, 30 by default) the program saves and exits 75 the same way, and
+# Slurm decides whether the job comes back: a preemption in PreemptMode=REQUEUE requeues it, scancel
+# does not.
 #
 # Environment (set before sbatch; the job inherits it, also under `sbatch --export=NONE`):
 #   PROCS_PER_NODE     default: the GPUs Slurm gave each node (all nodes must have the same number),
@@ -81,10 +83,17 @@ node_launch() {
 # handler exists, is ignored (see `trap '' USR1` above), not fatal. USR1 and not TERM: TERM would end
 # the torchrun agents, which end their workers 30 s later, saved or not.
 on_stop_signal() {
-    [ -n "$stop_signal" ] && return
-    stop_signal=$1
-    echo "$(date -Is) $1: the program saves and stops; then this job is requeued"
-    ( while kill -USR1 "$step_pid" 2>/dev/null; do sleep 30; done ) &
+    local earlier=$stop_signal
+    # A TERM after a USR1 wins: Slurm is ending the job, and a cancelled job must stay cancelled.
+    [ "$earlier" = TERM ] || stop_signal=$1
+    if [ "$1" = USR1 ]; then
+        echo "$(date -Is) USR1: the program saves and stops; then this job is requeued"
+    else
+        echo "$(date -Is) TERM: the program saves and stops before Slurm's KillWait runs out; no requeue"
+    fi
+    if [ -z "$earlier" ]; then
+        ( while kill -USR1 "$step_pid" 2>/dev/null; do sleep 30; done ) &
+    fi
 }
 
 launch() {
@@ -154,12 +163,13 @@ launch() {
     while [ -n "$stop_signal" ] && [ "$rc" -gt 128 ] && kill -0 "$step_pid" 2>/dev/null; do
         wait "$step_pid"; rc=$?
     done
-    if [ -n "$stop_signal" ] && [ "$rc" -ne 0 ]; then
+    [ -z "$stop_signal" ] || echo "$(date -Is) stopped after $stop_signal (exit $rc)"
+    if [ "$stop_signal" = USR1 ] && [ "$rc" -ne 0 ]; then
         # In an array, SLURM_JOB_ID of one task is the array's own id, and requeueing it requeues
         # every task: name this task as <array id>_<index>.
         local me=$SLURM_JOB_ID
         [ -n "${SLURM_ARRAY_JOB_ID:-}" ] && me=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}
-        echo "$(date -Is) stopped (exit $rc); requeueing $me"
+        echo "$(date -Is) requeueing $me"
         scontrol requeue "$me"
     fi
     return "$rc"

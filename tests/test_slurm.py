@@ -189,14 +189,18 @@ def test_a_sweep_runs_as_an_array_and_resubmitting_continues_it(cluster, tiny_sh
         assert sorted(row["trial"] for row in csv.DictReader(f)) == ["0", "1"]
 
 
-# A stand-in for the trainer under slurm/launch.sh: it says when it is ready, then sleeps; USR1 stops it
-# with the trainer's exit code. A restarted task (SLURM_RESTART_COUNT=1) ends at once.
+# A stand-in for the trainer under slurm/launch.sh: it says when it is ready, then sleeps; USR1 or TERM stops
+# it with the trainer's exit code.
 SLEEPER = """
 import os, signal, sys, time
-signal.signal(signal.SIGUSR1, lambda *_: sys.exit(75))
-restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-print(f"task {os.environ['SLURM_ARRAY_TASK_ID']} ready (restart {restarts})", flush=True)
-time.sleep(0 if restarts else float(sys.argv[1]))
+def stop(signum, frame):
+    print(f"task {os.environ['SLURM_ARRAY_TASK_ID']} got {signal.Signals(signum).name}", flush=True)
+    sys.exit(75)
+signal.signal(signal.SIGUSR1, stop)
+signal.signal(signal.SIGTERM, stop)
+print(f"task {os.environ['SLURM_ARRAY_TASK_ID']} ready (restart {os.environ.get('SLURM_RESTART_COUNT', '0')})",
+      flush=True)
+time.sleep(float(sys.argv[1]))
 """
 
 # A batch script as thin as slurm/encode.sbatch: the shared launcher runs the stand-in.
@@ -222,40 +226,45 @@ def array_tasks(cluster: SlurmCluster, array: str) -> dict[int, dict[str, str]]:
     return tasks
 
 
-def test_a_signalled_array_task_requeues_itself_alone_and_steps_start_under_export_none(cluster, tmp_path):
+def test_array_tasks_under_export_none_usr1_requeues_its_task_alone_and_scancel_saves_without_requeue(
+        cluster, tmp_path):
     """An array of 2 tasks under the shared launcher, submitted as sites with `--export=NONE` do (the step
-    gets the batch shell's environment: srun --export=ALL). Both sleep; USR1 goes to the task that carries
-    the array's own job id, the one whose `scontrol requeue $SLURM_JOB_ID` would requeue the whole array.
-    Only that task is requeued; the other one is not cancelled and runs once to the end."""
+    gets the batch shell's environment: srun --export=ALL). Both sleep. USR1 goes to the task that carries
+    the array's own job id, the one whose `scontrol requeue $SLURM_JOB_ID` would requeue the whole array:
+    only that task is requeued, the other keeps running. Then `scancel` of the other (TERM to all its
+    processes): its batch shell outlives the TERM, the program stops (exit 75) and the task stays cancelled."""
     (tmp_path / "sleeper.py").write_text(SLEEPER)
     (tmp_path / "launch.sbatch").write_text(LAUNCH_SLEEPER)
     array = cluster.sbatch(["--export=NONE", "--array=0-1", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1",
                             f"--output={tmp_path}/slurm-%A_%a.out", str(tmp_path / "launch.sbatch"), sys.prefix,
-                            str(tmp_path / "sleeper.py"), "10"], cwd=ROOT)
+                            str(tmp_path / "sleeper.py"), "120"], cwd=ROOT)
 
     def logs() -> str:
         return "\n".join(p.read_text(errors="replace") for p in sorted(tmp_path.glob("slurm-*.out")))
 
-    deadline = time.monotonic() + 90
-    while logs().count("ready (restart 0)") < 2:
-        assert time.monotonic() < deadline and cluster.squeue(array), logs()[-3000:]
-        time.sleep(0.2)
-    tasks = array_tasks(cluster, array)
+    def wait_for(condition, what: str) -> dict[int, dict[str, str]]:
+        deadline = time.monotonic() + 90
+        while not condition(tasks := array_tasks(cluster, array)):
+            assert time.monotonic() < deadline, f"no {what}: {tasks}\n{logs()[-3000:]}"
+            time.sleep(0.3)
+        return tasks
+
+    tasks = wait_for(lambda _: logs().count("ready (restart 0)") == 2, "2 tasks ready")
     signalled = next(i for i, t in tasks.items() if t["JobId"] == array)  # the task that kept the array's id
     other = 1 - signalled
     cluster.scancel("--batch", "--signal=USR1", f"{array}_{signalled}")  # its batch shell, as --signal=B: does
-    # Until the other task has ended and the signalled one is back in the queue; its second start would only
-    # repeat the first (the multinode test resumes a requeued job), so it is cancelled.
-    while not (tasks[other]["JobState"] == "COMPLETED" and tasks[signalled]["Restarts"] == "1"):
-        assert time.monotonic() < deadline + 60, f"{tasks}\n{logs()[-3000:]}"
-        time.sleep(0.5)
-        tasks = array_tasks(cluster, array)
-    cluster.scancel(array)
-    cluster.wait_done(array, timeout_s=30)
+    tasks = wait_for(lambda t: t[signalled]["Restarts"] == "1", "requeue")
+    assert tasks[other]["Restarts"] == "0" and tasks[other]["JobState"] == "RUNNING", logs()[-3000:]
+    assert f"requeueing {array}_{signalled}" in logs() and "execve" not in logs()
 
-    assert tasks[other]["Restarts"] == "0", logs()[-3000:]
-    assert logs().count(f"task {other} ready") == 1 and f"requeueing {array}_{signalled}" in logs()
-    assert "execve" not in logs()
+    cluster.scancel(f"{array}_{other}")
+    tasks = wait_for(lambda t: t[other]["JobState"] == "CANCELLED", "cancel")
+    cluster.scancel(array)  # the requeued task's second start would only repeat its first
+    cluster.wait_done(array, timeout_s=30)
+    other_log = (tmp_path / f"slurm-{array}_{other}.out").read_text()
+    assert "TERM: the program saves and stops before Slurm's KillWait runs out; no requeue" in other_log, other_log
+    assert re.search(rf"task {other} got SIG(TERM|USR1)", other_log) and "stopped after TERM (exit" in other_log, other_log
+    assert array_tasks(cluster, array)[other]["Restarts"] == "0"
 
 
 def test_uneven_gpus_per_node_are_refused_in_one_sentence_before_anything_launches(cluster, tiny_shards, tmp_path):
