@@ -189,18 +189,30 @@ def test_a_sweep_runs_as_an_array_and_resubmitting_continues_it(cluster, tiny_sh
         assert sorted(row["trial"] for row in csv.DictReader(f)) == ["0", "1"]
 
 
-# A stand-in for the trainer under slurm/launch.sh: it says when it is ready, then sleeps; USR1 or TERM stops
-# it with the trainer's exit code.
+# A stand-in for the trainer under slurm/launch.sh, with the trainer's own StopFlag: it says when it is ready,
+# waits for USR1 or TERM and exits 75. The task that keeps the array's job id (the one the test sends USR1)
+# stands in for a torch.compile run: its first compile starts inductor's worker pool (the pool GPU kernels,
+# Triton, are compiled in), and after the signal it compiles once more in that pool.
 SLEEPER = """
-import os, signal, sys, time
-def stop(signum, frame):
-    print(f"task {os.environ['SLURM_ARRAY_TASK_ID']} got {signal.Signals(signum).name}", flush=True)
-    sys.exit(75)
-signal.signal(signal.SIGUSR1, stop)
-signal.signal(signal.SIGTERM, stop)
-print(f"task {os.environ['SLURM_ARRAY_TASK_ID']} ready (restart {os.environ.get('SLURM_RESTART_COUNT', '0')})",
-      flush=True)
-time.sleep(float(sys.argv[1]))
+import os, sys, time
+from pipeline.preemption import EXIT_PREEMPTED, StopFlag
+
+task = os.environ["SLURM_ARRAY_TASK_ID"]
+compiles = os.environ["SLURM_JOB_ID"] == os.environ["SLURM_ARRAY_JOB_ID"]
+stop = StopFlag(compile_workers=compiles)
+if compiles:
+    from torch._inductor.async_compile import AsyncCompile
+    AsyncCompile.process_pool().submit(AsyncCompile._get_ready).result()
+print(f"task {task} ready (restart {os.environ.get('SLURM_RESTART_COUNT', '0')})", flush=True)
+deadline = time.monotonic() + float(sys.argv[1])
+while not stop.should_stop() and time.monotonic() < deadline:
+    time.sleep(0.1)
+print(f"task {task} got {stop.received}", flush=True)
+if compiles:
+    time.sleep(0.5)  # the signal has reached every process of the step, the pool's workers too
+    print(f"task {task} compile pool: {AsyncCompile.process_pool().submit(AsyncCompile._get_ready).result(60)}",
+          flush=True)
+sys.exit(EXIT_PREEMPTED)
 """
 
 # A batch script as thin as slurm/encode.sbatch: the shared launcher runs the stand-in.
@@ -232,7 +244,8 @@ def test_array_tasks_under_export_none_usr1_requeues_its_task_alone_and_scancel_
     gets the batch shell's environment: srun --export=ALL). Both sleep. USR1 goes to the task that carries
     the array's own job id, the one whose `scontrol requeue $SLURM_JOB_ID` would requeue the whole array:
     only that task is requeued, the other keeps running. Then `scancel` of the other (TERM to all its
-    processes): its batch shell outlives the TERM, the program stops (exit 75) and the task stays cancelled."""
+    processes): its batch shell outlives the TERM, the program stops (exit 75) and the task stays cancelled.
+    The USR1 reaches every process of the step, torch.compile's worker pool too, which keeps working."""
     (tmp_path / "sleeper.py").write_text(SLEEPER)
     (tmp_path / "launch.sbatch").write_text(LAUNCH_SLEEPER)
     array = cluster.sbatch(["--export=NONE", "--array=0-1", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1",
@@ -256,6 +269,7 @@ def test_array_tasks_under_export_none_usr1_requeues_its_task_alone_and_scancel_
     tasks = wait_for(lambda t: t[signalled]["Restarts"] == "1", "requeue")
     assert tasks[other]["Restarts"] == "0" and tasks[other]["JobState"] == "RUNNING", logs()[-3000:]
     assert f"requeueing {array}_{signalled}" in logs() and "execve" not in logs()
+    assert f"task {signalled} got SIGUSR1\ntask {signalled} compile pool: ready" in logs(), logs()[-3000:]
 
     cluster.scancel(f"{array}_{other}")
     tasks = wait_for(lambda t: t[other]["JobState"] == "CANCELLED", "cancel")
@@ -263,7 +277,8 @@ def test_array_tasks_under_export_none_usr1_requeues_its_task_alone_and_scancel_
     cluster.wait_done(array, timeout_s=30)
     other_log = (tmp_path / f"slurm-{array}_{other}.out").read_text()
     assert "TERM: the program saves and stops before Slurm's KillWait runs out; no requeue" in other_log, other_log
-    assert re.search(rf"task {other} got SIG(TERM|USR1)", other_log) and "stopped after TERM (exit" in other_log, other_log
+    assert re.search(rf"task {other} got SIG(TERM|USR1)", other_log), other_log
+    assert "stopped after TERM (exit" in other_log
     assert array_tasks(cluster, array)[other]["Restarts"] == "0"
 
 
