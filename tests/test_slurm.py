@@ -55,14 +55,21 @@ def job_log(run_dir: Path, job: str) -> str:
     return log.read_text(errors="replace") if log.exists() else f"(no {log})"
 
 
-def test_train_sbatch_runs_procs_per_node_processes_on_one_node_and_warns_of_a_slow_checkpoint(
+def test_train_sbatch_runs_procs_per_node_processes_on_one_node_moves_off_a_taken_port_and_warns_of_a_slow_checkpoint(
         cluster, tiny_shards, tmp_path):
-    """One train.sbatch job for two checks (one job start less): PROCS_PER_NODE=2 processes on one node, and
-    VAE_SIGNAL_MARGIN_SECONDS=0.001 (any real save takes longer than 0.5 ms) makes its checkpoints warn."""
+    """One train.sbatch job for three checks (job starts are the suite's cost): PROCS_PER_NODE=2 processes on
+    one node; the job's default rendezvous port (10000 + jobid % 20000, below the ephemeral range) is held
+    by another program, so the launcher takes the next one; and VAE_SIGNAL_MARGIN_SECONDS=0.001 (any real save
+    takes longer than 0.5 ms) makes its checkpoints warn."""
     job = submit(cluster, "slurm/train.sbatch", tiny_shards, tmp_path, "train.max_steps=4", "run.name=one-node",
-                 cpus_per_task=min(2, cluster.cpus_per_node),
+                 cpus_per_task=min(2, cluster.cpus_per_node), sbatch_extra=["--hold"],
                  env_extra={"PROCS_PER_NODE": "2", "VAE_SIGNAL_MARGIN_SECONDS": "0.001"})
-    cluster.wait_done(job, timeout_s=180)
+    port = 10000 + int(job) % 20000
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", port))
+        busy.listen(8)
+        cluster.scontrol("release", job)
+        cluster.wait_done(job, timeout_s=180)
     run_dir = tmp_path / "one-node"  # a run name on the command line wins over slurm-<jobid>
     log = job_log(run_dir, job)
     assert (run_dir / "summary.json").exists(), log[-4000:]  # the warning is a warning, not a failure
@@ -70,6 +77,7 @@ def test_train_sbatch_runs_procs_per_node_processes_on_one_node_and_warns_of_a_s
     assert summary["world_size"] == 2 and summary["step"] == 4
     assert "processes=2 (2 per node, 0 GPUs)" in log and "SLURM_RESTART_COUNT=0 nodes=" in log
     assert "signal_margin=0.001s" in log
+    assert re.search(rf"head=\S+:{port + 1} ", log), log[-3000:]
     assert re.search(r"warning: saving a checkpoint took [\d.]+ s, more than half of the 0.001 s between the "
                      r"scheduler's warning signal and the time limit", log), log[-3000:]
 
@@ -105,6 +113,11 @@ def test_multinode_sbatch_trains_on_two_nodes_and_on_usr1_checkpoints_requeues_a
     assert 7 <= stop_step < total
     assert "processes=2 (1 per node, 0 GPUs)" in log  # one process on each node ...
     assert "signal_margin=300s" in log  # read from the script's own #SBATCH --signal line
+    assert int(re.search(r"head=\S+:(\d+) ", log).group(1)) < 32768  # below the kernel's ephemeral ports
+    # gloo's interface, chosen on each node (the route to the head node; here, where that is loopback,
+    # the default route's): the same one on both, and one that formed the group.
+    interfaces = set(re.findall(r"node [01] \(\S+\): GLOO_SOCKET_IFNAME=(\S+)", log))
+    assert len(interfaces) == 1 and interfaces.pop() not in ("unset", "lo"), log[-3000:]
 
     # Every step logged exactly once: the first start ran 1..stop, the second stop+1..total.
     assert train_steps(run_dir) == list(range(1, total + 1))
