@@ -1,11 +1,10 @@
 # shellcheck shell=bash
 # The launcher that slurm/multinode.sbatch and slurm/encode.sbatch share (train.sbatch and sweep.sbatch
-# run multinode.sbatch). A batch script sources it from the submit folder, then
+# run multinode.sbatch). A batch script sources it from the submit folder and ends with
 #
 #     launch pipeline/train.py "${args[@]}"          # or: launch -m pipeline.sample RUN encode ...
-#     exit $?
 #
-# runs one `accelerate launch … PROGRAM ARGS` per node and returns its exit status. On USR1 (the
+# which runs one `accelerate launch … PROGRAM ARGS` per node and returns its exit status. On USR1 (the
 # warning before the time limit: #SBATCH --signal=B:USR1@<seconds>) the program saves and exits 75,
 # and this job, or this task of an array, is requeued. On TERM (preemption, scancel, the limit itself;
 # Slurm kills KillWait seconds later, 30 by default) the program saves and exits 75 the same way, and
@@ -33,7 +32,7 @@ job_gpus_per_node() {
         sub(/^ +Nodes=/, ""); sub(/ .*/, ""); print $0, n }'
 }
 
-# The first free port from $1 on on this node (a bind, as the rendezvous server will do).
+# The first port from $1 on that this node can bind (as the rendezvous server will), or nothing.
 first_free_port() {
     python - "$1" <<'EOF'
 import socket, sys
@@ -63,7 +62,7 @@ node_launch() {
             # 127.0.1.1 line in /etc/hosts), where the other nodes never reach it.
             head_ip=$(getent ahostsv4 "$MAIN_PROCESS_IP" | awk 'NR == 1 { print $1 }')
             ifname=$(ip -o route get "${head_ip:-0.0.0.0}" 2>/dev/null | sed -n 's/.* dev \([^ ]*\).*/\1/p')
-            if [ -z "$ifname" ] || [ "$ifname" = lo ]; then
+            if [ -z "$ifname" ] || [ "$ifname" = lo ]; then  # the default route's (a lookup: nothing is sent)
                 ifname=$(ip -o route get 1.1.1.1 2>/dev/null | sed -n 's/.* dev \([^ ]*\).*/\1/p')
             fi
         fi

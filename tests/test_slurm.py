@@ -310,3 +310,16 @@ def test_uneven_gpus_per_node_are_refused_in_one_sentence_before_anything_launch
     assert "accelerate" not in log and "node 0" not in log  # no step started
     assert "JobState=FAILED" in cluster.scontrol("show", "job", job) and "ExitCode=2:0" in cluster.scontrol(
         "show", "job", job)
+
+
+def test_the_slurm_scripts_pass_shellcheck():
+    """`shellcheck` (apt-get install shellcheck) finds nothing above style in slurm/: no unguarded `cd`, no
+    masked exit status, no unquoted expansion that word-splitting would break."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("shellcheck"):
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    scripts = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "slurm").iterdir())
+    r = subprocess.run(["shellcheck", "--severity=info", *scripts], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-4000:]
