@@ -138,9 +138,12 @@ launch() {
     # What a hung or crashed job leaves in its log: NCCL's errors, and every thread's Python stack on a
     # fatal signal. A collective that never completes fails after torch's NCCL timeout (10 minutes).
     export NCCL_DEBUG=${NCCL_DEBUG:-WARN} PYTHONFAULTHANDLER=1
+    # The site's margin after a TERM: Slurm's KillWait, the seconds before it kills what is left.
+    local kill_wait
+    kill_wait=$(scontrol show config | sed -n 's/^KillWait *= *\([0-9]*\).*/\1/p')
     echo "$(date -Is) job $SLURM_JOB_ID SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0} nodes=$SLURM_JOB_NODELIST" \
          "processes=$NUM_PROCESSES ($PROCS_PER_NODE per node, $gpus GPUs) head=$MAIN_PROCESS_IP:$MAIN_PROCESS_PORT" \
-         "signal_margin=${VAE_SIGNAL_MARGIN_SECONDS:-unknown}s"
+         "signal_margin=${VAE_SIGNAL_MARGIN_SECONDS:-unknown}s term_margin=${kill_wait:-unknown}s"
 
     stop_signal="" step_pid=""
     trap 'on_stop_signal USR1' USR1
