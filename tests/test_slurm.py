@@ -113,7 +113,8 @@ def test_multinode_sbatch_trains_on_two_nodes_and_on_usr1_checkpoints_requeues_a
     assert 7 <= stop_step < total
     assert "processes=2 (1 per node, 0 GPUs)" in log  # one process on each node ...
     assert "signal_margin=300s" in log  # read from the script's own #SBATCH --signal line
-    assert int(re.search(r"head=\S+:(\d+) ", log).group(1)) < 32768  # below the kernel's ephemeral ports
+    port = int(re.search(r"head=\S+:(\d+) ", log).group(1))  # below the kernel's ephemeral ports (32768-)
+    assert 10000 + int(job) % 20000 <= port < 10000 + int(job) % 20000 + 100
     # gloo's interface, chosen on each node (the route to the head node; here, where that is loopback,
     # the default route's): the same one on both, and one that formed the group.
     interfaces = set(re.findall(r"node [01] \(\S+\): GLOO_SOCKET_IFNAME=(\S+)", log))
