@@ -1,7 +1,9 @@
-"""slurm/multinode.sbatch and slurm/train.sbatch on a real Slurm cluster: slurmctld and two slurmd on
-this machine (tests/slurm_cluster.py; it installs Slurm when it is missing). The jobs run the real
-pipeline/train.py on CPU (gloo); the preemption test sends the USR1 that precedes a time limit and
-checks that the script requeues the job and the second start resumes where the first stopped."""
+"""slurm/multinode.sbatch, slurm/train.sbatch and their launcher slurm/launch.sh on a real Slurm cluster:
+slurmctld and two slurmd on this machine, with fake GPUs (tests/slurm_cluster.py; it installs Slurm when
+it is missing). The jobs run the real pipeline/train.py on CPU (gloo); the preemption test sends the USR1
+that precedes a time limit and checks that the script requeues the job and the second start resumes where
+the first stopped. The array test runs a stand-in program under the launcher, to see what happens to each
+task of an array on USR1 and on scancel in seconds rather than minutes."""
 
 from __future__ import annotations
 
