@@ -8,9 +8,9 @@ One slurmctld and two slurmd (`slurmd -N <name>`) run from a slurm.conf in a tem
 with no systemd, cgroups or munge: proctrack/linuxproc, task/none, auth/none + cred/none. The two
 nodes are this host twice: NodeAddr=127.0.0.1 with distinct ports, named after the hostname and
 `localhost` (both resolve; the other order fails with "Duplicated NodeHostName"), each with two fake
-GPUs (gres.conf). State, spool, pid
-and log files all live under the folder; `SLURM_CONF` in `cluster.env` points every client (and,
-through the job's exported environment, every srun inside a job) at it. `stop()` cancels the jobs,
+GPUs (gres.conf). State, spool, pid and log files all live under the folder; `SLURM_CONF` in
+`cluster.env` points every client (and, through the job's exported environment, every srun inside a
+job) at it. `stop()` cancels the jobs,
 stops the daemons by their pid files and finally ends any process still carrying this cluster's
 SLURM_CONF in its environment (job steps outlive slurmd), so nothing outlives the tests.
 
