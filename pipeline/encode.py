@@ -59,7 +59,7 @@ from pipeline.config import ConfigError
 from pipeline.data import IMAGE_EXTS, read_manifest, read_tars
 from pipeline.images import decode_image
 from pipeline.inference import LoadedRun, key_noise, load_run
-from pipeline.preemption import EXIT_PREEMPTED, SIGNALS
+from pipeline.preemption import EXIT_PREEMPTED, SIGNALS, start_compile_workers
 from pipeline.runs import RunLock, die_with_parent, launched_by_torchrun, own_run_folder
 from pipeline.models.quantize import codes_dtype, keep_eager
 from pipeline.shards import sha256_file
@@ -546,6 +546,8 @@ def run_encode(args) -> int:
         keep_eager(model)
     encode_fn = torch.compile(model.encode) if args.compile else model.encode
     latent_shape = _latent_shape(run, size)
+    if args.compile:
+        start_compile_workers()  # before the handlers: the workers must keep ignoring USR1
     stop = _Stop()
     writer_info = {"pid": os.getpid(), "host": os.uname().nodename, "rank": accelerator.process_index,
                    "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

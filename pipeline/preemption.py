@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -24,14 +25,38 @@ MARGIN_ENV = "VAE_SIGNAL_MARGIN_SECONDS"
 `#SBATCH --signal=B:USR1@<seconds>` line; Slurm does not tell a job its own --signal)."""
 
 
+GROUP_TIMEOUT = timedelta(minutes=5)
+"""How long the stop flag's gloo group waits for a rank (to connect, or to join an all-reduce) before
+it fails: gloo's default is 30 minutes of a silent hang when a node is unreachable or gone."""
+
+
+def start_compile_workers() -> None:
+    """Start torch.compile's compile worker processes now, with USR1 and TERM ignored, so that they
+    keep ignoring them. They are fresh programs, not forks: started after the handlers below exist,
+    they would die of the USR1 that Slurm's launcher sends every process of the job step, and the
+    next compile would fail ("Attempting to use a closed pool") instead of the run saving and stopping."""
+    from torch._inductor.async_compile import maybe_warm_pool
+
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in SIGNALS}
+    try:
+        maybe_warm_pool()  # the pool of the inductor backend, which torch.compile uses by default
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 class StopFlag:
-    def __init__(self) -> None:
+    def __init__(self, compile_workers: bool = False) -> None:
+        """compile_workers: the run uses torch.compile (see start_compile_workers)."""
         self.received: str | None = None
+        if compile_workers:
+            start_compile_workers()
         for sig in SIGNALS:
             signal.signal(sig, self._handle)
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        # A dedicated gloo group keeps this off the GPU even when the main backend is NCCL.
-        self._group = dist.new_group(backend="gloo") if distributed else None
+        # A dedicated gloo group keeps this off the GPU even when the main backend is NCCL; it uses
+        # GLOO_SOCKET_IFNAME (slurm/launch.sh sets it) and fails after minutes, not gloo's 30.
+        self._group = dist.new_group(backend="gloo", timeout=GROUP_TIMEOUT) if distributed else None
         self._pending: tuple[torch.Tensor, dist.Work] | None = None
         margin = os.environ.get(MARGIN_ENV, "")
         self.margin_seconds = float(margin) if margin.replace(".", "", 1).isdigit() else None

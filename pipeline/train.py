@@ -119,7 +119,7 @@ def main(cfg: Config) -> int:
     # LPIPS / rFID / sharpness in validation only when asked (metrics.in_validation): weights load once here.
     field_metrics = (ReconstructionMetrics.build(cfg.metrics, device, accelerator.print if main_process else None)
                      if cfg.metrics.in_validation else None)
-    stop = StopFlag()
+    stop = StopFlag(compile_workers=cfg.train.compile)
     if manifest["splits"]["val"]["count"] == 0:  # decided from the manifest, identically on every rank
         raise ConfigError(f"data.shards {cfg.data.shards} has no validation images; rebuild it with "
                           f"`python -m pipeline.shards ... --val-fraction 0.1`")

@@ -7,9 +7,10 @@
 One slurmctld and two slurmd (`slurmd -N <name>`) run from a slurm.conf in a temporary folder,
 with no systemd, cgroups or munge: proctrack/linuxproc, task/none, auth/none + cred/none. The two
 nodes are this host twice: NodeAddr=127.0.0.1 with distinct ports, named after the hostname and
-`localhost` (both resolve; the other order fails with "Duplicated NodeHostName"). State, spool, pid
-and log files all live under the folder; `SLURM_CONF` in `cluster.env` points every client (and,
-through the job's exported environment, every srun inside a job) at it. `stop()` cancels the jobs,
+`localhost` (both resolve; the other order fails with "Duplicated NodeHostName"), each with two fake
+GPUs (gres.conf). State, spool, pid and log files all live under the folder; `SLURM_CONF` in
+`cluster.env` points every client (and, through the job's exported environment, every srun inside a
+job) at it. `stop()` cancels the jobs,
 stops the daemons by their pid files and finally ends any process still carrying this cluster's
 SLURM_CONF in its environment (job steps outlive slurmd), so nothing outlives the tests.
 
@@ -31,6 +32,7 @@ from conftest import free_port
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client"]
 DAEMON_BINARIES = ["/usr/sbin/slurmctld", "/usr/sbin/slurmd"]
+GPUS_PER_NODE = 2  # fake GPUs on each node (see write_config)
 
 
 def unavailable_reason() -> str | None:
@@ -103,12 +105,21 @@ class SlurmCluster:
             f"SlurmdLogFile={r}/log/slurmd-%n.log",
             "SlurmctldDebug=info",
             "SlurmdDebug=info",
+            "GresTypes=gpu",
         ]
         for name in self.nodes:
             lines.append(f"NodeName={name} NodeAddr=127.0.0.1 Port={free_port()} "
-                         f"CPUs={self.cpus_per_node} State=UNKNOWN")
+                         f"CPUs={self.cpus_per_node} Gres=gpu:{GPUS_PER_NODE} State=UNKNOWN")
         lines.append("PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP")
         self.conf.write_text("\n".join(lines) + "\n")
+        # Fake GPUs: empty files stand in for /dev/nvidia<i> (slurmd logs that they are not devices, and
+        # carries on). Slurm allocates and reports them (SLURM_GPUS_ON_NODE, `scontrol show job -d`) as on
+        # a GPU cluster, and nothing can use them: jobs that train ask for --gpus-per-node=0.
+        (self.root / "dev").mkdir(exist_ok=True)
+        for i in range(GPUS_PER_NODE):
+            (self.root / "dev" / f"gpu{i}").touch()
+        (self.root / "gres.conf").write_text("".join(
+            f"NodeName={name} Name=gpu File={r}/dev/gpu[0-{GPUS_PER_NODE - 1}]\n" for name in self.nodes))
 
     # ---------------------------------------------------------------- daemons
 
