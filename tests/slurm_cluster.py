@@ -30,7 +30,7 @@ from pathlib import Path
 
 from conftest import free_port
 
-PACKAGES = ["slurmctld", "slurmd", "slurm-client"]
+PACKAGES = ["slurmctld", "slurmd", "slurm-client", "shellcheck"]  # (shellcheck: test_slurm lints slurm/)
 DAEMON_BINARIES = ["/usr/sbin/slurmctld", "/usr/sbin/slurmd"]
 GPUS_PER_NODE = 2  # fake GPUs on each node (see write_config)
 
@@ -38,7 +38,7 @@ GPUS_PER_NODE = 2  # fake GPUs on each node (see write_config)
 def unavailable_reason() -> str | None:
     """Install Slurm if it is missing. Returns why it cannot be (not root, no apt-get: a reason to
     skip), or None when it is ready; a failing apt-get raises, it is not a reason to skip."""
-    if all(Path(b).exists() for b in DAEMON_BINARIES) and shutil.which("sbatch"):
+    if all(Path(b).exists() for b in DAEMON_BINARIES) and shutil.which("sbatch") and shutil.which("shellcheck"):
         return None
     if os.geteuid() != 0:
         return "Slurm is not installed and installing it needs root (apt-get install slurmctld slurmd slurm-client)"

@@ -321,8 +321,11 @@ def test_the_slurm_scripts_pass_shellcheck():
     import shutil
     import subprocess
 
-    if not shutil.which("shellcheck"):
-        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    from slurm_cluster import unavailable_reason
+
+    reason = unavailable_reason()  # installs Slurm and shellcheck with apt-get where they are missing
+    if reason or not shutil.which("shellcheck"):
+        pytest.skip(reason or "shellcheck is not installed (apt-get install shellcheck)")
     scripts = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "slurm").iterdir())
     r = subprocess.run(["shellcheck", "--severity=info", *scripts], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-4000:]
