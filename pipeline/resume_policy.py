@@ -43,6 +43,7 @@ RULES: dict[str, str | None] = {
     "optim": APPLIES,
     "train": APPLIES,
     "train.max_steps": APPLIES,  # refused below the checkpoint's step
+    "train.freeze": "the checkpoint's optimizer holds moments for exactly the parameters that trained",
     "train.seed": "the data order and the random streams the checkpoint continues are derived from it",
     "data": APPLIES,  # data.shards: the folder may move; another shard set is refused by the data stream
     "data.order": "the checkpoint's data position is a position in that order",
@@ -51,8 +52,9 @@ RULES: dict[str, str | None] = {
     "tracking.best_mode": BEST,
     "metrics": APPLIES,
 }
-NOT_COMPARED = ("name", "run.name", "run.dir", "train.resume")
-"""Where the run is and how it was started: not settings of the training."""
+NOT_COMPARED = ("name", "run.name", "run.dir", "train.resume", "model.init")
+"""Where the run is and how it was started: not settings of the training (model.init is read only by a fresh
+start; a resumed run continues its checkpoint's weights)."""
 
 
 def rule(key: str) -> str | None:

@@ -24,6 +24,7 @@ from accelerate import Accelerator
 from pipeline.checkpoint import Parts
 from pipeline.config import AdversarialConfig, Config, TrainConfig
 from pipeline.data import DeviceAugment
+from pipeline.import_diffusers import load_init
 from pipeline.models import build_model
 from pipeline.models.quantize import Quantizer, keep_eager, quantizers
 from pipeline.objective import VAELoss
@@ -298,10 +299,13 @@ def compiled(module: torch.nn.Module, train: TrainConfig) -> torch.nn.Module:
 
 
 def build_training(cfg: Config, accelerator: Accelerator, image_size: int,
-                   data_range: tuple[float, float] | None = None) -> Training:
-    """data_range: array shards' normalization (pipeline.data.data_range); None for images."""
+                   data_range: tuple[float, float] | None = None, fresh: bool = True) -> Training:
+    """data_range: array shards' normalization (pipeline.data.data_range); None for images. fresh: False when a
+    checkpoint's weights will be loaded over the model (then model.init is not read)."""
     configure_backends(cfg.train, accelerator.device)
     vae = build_model(cfg.model, image_size)
+    if cfg.model.init and fresh:  # start from an existing VAE (pipeline/import_diffusers.py); before the EMA copy
+        load_init(vae, cfg.model)
     loss_fn = VAELoss(cfg.loss, vae.output_range, cfg.model.in_channels, cfg.model.spatial_dims)
     augment = DeviceAugment(cfg.data, vae.output_range, data_range).to(accelerator.device)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
