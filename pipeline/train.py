@@ -77,6 +77,10 @@ def main(cfg: Config) -> int:
     flops = step_flops_per_image(t.vae, t.loss, t.adversary.disc if t.adversary else None, manifest["size"],
                                  r1=cfg.loss.adversarial.weight > 0 and cfg.loss.adversarial.r1_weight > 0)
     flops_per_image = flops["total"]
+    if cfg.train.freeze:
+        trained = sum(p.numel() for p in t.vae.parameters() if p.requires_grad)
+        accelerator.print(f"frozen: {', '.join(cfg.train.freeze)}; training {trained:,} of "
+                          f"{t.vae.num_parameters():,} parameters")
     if main_process:  # lets evaluate/sample load the run even after its shards are gone
         (run_dir / "model_info.json").write_text(json.dumps(
             {"image_size": manifest["size"], "classes": manifest["classes"], "image_format": manifest["image_format"],
