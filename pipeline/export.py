@@ -17,7 +17,9 @@ first conv -> encoder.conv_in; each level's ResNet (and attention) blocks -> dow
 its downsample -> down_blocks[i].downsamplers[0]; the middle ResNet, attention, ResNet -> mid_block;
 GroupNorm+SiLU -> conv_norm_out; the conv to 2 x latent channels -> conv_out; our heads -> quant_conv and
 decoder_input -> post_quant_conv; the decoder mirrors it (up_blocks[0] is the deepest level) and final_layer ->
-decoder.conv_out. Our fused attention qkv 1x1 conv is split into to_q, to_k, to_v.
+decoder.conv_out. Our fused attention qkv 1x1 conv is split into to_q, to_k, to_v. The mapping has one home,
+`diffusers_key_map`, which pipeline/import_diffusers.py reads backwards; heads and decoder_input that are still
+the identity (a FLUX-style import) are left out, with use_quant_conv / use_post_quant_conv false.
 
 A run that started from a diffusers folder (model.init, pipeline/import_diffusers.py) with train.freeze holding
 encoder and heads keeps that folder's scaling_factor and shift_factor (its latents are unchanged). Otherwise

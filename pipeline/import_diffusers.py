@@ -10,7 +10,8 @@ The recipe it writes holds the model section derived from DIR/config.json (block
 layers_per_block -> blocks_per_level, the Attn*Block2D levels and the middle block's attention ->
 attention_levels, latent_channels; output linear and downsample_padding ldm, which is what AutoencoderKL computes),
 `model.init: DIR`, and `train.freeze: [encoder, heads]` (decoder-only finetuning, as stabilityai's sd-vae-ft-mse;
-`--freeze` with no names trains everything). The weights are read from DIR when training starts, not copied; a
+plus decoder_input for a folder without post_quant_conv, so that it stays absent; `--freeze` with no names trains
+everything). The weights are read from DIR when training starts, not copied; a
 resumed run loads its checkpoint instead. A config our resnet cannot express (another block type or activation,
 norm_num_groups that differ from ours, attention in the deepest level's down block) stops with one sentence
 (exit 2).
@@ -215,8 +216,9 @@ def _parser() -> argparse.ArgumentParser:
                                 description="Write a recipe that starts training from a diffusers AutoencoderKL.")
     p.add_argument("folder", help="a diffusers AutoencoderKL folder (config.json, diffusion_pytorch_model.safetensors)")
     p.add_argument("--out", required=True, help="the recipe to write, e.g. recipes/sd_vae.yaml")
-    p.add_argument("--freeze", nargs="*", default=["encoder", "heads"],
-                   help="model parts to keep frozen (default: encoder heads, decoder-only finetuning; none: train all)")
+    p.add_argument("--freeze", nargs="*", default=None,
+                   help="model parts to keep frozen (default: encoder heads, decoder-only finetuning, and "
+                        "decoder_input where the folder has no post_quant_conv; no names: train everything)")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     return p
 
@@ -230,11 +232,14 @@ def main(argv: list[str] | None = None) -> ModelConfig:
     config = diffusers_config(folder)
     model_cfg = model_config(config, str(folder / "config.json"))
     model_cfg.init = args.folder
+    freeze = args.freeze
+    if freeze is None:  # decoder-only; a folder without post_quant_conv keeps it absent (the identity)
+        freeze = ["encoder", "heads"] + ([] if config["use_post_quant_conv"] else ["decoder_input"])
     # Map the weights once now, so a folder whose tensors do not fit its config fails here, not at training.
     load_init(build_model(model_cfg, int(config["sample_size"])), model_cfg)
     command = "python -m pipeline.import_diffusers " + " ".join(sys.argv[1:] if argv is None else argv)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(recipe_text(args.folder, model_cfg, config, args.freeze, command))
+    out.write_text(recipe_text(args.folder, model_cfg, config, freeze, command))
     print(f"wrote {out}: resnet {model_cfg.channels} x{model_cfg.blocks_per_level}, {model_cfg.latent_channels} "
           f"latent channels, starting from {folder}")
     return model_cfg

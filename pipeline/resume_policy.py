@@ -7,7 +7,8 @@ key, before anything in the run folder is replaced.
 
 The rule per key is RULES (the most specific entry wins; the table: README, Resume, "Changed settings").
 Refused: what the checkpoint's contents are made of or positioned in — the architecture (its weights),
-the learned log-variance's shape, the discriminator's architecture, the data order and seed (its data
+the learned log-variance's shape, which parameters train (train.freeze: the optimizer's contents), the
+discriminator's architecture, the data order and seed (its data
 position and random streams), the metric that chose the best weights so far. Everything else applies:
 optimizer hyperparameters (the checkpoint's moments are kept, its param groups' lr/betas/eps/weight
 decay are not), schedules (functions of the step), max_steps, loss weights, data loading, precision,

@@ -108,6 +108,12 @@ def test_a_frozen_run_resumed_from_its_checkpoint_repeats_the_uninterrupted_one(
     start = import_diffusers.init_state(cfg.model.init, cfg.model, 32)
     after = _weights(resumed, 4, "model.safetensors", "vae.")
     assert all(torch.equal(after[k], v) for k, v in start.items() if k.startswith(FROZEN))
+    # A run folder is a model.init too: its latest EMA weights.
+    cfg.model.init = str(whole)
+    model = build_model(cfg.model, 32)
+    import_diffusers.load_init(model, cfg.model)
+    ema = _weights(whole, 4, "ema.safetensors", "module.")
+    assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
 
 
 def test_frozen_parts_stay_in_eval_mode_and_out_of_the_gradients():

@@ -51,7 +51,8 @@ def test_an_imported_autoencoderkl_computes_what_diffusers_computes_and_exports_
     recipe = tmp_path / "imported.yaml"
     import_diffusers.main([str(tmp_path / "vae"), "--out", str(recipe)])
     cfg = load_config(recipe, check_paths=False)  # the written recipe is a valid one
-    assert cfg.model.init == str(tmp_path / "vae") and cfg.train.freeze == ["encoder", "heads"]
+    decoder_only = ["encoder", "heads"] + (["decoder_input"] if layout == "flux" else [])  # flux: no post_quant_conv
+    assert cfg.model.init == str(tmp_path / "vae") and cfg.train.freeze == decoder_only
     assert cfg.model.latent_channels == LAYOUTS[layout]["latent_channels"]
 
     ours = build_model(cfg.model, 16).eval()
