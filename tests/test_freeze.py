@@ -58,6 +58,7 @@ def _weights(run_dir: Path, step: int, name: str, prefix: str) -> dict[str, torc
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+@pytest.mark.slow
 def test_frozen_parts_do_not_move_on_2_processes_the_rest_does_and_the_export_keeps_them(imported, tiny_shards,
                                                                                         tmp_path):
     run_dir = tmp_path / "ft"
@@ -90,6 +91,7 @@ def test_frozen_parts_do_not_move_on_2_processes_the_rest_does_and_the_export_ke
     assert vae.config.scaling_factor == 0.18215 and vae.config.shift_factor is None
 
 
+@pytest.mark.slow
 def test_a_frozen_run_resumed_from_its_checkpoint_repeats_the_uninterrupted_one(imported, tiny_shards, tmp_path):
     whole = tmp_path / "whole"
     _train(_args(imported, tiny_shards, whole))
