@@ -165,6 +165,11 @@ class ModelConfig:
     [C, D, H, W] with D = H = W). Must match the shards' manifest (`spatial_dims`, images: 2). conv, vanilla,
     dcgan and resnet build Conv1d/Conv3d versions of the same layers; the perceptual and adversarial terms
     and data.rotation_degrees are 2-D only (README: 1-D and 3-D data)."""
+    init: str = ""
+    """Start from these weights instead of a random init: a diffusers AutoencoderKL folder (resnet; write the
+    model section with `python -m pipeline.import_diffusers DIR --out recipes/NAME.yaml`), a `pipeline.export
+    --format safetensors` folder or a run folder (its latest EMA weights). Empty: random init. Read only when a
+    run starts fresh; a resumed run loads its checkpoint."""
 
 
 @dataclass
@@ -328,6 +333,11 @@ class TrainConfig:
     """Fault injection (tests of the non-finite guard): feed NaN images at these 1-based steps."""
     inject_nan_rank: int = -1
     """Fault injection: the rank that gets the NaN images; -1 means every rank."""
+    freeze: list[str] = field(default_factory=list)
+    """Model parts that do not train: top-level modules of the model (resnet: encoder, heads (diffusers'
+    quant_conv), decoder_input (its post_quant_conv), decoder, final_layer (its decoder.conv_out)). They stay in
+    eval mode, out of the optimizer and out of DDP's gradient reduction. [encoder, heads]: decoder-only
+    finetuning, as stabilityai's sd-vae-ft-mse."""
 
 
 @dataclass

@@ -17,8 +17,12 @@ first conv -> encoder.conv_in; each level's ResNet (and attention) blocks -> dow
 its downsample -> down_blocks[i].downsamplers[0]; the middle ResNet, attention, ResNet -> mid_block;
 GroupNorm+SiLU -> conv_norm_out; the conv to 2 x latent channels -> conv_out; our heads -> quant_conv and
 decoder_input -> post_quant_conv; the decoder mirrors it (up_blocks[0] is the deepest level) and final_layer ->
-decoder.conv_out. Our fused attention qkv 1x1 conv is split into to_q, to_k, to_v.
+decoder.conv_out. Our fused attention qkv 1x1 conv is split into to_q, to_k, to_v. The mapping has one home,
+`diffusers_key_map`, which pipeline/import_diffusers.py reads backwards; heads and decoder_input that are still
+the identity (a FLUX-style import) are left out, with use_quant_conv / use_post_quant_conv false.
 
+A run that started from a diffusers folder (model.init, pipeline/import_diffusers.py) with train.freeze holding
+encoder and heads keeps that folder's scaling_factor and shift_factor (its latents are unchanged). Otherwise
 scaling_factor and shift_factor are measured over the train split (all of it unless --scale-images): the
 mean and standard deviation of z ~ q(z|x) over every latent element, computed exactly from the posterior
 (E[z] = E[mu], E[z^2] = E[mu^2 + sigma^2]), so no sampling noise: shift_factor = mean, scaling_factor = 1/std.
@@ -55,6 +59,7 @@ from torch import Tensor
 
 from pipeline.config import BlockSpec, ConfigError, ModelConfig, _coerce, exit_on_config_error
 from pipeline.inference import check_shards, load_run, split_batches
+from pipeline.import_diffusers import kept_latent_factors
 from pipeline.models import VAE, build_model
 from pipeline.models.base import group_count
 from pipeline.models.resnet import _level_specs
@@ -209,55 +214,80 @@ def diffusers_config(model: VAE, model_cfg: ModelConfig, layout: LDMLayout, scal
         "latents_mean": None,
         "latents_std": None,
         "force_upcast": True,
-        "use_quant_conv": True,
-        "use_post_quant_conv": True,
+        "use_quant_conv": not is_identity(model, "heads"),
+        "use_post_quant_conv": not is_identity(model, "decoder_input"),
         "mid_block_add_attention": last in layout.attention_levels,
     }
 
 
-def diffusers_state_dict(model: VAE, model_cfg: ModelConfig, layout: LDMLayout) -> dict[str, Tensor]:
-    """Our weights under diffusers' AutoencoderKL names (every tensor, each exactly once)."""
-    lc = model_cfg.latent_channels
-    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    out: dict[str, Tensor] = {}
+def diffusers_key_map(model_cfg: ModelConfig, layout: LDMLayout, our_keys) -> list[tuple[str, tuple[str, ...]]]:
+    """(our state-dict key, the diffusers AutoencoderKL key(s) holding it) for every tensor of ours, each exactly
+    once: the one home of the mapping, read forwards by the export and backwards by pipeline.import_diffusers.
+    Our fused attention qkv maps to three keys (to_q, to_k, to_v: its thirds along the output channels)."""
+    lc, ours = model_cfg.latent_channels, set(our_keys)
+    pairs: list[tuple[str, tuple[str, ...]]] = []
 
-    def put(name: str, tensor: Tensor) -> None:
-        out[name] = tensor.contiguous()
+    def put(our: str, *theirs: str) -> None:
+        pairs.append((our, theirs))
 
-    for side, stack in (("encoder", "encoder"), ("decoder", "decoder")):
+    for side in ("encoder", "decoder"):
         for index, (block, c, name) in enumerate(layout.named(side, lc)):
-            p = f"{stack}.{index}."
-            if block == "conv":
-                put(f"{name}.weight", state.pop(p + "weight"))
-                put(f"{name}.bias", state.pop(p + "bias"))
-            elif block == "norm_act":
-                put(f"{name}.weight", state.pop(p + "0.weight"))
-                put(f"{name}.bias", state.pop(p + "0.bias"))
-            elif block in ("downsample", "upsample"):
-                put(f"{name}.conv.weight", state.pop(p + "conv.weight"))
-                put(f"{name}.conv.bias", state.pop(p + "conv.bias"))
-            elif block == "resnet":
-                for part in ("norm1", "conv1", "norm2", "conv2"):
-                    for kind in ("weight", "bias"):
-                        put(f"{name}.{part}.{kind}", state.pop(f"{p}{part}.{kind}"))
-                if p + "skip.weight" in state:
-                    put(f"{name}.conv_shortcut.weight", state.pop(p + "skip.weight"))
-                    put(f"{name}.conv_shortcut.bias", state.pop(p + "skip.bias"))
-            elif block == "attention":
-                put(f"{name}.group_norm.weight", state.pop(p + "norm.weight"))
-                put(f"{name}.group_norm.bias", state.pop(p + "norm.bias"))
-                qkv_w, qkv_b = state.pop(p + "qkv.weight").flatten(1), state.pop(p + "qkv.bias")
-                for i, part in enumerate(("to_q", "to_k", "to_v")):  # our 1x1 conv holds q, k, v stacked
-                    put(f"{name}.{part}.weight", qkv_w[i * c:(i + 1) * c])
-                    put(f"{name}.{part}.bias", qkv_b[i * c:(i + 1) * c])
-                put(f"{name}.to_out.0.weight", state.pop(p + "proj.weight").flatten(1))
-                put(f"{name}.to_out.0.bias", state.pop(p + "proj.bias"))
-    for ours, theirs in (("heads", "quant_conv"), ("decoder_input", "post_quant_conv"),
-                         ("final_layer", "decoder.conv_out")):
+            p = f"{side}.{index}."
+            for kind in ("weight", "bias"):
+                if block == "conv":
+                    put(p + kind, f"{name}.{kind}")
+                elif block == "norm_act":
+                    put(f"{p}0.{kind}", f"{name}.{kind}")
+                elif block in ("downsample", "upsample"):
+                    put(f"{p}conv.{kind}", f"{name}.conv.{kind}")
+                elif block == "resnet":
+                    for part in ("norm1", "conv1", "norm2", "conv2"):
+                        put(f"{p}{part}.{kind}", f"{name}.{part}.{kind}")
+                    if f"{p}skip.{kind}" in ours:  # a 1x1 skip only where the channels change
+                        put(f"{p}skip.{kind}", f"{name}.conv_shortcut.{kind}")
+                elif block == "attention":
+                    put(f"{p}norm.{kind}", f"{name}.group_norm.{kind}")
+                    put(f"{p}qkv.{kind}", *(f"{name}.{q}.{kind}" for q in ("to_q", "to_k", "to_v")))
+                    put(f"{p}proj.{kind}", f"{name}.to_out.0.{kind}")
+    for our, theirs in (("heads", "quant_conv"), ("decoder_input", "post_quant_conv"), ("final_layer", "decoder.conv_out")):
         for kind in ("weight", "bias"):
-            put(f"{theirs}.{kind}", state.pop(f"{ours}.{kind}"))
-    if state:  # a tensor we did not map would silently be missing from the export
-        raise RuntimeError(f"export to diffusers left tensors unmapped: {sorted(state)[:5]}")
+            put(f"{our}.{kind}", f"{theirs}.{kind}")
+    unmapped = ours - {our for our, _ in pairs}
+    if unmapped:  # a tensor we did not map would silently be missing from the export
+        raise RuntimeError(f"the diffusers mapping leaves tensors unmapped: {sorted(unmapped)[:5]}")
+    return pairs
+
+
+OPTIONAL_CONVS = {"heads": "quant_conv", "decoder_input": "post_quant_conv"}
+"""Our 1x1 convs around the latent that a diffusers AutoencoderKL may leave out (use_quant_conv /
+use_post_quant_conv false, as FLUX's VAE does): imported as the identity, exported as absent while they still are."""
+
+
+def _linear(name: str) -> bool:
+    """diffusers' attention projections are Linear layers where ours are 1x1 convs: [C, C] vs [C, C, 1, 1]."""
+    return name.endswith(".weight") and any(f".{q}." in name for q in ("to_q", "to_k", "to_v", "to_out"))
+
+
+def is_identity(model: VAE, part: str) -> bool:
+    """Whether our 1x1 conv `part` (heads, decoder_input) maps its input to itself exactly."""
+    conv = getattr(model, part)
+    weight = conv.weight.detach().flatten(1)
+    return (weight.shape[0] == weight.shape[1] and torch.equal(weight, torch.eye(weight.shape[0], dtype=weight.dtype,
+                                                                                   device=weight.device))
+            and not conv.bias.detach().any())
+
+
+def diffusers_state_dict(model: VAE, model_cfg: ModelConfig, layout: LDMLayout) -> dict[str, Tensor]:
+    """Our weights under diffusers' AutoencoderKL names (every tensor, each exactly once); quant_conv and
+    post_quant_conv are left out while ours are the identity (a FLUX-style import that kept them so)."""
+    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    absent = {f"{part}." for part in OPTIONAL_CONVS if is_identity(model, part)}
+    out: dict[str, Tensor] = {}
+    for ours, theirs in diffusers_key_map(model_cfg, layout, state):
+        if any(ours.startswith(a) for a in absent):
+            continue
+        for name, piece in zip(theirs, state[ours].chunk(len(theirs))):
+            out[name] = (piece.flatten(1) if _linear(name) else piece).contiguous()
     return out
 
 
@@ -349,7 +379,12 @@ def export(run_dir: str, fmt: str, out: str, checkpoint: str | None = None, weig
     shards = shards or run.cfg.data.shards
     check_shards(shards, run.image_size)
     stats = latent_statistics(run, shards, "train", scale_images)
-    config = diffusers_config(run.model, run.cfg.model, layout, 1.0 / stats["std"], stats["mean"])
+    # A run that started from a diffusers VAE and never trained its encoder has that VAE's latents: keep its
+    # factors, which the diffusion models trained on them expect (pipeline/import_diffusers.py).
+    kept = kept_latent_factors(run.cfg)
+    scaling, shift = kept if kept is not None else (1.0 / stats["std"], stats["mean"])
+    config = diffusers_config(run.model, run.cfg.model, layout, scaling, shift)
+    stats["factors"] = f"kept from {run.cfg.model.init}" if kept is not None else "measured"
     tensors = diffusers_state_dict(run.model, run.cfg.model, layout)
     tmp = _prepare_out(out_dir, force)
     save_file(tensors, str(tmp / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
@@ -385,8 +420,9 @@ def main(argv: list[str] | None = None) -> dict:
     line = f"wrote {args.out} ({args.format}, {result['checkpoint']} {result['weights']} weights)"
     if args.format == "diffusers":
         s = result["latent_statistics"]
-        line += (f"; scaling_factor {result['scaling_factor']:.6g}, shift_factor {result['shift_factor']:.6g} "
-                 f"measured on {s['images']} {s['split']} images")
+        shift = "none" if result["shift_factor"] is None else f"{result['shift_factor']:.6g}"
+        where = (s["factors"] if s["factors"] != "measured" else f"measured on {s['images']} {s['split']} images")
+        line += f"; scaling_factor {result['scaling_factor']:.6g}, shift_factor {shift} {where}"
     print(line)
     return result
 

@@ -7,7 +7,8 @@ key, before anything in the run folder is replaced.
 
 The rule per key is RULES (the most specific entry wins; the table: README, Resume, "Changed settings").
 Refused: what the checkpoint's contents are made of or positioned in — the architecture (its weights),
-the learned log-variance's shape, the discriminator's architecture, the data order and seed (its data
+the learned log-variance's shape, which parameters train (train.freeze: the optimizer's contents), the
+discriminator's architecture, the data order and seed (its data
 position and random streams), the metric that chose the best weights so far. Everything else applies:
 optimizer hyperparameters (the checkpoint's moments are kept, its param groups' lr/betas/eps/weight
 decay are not), schedules (functions of the step), max_steps, loss weights, data loading, precision,
@@ -43,6 +44,7 @@ RULES: dict[str, str | None] = {
     "optim": APPLIES,
     "train": APPLIES,
     "train.max_steps": APPLIES,  # refused below the checkpoint's step
+    "train.freeze": "the checkpoint's optimizer holds moments for exactly the parameters that trained",
     "train.seed": "the data order and the random streams the checkpoint continues are derived from it",
     "data": APPLIES,  # data.shards: the folder may move; another shard set is refused by the data stream
     "data.order": "the checkpoint's data position is a position in that order",
@@ -51,8 +53,9 @@ RULES: dict[str, str | None] = {
     "tracking.best_mode": BEST,
     "metrics": APPLIES,
 }
-NOT_COMPARED = ("name", "run.name", "run.dir", "train.resume")
-"""Where the run is and how it was started: not settings of the training."""
+NOT_COMPARED = ("name", "run.name", "run.dir", "train.resume", "model.init")
+"""Where the run is and how it was started: not settings of the training (model.init is read only by a fresh
+start; a resumed run continues its checkpoint's weights)."""
 
 
 def rule(key: str) -> str | None:

@@ -22,8 +22,9 @@ import torch
 from accelerate import Accelerator
 
 from pipeline.checkpoint import Parts
-from pipeline.config import AdversarialConfig, Config, TrainConfig
+from pipeline.config import AdversarialConfig, Config, ConfigError, TrainConfig
 from pipeline.data import DeviceAugment
+from pipeline.import_diffusers import load_init
 from pipeline.models import build_model
 from pipeline.models.quantize import Quantizer, keep_eager, quantizers
 from pipeline.objective import VAELoss
@@ -298,10 +299,16 @@ def compiled(module: torch.nn.Module, train: TrainConfig) -> torch.nn.Module:
 
 
 def build_training(cfg: Config, accelerator: Accelerator, image_size: int,
-                   data_range: tuple[float, float] | None = None) -> Training:
-    """data_range: array shards' normalization (pipeline.data.data_range); None for images."""
+                   data_range: tuple[float, float] | None = None, fresh: bool = True) -> Training:
+    """data_range: array shards' normalization (pipeline.data.data_range); None for images. fresh: False when a
+    checkpoint's weights will be loaded over the model (then model.init is not read)."""
     configure_backends(cfg.train, accelerator.device)
     vae = build_model(cfg.model, image_size)
+    if cfg.model.init and fresh:  # start from an existing VAE (pipeline/import_diffusers.py); before the EMA copy
+        load_init(vae, cfg.model)
+    # train.freeze: before the EMA copy and prepare (DDP reduces only parameters that require grad). The EMA
+    # still averages the frozen tensors: they equal its copy, so the lerp leaves them bitwise as they are.
+    vae.freeze(cfg.train.freeze)
     loss_fn = VAELoss(cfg.loss, vae.output_range, cfg.model.in_channels, cfg.model.spatial_dims)
     augment = DeviceAugment(cfg.data, vae.output_range, data_range).to(accelerator.device)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
@@ -311,7 +318,8 @@ def build_training(cfg: Config, accelerator: Accelerator, image_size: int,
         keep_eager(vae)  # (after the EMA copy: the average is never compiled)
     module = TrainModule(compiled(vae, cfg.train) if cfg.train.compile else vae, loss_fn)
     # The loss's own parameters (the gaussian log-variance) get no weight decay.
-    optimizer = build_optimizer(vae.parameters(), [p for p in loss_fn.parameters() if p.requires_grad], cfg.optim)
+    optimizer = build_optimizer([p for p in vae.parameters() if p.requires_grad],
+                                [p for p in loss_fn.parameters() if p.requires_grad], cfg.optim)
     module, optimizer = accelerator.prepare(module, optimizer)
     buffers = FlatBuffers(vae)  # (after prepare, which may move the model: the views must be the final buffers)
     adversary = _build_adversary(cfg, accelerator, vae, image_size, memory_format) if cfg.loss.adversarial.weight > 0 else None
@@ -322,6 +330,9 @@ def _build_adversary(cfg: Config, accelerator: Accelerator, vae: torch.nn.Module
                      memory_format: torch.memory_format) -> Adversary:
     """The discriminator with its own optimizer, prepared by Accelerate like the VAE."""
     a = cfg.loss.adversarial
+    if a.adaptive_weight and not decoder_last_layer(vae).requires_grad:
+        raise ConfigError("loss.adversarial.adaptive_weight measures gradients at the decoder's last layer, which "
+                          "train.freeze keeps frozen; train that part or set loss.adversarial.adaptive_weight=false")
     schedule = AdversarialSchedule(a, cfg.train.max_steps)
     disc = build_discriminator(a, cfg.model.in_channels, image_size).to(accelerator.device,
                                                                         memory_format=memory_format)

@@ -71,11 +71,15 @@ def main(cfg: Config) -> int:
     stream = TrainStream(cfg, accelerator.process_index, accelerator.num_processes)
 
     # Model, loss, optimizer (+ EMA of the weights for media and evaluation), prepared by Accelerate.
-    t = build_training(cfg, accelerator, manifest["size"], data_range(manifest))
+    t = build_training(cfg, accelerator, manifest["size"], data_range(manifest), fresh=resume_from is None)
     # For MFU: the VAE's, the perceptual backbone's and the discriminator's FLOPs (pipeline/flops.py)
     flops = step_flops_per_image(t.vae, t.loss, t.adversary.disc if t.adversary else None, manifest["size"],
                                  r1=cfg.loss.adversarial.weight > 0 and cfg.loss.adversarial.r1_weight > 0)
     flops_per_image = flops["total"]
+    if cfg.train.freeze:
+        trained = sum(p.numel() for p in t.vae.parameters() if p.requires_grad)
+        accelerator.print(f"frozen: {', '.join(cfg.train.freeze)}; training {trained:,} of "
+                          f"{t.vae.num_parameters():,} parameters")
     if main_process:  # lets evaluate/sample load the run even after its shards are gone
         durable.write_json(run_dir / "model_info.json", (
             {"image_size": manifest["size"], "classes": manifest["classes"], "image_format": manifest["image_format"],

@@ -56,6 +56,7 @@ def test_a_changed_hyperparameter_applies_and_is_reported(override, then, now):
     ("loss.recon=gaussian", "loss.recon=l1 and this run has loss.recon=gaussian"),
     ("tracking.best_metric=val/psnr", "tracking.best_metric=val/neg_elbo_nats and this run has"),
     ("train.max_steps=5", "train.max_steps is 5 but checkpoint"),
+    ("train.freeze=[encoder]", 'train.freeze=[] and this run has train.freeze=["encoder"]'),  # optimizer's params
 ])
 def test_a_changed_architecture_or_data_order_is_one_sentence_naming_the_key(override, said):
     with pytest.raises(ConfigError) as e:
@@ -67,7 +68,7 @@ def test_a_changed_architecture_or_data_order_is_one_sentence_naming_the_key(ove
 
 
 def test_where_and_how_a_run_is_started_is_not_a_change_and_old_checkpoints_compare_nothing():
-    assert changes("run.name=elsewhere", "run.dir=/tmp", "train.resume=auto") == {}
+    assert changes("run.name=elsewhere", "run.dir=/tmp", "train.resume=auto", "model.init=/elsewhere") == {}
     assert changes("optim.lr=0.01", saved={"step": 10}) is None  # written before configs were stored
     older = state_at_step_10()
     del older["config"]["optim"]["eps"]  # a key the checkpoint's version did not have yet

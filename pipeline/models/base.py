@@ -28,7 +28,9 @@ Conventions (pinned in tests/test_models.py):
 
 from __future__ import annotations
 
+import difflib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -79,6 +81,7 @@ class VAE(nn.Module):
         self.samples_per_input = cfg.samples_per_input
         self.logvar_min = float(cfg.logvar_min)
         self.logvar_max = float(cfg.logvar_max)
+        self.frozen: tuple[str, ...] = ()  # top-level parts that do not train (freeze())
         q = cfg.quantizer
         self.quantizer: Quantizer | None = None
         if q.kind != "none" and q.latent:
@@ -216,6 +219,31 @@ class VAE(nn.Module):
             return self.decode_indices(codes.to(param.device))
         z = torch.randn((n, *self.latent_shape), generator=generator, device=device) * temperature
         return self.decode(z.to(param.device, param.dtype))
+
+    def freeze(self, parts: Sequence[str]) -> None:
+        """Keep these top-level parts (train.freeze) as they are: no gradients, so neither the optimizer nor
+        DDP's gradient reduction sees them (call before accelerator.prepare: DDP registers only parameters that
+        require grad), and eval mode, which train() keeps, so their BatchNorm statistics do not move either."""
+        names = [name for name, _ in self.named_children()]
+        for part in parts:
+            if part not in names:
+                close = difflib.get_close_matches(part, names, n=1)
+                raise ConfigError(f"train.freeze names {part!r}, which is not a part of the {self.arch} model"
+                                  f"{f' (did you mean {close[0]}?)' if close else ''}; its parts are "
+                                  f"{', '.join(names)}")
+        if set(names) <= set(parts):
+            raise ConfigError(f"train.freeze holds every part of the {self.arch} model ({', '.join(names)}), so "
+                              f"nothing would train; leave out the parts to finetune, e.g. decoder")
+        self.frozen = tuple(parts)
+        for part in parts:
+            getattr(self, part).requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "VAE":
+        super().train(mode)
+        for part in self.frozen:  # frozen parts stay in eval mode whatever the training loop switches
+            getattr(self, part).eval()
+        return self
 
     def num_parameters(self) -> int:
         """All parameters (trainable or not)."""
