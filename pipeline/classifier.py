@@ -1,5 +1,6 @@
-"""Train a classifier on the shards' class labels to serve as the perceptual loss's backbone (seed 000's
-flower classifier): the weights file it writes is what `loss.perceptual.weights` accepts.
+"""Train a classifier on the shards' class labels to serve as the perceptual loss's backbone (as the
+original flowers VAE did with its own flower classifier): the weights file it writes is what
+`loss.perceptual.weights` accepts.
 
     python -m pipeline.classifier recipes/flowers.yaml [key=value ...] [--out FILE.safetensors] [--steps N]
            [--lr LR] [--init auto|hub|none|PATH] [--batch-size N]

@@ -71,7 +71,7 @@ class DataConfig:
 
 @dataclass
 class BlockSpec:
-    """One entry of an explicit `resnet` encoder/decoder list (seed 004's structure file, typed)."""
+    """One entry of an explicit `resnet` encoder/decoder list (the structure-file ResNet VAE's design, typed)."""
 
     block: str = ""
     """resnet | attention | downsample | upsample | conv | norm_act | quantize"""
@@ -126,12 +126,12 @@ class QuantizerConfig:
 @dataclass
 class ModelConfig:
     arch: str = "conv"
-    """conv (seed 000) | dcgan (seed 001) | vanilla (seed 002) | resnet (seed 004 / LDM-style)."""
+    """conv (the flowers conv VAE) | dcgan (the DCGAN dog VAE) | vanilla (AntixK's VanillaVAE) | resnet (LDM-style)."""
     in_channels: int = 3
     """Image channels."""
     latent: str = "auto"
     """vector (a flat z through Linear heads) | spatial (z is latent_channels x H/f x W/f) | auto: the
-    architecture's own (conv, vanilla: vector; dcgan (seed 001), resnet: spatial)."""
+    architecture's own (conv, vanilla: vector; dcgan, resnet: spatial)."""
     latent_dim: int = 128
     """Size of a vector latent."""
     latent_channels: int = 4
@@ -153,7 +153,8 @@ class ModelConfig:
     """Output activation, which also sets the data range: tanh -> [-1, 1], sigmoid -> [0, 1], linear -> [-1, 1]
     with no activation (LDM's decoder: it ends at its last conv; what diffusers' AutoencoderKL can express)."""
     samples_per_input: int = 1
-    """Monte-Carlo samples of z per input; the reconstruction term is averaged over them (seed 001)."""
+    """Monte-Carlo samples of z per input; the reconstruction term is averaged over them (the DCGAN dog
+    VAE's no_of_sample)."""
     logvar_min: float = -30.0
     """Lower clamp of the encoder's log-variance (nats); keeps exp() finite in bf16/fp16."""
     logvar_max: float = 20.0
@@ -253,7 +254,8 @@ class LossConfig:
     recon: str = "l1"
     """l1 | mse | bce (needs model.output=sigmoid) | gaussian (learned log-variance)."""
     recon_weight: float = 1.0
-    """Weight of the per-pixel-mean reconstruction term (seed 000 uses 5, seed 004 calls it alpha)."""
+    """Weight of the per-pixel-mean reconstruction term (the flowers conv VAE used 5; the structure-file
+    ResNet VAE calls it alpha)."""
     gaussian_logvar: str = "scalar"
     """gaussian: one learned log-variance (scalar) or one per channel (channel)."""
     kl: KLConfig = field(default_factory=KLConfig)
@@ -265,7 +267,7 @@ class LossConfig:
     tv_weight: float = 0.0
     """Weight of total variation, normalised per pixel (kornia); 0 disables it."""
     sparsity_weight: float = 0.0
-    """Weight of the L1 penalty on mu (seed 004's sparse term); 0 disables it."""
+    """Weight of the L1 penalty on mu (the structure-file ResNet VAE's sparse term); 0 disables it."""
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
     """The adversarial stage (off while adversarial.weight is 0); README: Sharp reconstructions."""
 
@@ -283,7 +285,7 @@ class OptimConfig:
     eps: float = 1e-8
     """Adam epsilon, added to the denominator (torch's default)."""
     schedule: str = "constant"
-    """constant | cosine (linear warm-up then cosine decay) | exponential (seed 002's ExponentialLR)."""
+    """constant | cosine (linear warm-up then cosine decay) | exponential (AntixK's VanillaVAE's ExponentialLR)."""
     warmup_steps: int = 0
     """Linear warm-up steps (all schedules)."""
     min_lr_ratio: float = 0.0
@@ -291,7 +293,7 @@ class OptimConfig:
     gamma: float = 0.95
     """exponential: lr multiplier applied every gamma_every_steps."""
     gamma_every_steps: int = 1000
-    """exponential: steps between multiplications (seed 002 multiplied once per epoch)."""
+    """exponential: steps between multiplications (AntixK's VanillaVAE multiplied once per epoch)."""
     grad_clip_norm: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping (the norm is still logged)."""
     ema_decay: float = 0.999

@@ -32,7 +32,7 @@ What `evaluate()` reports (RUN_DIR/eval/metrics.json, and the run's W&B summary 
   sub-pixel, a normalised discrete distribution over them): gaussian -> discretised Gaussian with the
   learned sigma; mse -> discretised Gaussian, l1 -> discretised Laplace, both with the maximum-likelihood
   fixed scale (one scalar: RMS / mean absolute error of one posterior sample per image over the evaluated
-  split, or --log-scale); bce -> the continuous Bernoulli log-likelihood of seed 001, which is not a
+  split, or --log-scale); bce -> the continuous Bernoulli log-likelihood (the DCGAN dog VAE's BCE), which is not a
   distribution over 8-bit values, so its bits/dim are flagged as not comparable.
 - kl_per_dim (nats, a list), mu_variance_per_dim, active_units (Cov_x E_q[z_d] > ACTIVE_UNIT_THRESHOLD),
   inactive_dims, and a latent-usage plot (eval/latent_usage.png: KL and Var(mu) per dimension).

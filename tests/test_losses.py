@@ -1,5 +1,5 @@
 """The loss stack against known answers: closed-form KL, beta schedules, free bits, SSIM, TV, the
-reconstruction likelihoods and their reductions, seeds 000/004's totals, and the evaluation likelihoods."""
+reconstruction likelihoods and their reductions, the original flowers and ResNet VAEs' totals, and the evaluation likelihoods."""
 
 from __future__ import annotations
 
@@ -266,7 +266,7 @@ def test_sparsity_is_mean_abs_mu():
 
 
 # ------------------------------------------------------------------------------------------------
-# The result and the seeds' totals
+# The result and the original models' totals
 # ------------------------------------------------------------------------------------------------
 
 
@@ -287,7 +287,7 @@ def _ssim_by_hand(a, b, window=11, sigma=1.5):
 
 
 def test_seed_004_total_alpha_recon_kl_ssim_sparse():
-    """Seed 004: alpha * recon + kld_weight * KL + beta * (1 - SSIM) + sparse, computed by hand."""
+    """The structure-file ResNet VAE: alpha * recon + kld_weight * KL + beta * (1 - SSIM) + sparse, computed by hand."""
     alpha, w_kl, beta_ssim, sparse = 2.0, 0.00025, 0.3, 1.0
     cfg = LossConfig(recon="mse", recon_weight=alpha, kl=KLConfig(weight=w_kl), ssim_weight=beta_ssim,
                      sparsity_weight=sparse)
@@ -305,8 +305,8 @@ def test_seed_004_total_alpha_recon_kl_ssim_sparse():
 
 
 def test_seed_000_total_l1_perceptual_tv_kl():
-    """Seed 000: 5 * L1 + perceptual + 0.5 * TV + KL, with its KL weight in our units (2 / latent dims:
-    seed 000's `(std^2 + mu^2 - log std - 1).mean()` has twice the KL's mu^2 and log-variance curvature,
+    """The flowers conv VAE: 5 * L1 + perceptual + 0.5 * TV + KL, with its KL weight in our units (2 / latent dims:
+    its `(std^2 + mu^2 - log std - 1).mean()` has twice the KL's mu^2 and log-variance curvature,
     averaged over dims instead of summed), computed by hand from the backbone's raw features."""
     d = 64
     cfg = LossConfig(recon="l1", recon_weight=5.0, tv_weight=0.5, kl=KLConfig(weight=2.0 / d),
@@ -329,7 +329,7 @@ def test_seed_000_total_l1_perceptual_tv_kl():
     by_hand = 5 * (recon - x).abs().mean() + perc + 0.5 * tv + (2.0 / d) * kl
     assert r.terms["perceptual"].item() == pytest.approx(perc.item(), rel=1e-5)
     assert r.total.item() == pytest.approx(by_hand.item(), rel=1e-5)
-    # The weight means what seed 000 meant near the prior: the same coefficient on mu^2 ...
+    # The weight means what the original meant near the prior: the same coefficient on mu^2 ...
     seed_kl = lambda m, lv: (lv.mul(0.5).exp() ** 2 + m ** 2 - lv.mul(0.5) - 1).mean()  # noqa: E731
     m = torch.full((1, d), 0.3)
     zero = torch.zeros(1, d)

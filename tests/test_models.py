@@ -116,14 +116,14 @@ def test_channels_last_matches_contiguous(name):
 
 
 def test_seed_shapes():
-    """The seeds' published bottlenecks come out of their recipes' widths."""
+    """The original models' published bottlenecks come out of their recipes' widths."""
     with torch.device("meta"):
         dogs = build_model(ModelConfig(arch="dcgan", latent="spatial", latent_channels=32,
                                        channels=[64, 128, 256, 512], output="sigmoid"), 64)
         flowers = build_model(ModelConfig(arch="conv", channels=[8, 16, 32, 64, 128, 256], latent_dim=4096), 256)
         vanilla = build_model(ModelConfig(arch="vanilla", channels=[32, 64, 128, 256, 512], latent_dim=128), 64)
-    assert dogs.latent_shape == (32, 4, 4)            # seed 001: "4 x 4 x 32 = 512"
-    assert flowers.feature_shape == (256, 4, 4)       # seed 000: nn.Linear(4096, 4096) heads
+    assert dogs.latent_shape == (32, 4, 4)            # the DCGAN dog VAE: "4 x 4 x 32 = 512"
+    assert flowers.feature_shape == (256, 4, 4)       # the flowers conv VAE: nn.Linear(4096, 4096) heads
     assert head_layer(flowers).in_features == 4096
     assert vanilla.feature_shape == (512, 2, 2)       # AntixK: hidden_dims[-1] * 4
 

@@ -1,5 +1,5 @@
 """The perceptual loss: a frozen timm backbone that stays out of the optimizer and the checkpoints, its
-three weight sources (local file, hub, none), and the classifier trainer for seed 000's own backbone."""
+three weight sources (local file, hub, none), and the classifier trainer for the flowers conv VAE's own backbone."""
 
 from __future__ import annotations
 
@@ -209,7 +209,7 @@ def test_bad_backbone_or_layers_are_one_sentence():
 
 
 # ------------------------------------------------------------------------------------------------
-# The classifier trainer (seed 000's perception network)
+# The classifier trainer (the flowers conv VAE's perception network)
 # ------------------------------------------------------------------------------------------------
 
 

@@ -4,7 +4,8 @@
     out = model(images)                                             # VAEOutput(recon, mu, logvar, z)
     flops = training_flops_per_image(model, image_size)            # for MFU
 
-Architectures: conv (seed 000), dcgan (seed 001), vanilla (seed 002), resnet (seed 004 / LDM).
+Architectures: conv (the flowers conv VAE), dcgan (the DCGAN dog VAE), vanilla (AntixK's VanillaVAE),
+resnet (LDM-style).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def build_model(cfg: ModelConfig, image_size: int) -> VAE:
     """
     if cfg.arch not in ARCHS:
         raise ConfigError(f"model.arch is {cfg.arch!r} but must be one of {', '.join(ARCHS)}")
-    if cfg.latent == "auto":  # each architecture's own latent: the seeds' dcgan and LDM's resnet are spatial
+    if cfg.latent == "auto":  # each architecture's own latent: dcgan's and LDM's resnet are spatial
         cfg = dataclasses.replace(cfg, latent="spatial" if cfg.arch in ("dcgan", "resnet") else "vector")
     return ARCHS[cfg.arch](cfg, image_size)
 

@@ -256,7 +256,7 @@ class VAE(nn.Module):
 
 class FlatLatentVAE(VAE):
     """A conv encoder flattened into Linear mu/logvar heads, and a Linear back to the last feature map
-    (seeds 000 and 002). Subclasses build `encoder` (ending in Flatten), `heads`, `decoder_input` and the
+    (the flowers conv VAE, AntixK's VanillaVAE). Subclasses build `encoder` (ending in Flatten), `heads`, `decoder_input` and the
     decoder; `feature_shape` and `flat` are the last feature map's shape and size."""
 
     def __init__(self, cfg: ModelConfig, image_size: int):

@@ -1,4 +1,4 @@
-"""`conv` — seed 000's flower VAE: double-conv Down/Up blocks and a flat vector latent.
+"""`conv` — the flowers conv VAE: double-conv Down/Up blocks and a flat vector latent.
 
 Encoder: for each width c in cfg.channels, Down(c_prev, c, c) then GELU, where
     Down = conv3x3 -> BN -> GELU -> conv3x3 -> BN -> 2x2 max-pool.

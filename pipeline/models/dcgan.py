@@ -1,4 +1,4 @@
-"""`dcgan` — seed 001's dog VAE: strided 4x4 convolutions down, transposed 4x4 convolutions up.
+"""`dcgan` — the DCGAN-like dog VAE (after atinghosh/VAE-pytorch): strided 4x4 convolutions down, transposed 4x4 convolutions up.
 
 Encoder: for each width c in cfg.channels, conv4x4 stride 2 padding 1 (exactly halves H and W),
 BatchNorm from the third level on (the seed's 4 levels put BN on the last two; DCGAN never

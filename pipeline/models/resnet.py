@@ -1,4 +1,4 @@
-"""`resnet` — seed 004 / latent-diffusion (LDM) style: GroupNorm+SiLU ResNet blocks, self-attention,
+"""`resnet` — latent-diffusion (LDM) style: GroupNorm+SiLU ResNet blocks, self-attention,
 a spatial latent latent_channels x H/f x W/f.
 
 Two ways to configure it, both compiled to one list of typed blocks and checked by shape inference:
@@ -15,14 +15,14 @@ Two ways to configure it, both compiled to one list of typed blocks and checked 
    channels [128, 256, 512, 512], blocks_per_level 2, attention_levels [3], latent_channels 4 is
    LDM's kl-f8 (Stable Diffusion's VAE) and has its 83,653,863 parameters (a test pins this).
 
-2. Explicit lists (seed 004's "structure file" as YAML), cfg.encoder / cfg.decoder of
+2. Explicit lists (a "structure file" of typed blocks, as YAML), cfg.encoder / cfg.decoder of
    BlockSpec(block, out, repeat), block one of:
      resnet (out channels, 1x1 skip when they change), attention (single head, keeps channels),
      downsample (conv3x3 stride 2, keeps channels; cfg.downsample_padding: symmetric pads one pixel on every
      side, ldm pads right and bottom only, as LDM and diffusers do), upsample (nearest x2 + conv3x3, keeps channels),
      conv (conv3x3 to out channels), norm_act (GroupNorm + SiLU, keeps channels), quantize (looks every
      position's channel vector up in a codebook, model.quantizer's kind and settings, its own codebook of
-     codebook_size codes; keeps channels: seed 004's "intermediate layer quantization");
+     codebook_size codes; keeps channels: intermediate-layer quantization);
    out = 0 keeps the incoming channel count; repeat stacks the block.
    How the lists meet the latent: the encoder list starts from the image (in_channels channels);
    whatever it ends with goes through the head. The decoder list starts from z (latent_channels

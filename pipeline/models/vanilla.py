@@ -1,4 +1,4 @@
-"""`vanilla` — seed 002, after AntixK/PyTorch-VAE's VanillaVAE; cfg.channels is its `hidden_dims`.
+"""`vanilla` — after AntixK/PyTorch-VAE's VanillaVAE; cfg.channels is its `hidden_dims`.
 
 Encoder: for each width c, conv3x3 stride 2 padding 1 -> BN -> LeakyReLU (slope 0.01); flatten;
 one Linear -> mu and logvar (latent_dim each).

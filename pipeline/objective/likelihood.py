@@ -172,7 +172,7 @@ def discretized_laplace_log_prob(x: Tensor, mean: Tensor, log_scale: Tensor | fl
 def bernoulli_log_prob(x01: Tensor, p: Tensor) -> Tensor:
     """Element-wise x log p + (1 - x) log(1 - p) for x, p in [0, 1] (nats; logs clamped at -100).
 
-    This is the *continuous* Bernoulli/BCE convention (seed 001): for grey values x it is not a normalised
+    This is the *continuous* Bernoulli/BCE convention (the DCGAN dog VAE's): for grey values x it is not a normalised
     distribution over the 256 pixel values, so bits/dim from it are not comparable with the literature."""
     return -bce_elementwise(p, x01)
 

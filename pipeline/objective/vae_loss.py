@@ -22,14 +22,14 @@ Reductions (the units every weight in a recipe multiplies):
   [0, 1]), gaussian the negative log-density 0.5*(log s^2 + (x_hat - x)^2 / s^2 + log 2pi) with a learned
   log-variance log s^2 (one scalar, or one per channel) that this module owns as an nn.Parameter, so it
   is optimized together with the model. Pixel differences (l1, mse, gaussian, tv) are taken in the
-  model's output range (like the seeds: seed 000's 5 x L1 was on [-1, 1] images); terms with absolute
+  model's output range (the flowers conv VAE's 5 x L1 was on [-1, 1] images); terms with absolute
   constants (SSIM, the perceptual backbone, bce) see images converted to [0, 1].
   The per-image SUM of the same element-wise loss (nats for gaussian and bce) is `recon_per_image`.
 - The KL term is the closed-form KL(N(mu, diag sigma^2) || N(0, I)) summed over the latent dimensions
-  and averaged over the batch, i.e. nats per image (seed 002's / AntixK's convention). `kl` in the
+  and averaged over the batch, i.e. nats per image (AntixK/PyTorch-VAE's convention). `kl` in the
   terms is that raw value (no free bits, no beta); `kl_weighted` is what enters the total.
 - With samples_per_input L > 1 the recon is [L*B, ...] sample-major; the target is broadcast over the
-  L samples and every image term is averaged over them (seed 001's `no_of_sample`).
+  L samples and every image term is averaged over them (the DCGAN dog VAE's `no_of_sample`).
 - `step` = optimizer steps already taken (0 at the first step); it only drives the beta schedule.
 
 forward() never calls .item() or anything else that waits for the device, with one exception: bce
