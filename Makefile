@@ -79,7 +79,7 @@ test-fast: install  ## Unit tests only (skips multi-process, end-to-end and Slur
 test-slurm: install  ## Bring up a local two-node Slurm cluster and run the real sbatch scripts on it
 	$(BIN)/python -m pytest -q -m slurm $(ARGS)
 
-bench-data: install  ## Benchmark shard writing (1, 2 workers) and reading vs raw decode, ImageFolder, webdataset (ratios)
+bench-data: install  ## Benchmark shard writing and reading vs raw decode, ImageFolder, webdataset; CPU per image by stage per worker count (ARGS="--workers 1,2,4,8,12")
 	$(BIN)/python benchmarks/bench_data.py $(ARGS)
 
 bench-train: install  ## Training step vs a bare PyTorch loop: ATen ops per step (flowers, resnet_f8; goal <= 1.10x) and images/s

@@ -10,7 +10,9 @@ Specification:
 - corrupt samples and truncated shards are skipped and counted; pickles are never unpickled;
 - every shard is checked against its manifest entry before reading (size; sha256 when asked, before or
   while training) and must lie in the shards folder; a damaged one stops, is skipped or is read by
-  choice; read-time warnings name the shard file and byte offset.
+  choice; read-time warnings name the shard file and byte offset;
+- handing a batch to the consumer starts no thread pool in the main process (whose idle threads
+  would spin between batches: CPU that grows with the machine's cores, not with the images).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import multiprocessing
 import os
 import pickle
 import re
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -723,3 +727,68 @@ def test_background_sha256_stops_the_stream_at_the_next_batch(tmp_path):
     clean._background.thread.join(timeout=30)
     assert len(take(clean, 8)) == 8 and clean._background.problem is None
     assert TrainStream(cfg_for(root, verify="background"), rank=1, world_size=2)._background is None  # main only
+
+
+# --------------------------------------------------------------------------------------------
+# The hand-over in the main process: no thread pool (CPU that would not scale with the images)
+# --------------------------------------------------------------------------------------------
+
+_HAND_OVER = """
+import json, os, sys, threading, time
+import torch
+
+# An intra-op pool of one thread per CPU (as torch makes by default; at most 4): OpenMP spins only
+# where a process has no more threads than CPUs (16 on the 16-core node, 2 here).
+torch.set_num_threads(min(4, len(os.sched_getaffinity(0))))
+empty = torch.empty
+torch.cuda.is_available = lambda: True  # the hand-over of a CUDA machine (each batch copied to pinned memory) ...
+torch.empty = lambda *a, pin_memory=False, **k: empty(*a, **k)  # ... into ordinary memory: no GPU to page-lock it
+from pipeline.config import Config, DataConfig, TrainConfig
+from pipeline.data import TrainStream
+
+
+def native_ticks():  # CPU clock ticks of each thread that Python did not start (an intra-op pool's)
+    python = {t.native_id for t in threading.enumerate()}  # this one and the DataLoader's queue feeders
+    ticks = {}
+    for tid in os.listdir("/proc/self/task"):
+        if int(tid) not in python:
+            fields = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+            ticks[tid] = int(fields[11]) + int(fields[12])  # utime + stime
+    return ticks
+
+
+cfg = Config(data=DataConfig(shards=sys.argv[1], batch_size_per_device=64, num_workers=2, decode="cpu"),
+             train=TrainConfig(seed=0))
+batches = iter(TrainStream(cfg, 0, 1))
+shapes = [tuple(next(batches).images.shape) for _ in range(2)]  # start-up: the slots are made
+before = native_ticks()
+for _ in range(8):
+    shapes.append(tuple(next(batches).images.shape))
+    time.sleep(0.05)  # the consumer's step: the time in which an idle pool would spin
+after = native_ticks()
+print(json.dumps({"shapes": shapes, "threads": len(after),
+                  "ticks": sum(t - before.get(tid, 0) for tid, t in after.items()),
+                  "tick_ms": 1000 / os.sysconf("SC_CLK_TCK")}))
+batches.close()
+"""
+
+
+def test_handing_batches_over_runs_no_thread_pool_in_the_main_process(dataset):
+    """On a CUDA machine the main process copies each batch out of its shared-memory slot into pinned
+    memory. A torch copy_ of a batch runs on every intra-op thread (one per core: 16 on the GPU node),
+    and OpenMP's idle threads spin-wait ~10 ms after each copy before they sleep: with a batch every few
+    ms, 15 cores spun there and the 12 data workers got what was left (issue 19: 2,046 CPU us per image,
+    22 % of raw decode). The hand-over must run on the consumer's thread alone. In a fresh process with
+    an intra-op thread per CPU and batches of 64 (large enough for torch to split a copy), the threads
+    Python did not start (a pool made once at start-up, if any) get no CPU at all while 8 batches are
+    handed over, each followed by a 50 ms pause of the consumer: a sleeping thread is charged no tick."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one CPU: torch makes no intra-op pool, so there is nothing that could spin")
+    run = subprocess.run([sys.executable, "-c", _HAND_OVER, str(dataset["dir"])], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["shapes"] == [[64, 3, SIZE, SIZE]] * 10  # the CUDA path was taken and delivered
+    assert got["ticks"] == 0, (f"{got['threads']} threads other than the consumer's ran for "
+                               f"{got['ticks'] * got['tick_ms']:.0f} ms over 8 batches handed over: a torch op "
+                               f"on each batch wakes the intra-op pool, which then spins")

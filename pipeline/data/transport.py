@@ -94,18 +94,20 @@ class _SharedSlots:
 
     def take(self, worker: int, slot: int, n: int, pin: bool) -> torch.Tensor:
         """In the main process: the batch in a slot -> uint8 [n,3,H,W] (channels_last), lent or copied."""
-        if pin:  # pinned memory for asynchronous copies to the GPU (CUDA caches these blocks)
-            out = torch.empty((n, *self.buffers.shape[3:]), dtype=self.buffers.dtype, pin_memory=True)
-            out.copy_(self.buffers[worker, slot, :n])
-        elif self.lent[worker] < self.LENT_PER_WORKER:
+        if not pin and self.lent[worker] < self.LENT_PER_WORKER:
             # Lend the slot: torch keeps this numpy view alive as long as any tensor uses the memory.
             view = self.buffers[worker, slot, :n].numpy()
             self.lent[worker] += 1
             weakref.finalize(view, self._returned, worker, slot).atexit = False
             return _as_batch(torch.from_numpy(view))
+        if pin:  # pinned memory for asynchronous copies to the GPU (CUDA caches these blocks)
+            out = torch.empty((n, *self.buffers.shape[3:]), dtype=self.buffers.dtype, pin_memory=True)
         else:
             out = self.pool.take(n)
-            np.copyto(out.numpy(), self.buffers[worker, slot, :n].numpy())
+        # numpy's copy, on this thread alone. torch's copy_ would split a batch over every intra-op
+        # thread (one per core), whose OpenMP threads then spin ~10 ms before they sleep: with a batch
+        # every few ms, 15 cores of a 16-core node spun here while the workers waited for a core.
+        np.copyto(out.numpy(), self.buffers[worker, slot, :n].numpy())
         self._release(worker, slot)
         return _as_batch(out)
 
