@@ -250,6 +250,67 @@ class AdversarialConfig:
 
 
 @dataclass
+class VFConfig:
+    """Alignment of the latent with a frozen vision foundation model (pipeline/objective/latent.py): a learned 1x1
+    projection of z to the backbone's feature width, pulled towards the backbone's features of the input image by
+    a margin cosine loss per position and a margin loss on the positions' cosine-similarity matrices."""
+
+    weight: float = 0.0
+    """Weight of the alignment term, times the adaptive weight when adaptive_weight is on; 0 disables it."""
+    backbone: str = "vit_small_patch14_dinov2"
+    """A timm model name that supports features_only=True (DINOv2 ViTs, CNNs)."""
+    weights: str = "hub"
+    """hub | none (random init: tests only) | a path to a .pth/.safetensors file, as for loss.perceptual.weights."""
+    layers: list[int] = field(default_factory=lambda: [-1])
+    """timm out_indices of the one feature map aligned to (-1: the last)."""
+    input_size: int = 224
+    """The image is resized to this many px square before the backbone (a multiple of a ViT's patch size)."""
+    adaptive_weight: bool = True
+    """Scale the term by ||grad L_rec|| / ||grad L_vf|| at the encoder's last layer (its latent head)."""
+    adaptive_weight_max: float = 1.0e8
+    """Upper clamp of the adaptive weight."""
+    distmat_margin: float = 0.25
+    """Differences of positions' cosine similarities (latent vs features) below this are not penalised."""
+    cos_margin: float = 0.5
+    """Cosine similarities of a position's projected latent and its feature above 1 - this are not penalised."""
+    distmat_weight: float = 1.0
+    """Weight of the similarity-matrix part inside the term."""
+    cos_weight: float = 1.0
+    """Weight of the per-position cosine part inside the term."""
+
+
+@dataclass
+class EquivarianceConfig:
+    """Scale/rotation equivariance of the decoder (pipeline/objective/latent.py): with `probability`, one micro-batch's
+    latent and images are both downscaled and/or rotated, and the decode of the transformed latent is compared with
+    the transformed images."""
+
+    weight: float = 0.0
+    """Weight of the reconstruction loss of the transformed decode; 0 disables it."""
+    probability: float = 0.5
+    """Chance per micro-batch that the term is computed (else it is 0 and costs nothing)."""
+    scales: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    """Downscale factors in (0, 1] drawn from (1 = no scaling); the latent side is rounded to whole positions."""
+    rotations_degrees: list[int] = field(default_factory=lambda: [90, 180, 270])
+    """Rotations drawn from, multiples of 90 (0 = no rotation); a draw is never the identity."""
+
+
+@dataclass
+class LatentNoiseConfig:
+    """Noise augmentation of the decoder's input (pipeline/objective/latent.py): z + sigma * eps is decoded and
+    compared with the input images, sigma drawn per sample."""
+
+    weight: float = 0.0
+    """Weight of the reconstruction loss of the noisy-latent decode; 0 disables it."""
+    sigma_min: float = 0.0
+    """Lower end of the uniform range sigma is drawn from, in latent units."""
+    sigma_max: float = 0.5
+    """Upper end of that range."""
+    warmup_steps: int = 0
+    """The range grows linearly from 0 to [sigma_min, sigma_max] over this many optimizer steps."""
+
+
+@dataclass
 class LossConfig:
     recon: str = "l1"
     """l1 | mse | bce (needs model.output=sigmoid) | gaussian (learned log-variance)."""
@@ -270,6 +331,12 @@ class LossConfig:
     """Weight of the L1 penalty on mu (the structure-file ResNet VAE's sparse term); 0 disables it."""
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
     """The adversarial stage (off while adversarial.weight is 0); README: Sharp reconstructions."""
+    vf: VFConfig = field(default_factory=VFConfig)
+    """Latent alignment with a frozen foundation model (off while vf.weight is 0); README: Latents for diffusion."""
+    equivariance: EquivarianceConfig = field(default_factory=EquivarianceConfig)
+    """Scale/rotation equivariance of the decode (off while equivariance.weight is 0)."""
+    latent_noise: LatentNoiseConfig = field(default_factory=LatentNoiseConfig)
+    """Decoding noisy latents (off while latent_noise.weight is 0)."""
 
 
 @dataclass
@@ -601,6 +668,7 @@ def validate(cfg: Config, source: str = "recipe", check_paths: bool = True) -> N
     if p.layer_weights and len(p.layer_weights) != len(p.layers):
         raise ConfigError(f"{source}: loss.perceptual.layer_weights needs one weight per entry of loss.perceptual.layers")
     _validate_adversarial(cfg, source)
+    _validate_latent_regularisers(cfg, source)
     _validate_quantizer(cfg, source)
     _validate_spatial_dims(cfg, source)
     for side in ("encoder", "decoder"):
@@ -628,7 +696,16 @@ RANGES: dict[str, tuple[Any, str]] = {
     "loss.adversarial.lr": _POSITIVE, "loss.adversarial.betas": _BETAS,
     "loss.adversarial.weight_decay": _NON_NEGATIVE,
     **{f"loss.{k}": _NON_NEGATIVE for k in ("recon_weight", "kl.weight", "kl.free_bits_nats", "perceptual.weight",
-                                             "ssim_weight", "tv_weight", "sparsity_weight")},
+                                             "ssim_weight", "tv_weight", "sparsity_weight", "vf.weight",
+                                             "vf.distmat_margin", "vf.cos_margin", "vf.distmat_weight",
+                                             "vf.cos_weight", "equivariance.weight", "latent_noise.weight",
+                                             "latent_noise.sigma_min")},
+    "loss.vf.input_size": (lambda v: v >= 1, "at least 1"), "loss.vf.adaptive_weight_max": _POSITIVE,
+    "loss.vf.layers": (lambda v: len(v) == 1, "one timm out_index, e.g. [-1]"),
+    "loss.equivariance.probability": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "loss.equivariance.scales": (lambda v: all(0 < s <= 1 for s in v), "a list of factors in (0, 1]"),
+    "loss.equivariance.rotations_degrees": (lambda v: all(r % 90 == 0 for r in v), "a list of multiples of 90"),
+    "loss.latent_noise.warmup_steps": _STEPS,
     "loss.kl.warmup_steps": _STEPS, "data.rotation_degrees": _NON_NEGATIVE,
 }
 
@@ -699,6 +776,25 @@ def _validate_adversarial(cfg: Config, source: str) -> None:
                           f"loss.adversarial.r1_weight=0")
 
 
+def _validate_latent_regularisers(cfg: Config, source: str) -> None:
+    """What the latent regularisers need from the rest of the recipe (the model's latent is checked by VAELoss,
+    once the architecture has resolved model.latent=auto)."""
+    loss = cfg.loss
+    if loss.latent_noise.sigma_max < loss.latent_noise.sigma_min:
+        raise ConfigError(f"{source}: loss.latent_noise.sigma_max ({loss.latent_noise.sigma_max}) is below "
+                          f"loss.latent_noise.sigma_min ({loss.latent_noise.sigma_min}); give a range low to high")
+    eq = loss.equivariance
+    if eq.weight > 0 and all(s == 1 for s in eq.scales) and all(r % 360 == 0 for r in eq.rotations_degrees):
+        raise ConfigError(f"{source}: loss.equivariance.scales and rotations_degrees hold only the identity, so "
+                          f"there is nothing to be equivariant to; add a scale below 1 or a rotation such as 90")
+    if cfg.model.quantizer.kind != "none" and cfg.model.quantizer.latent:
+        for key in ("equivariance", "latent_noise"):
+            if getattr(loss, key).weight > 0:
+                raise ConfigError(f"{source}: loss.{key}.weight is {getattr(loss, key).weight}, but a quantized "
+                                  f"latent is decoded from its codes, which a transformed or noisy latent is not; "
+                                  f"set loss.{key}.weight=0 or model.quantizer.kind=none")
+
+
 def _validate_spatial_dims(cfg: Config, source: str) -> None:
     dims = cfg.model.spatial_dims
     if dims not in (1, 2, 3):
@@ -706,6 +802,7 @@ def _validate_spatial_dims(cfg: Config, source: str) -> None:
     if dims == 2:
         return
     refused = {"loss.perceptual.weight": cfg.loss.perceptual.weight, "loss.adversarial.weight": cfg.loss.adversarial.weight,
+               "loss.vf.weight": cfg.loss.vf.weight, "loss.equivariance.weight": cfg.loss.equivariance.weight,
                "data.rotation_degrees": cfg.data.rotation_degrees, "train.channels_last": cfg.train.channels_last}
     for key, value in refused.items():
         if value > 0:

@@ -226,7 +226,9 @@ def load_run(run_dir: str | Path, overrides: Sequence[str] = (), checkpoint: str
     loss_cfg = copy.deepcopy(cfg.loss)
     loss_cfg.perceptual.weight = 0.0  # the backbone is frozen and not in the checkpoint; evaluate builds it
     loss = VAELoss(loss_cfg, model.output_range, cfg.model.in_channels, cfg.model.spatial_dims)
-    _load_state(loss, _strip(train_state, "loss."), f"{ckpt.name} (loss parameters)")
+    loss_state = {k: v for k, v in _strip(train_state, "loss.").items()
+                  if not k.startswith("latent.")}  # the latent alignment's projection: a training-only part
+    _load_state(loss, loss_state, f"{ckpt.name} (loss parameters)")
     model.to(device).eval().requires_grad_(False)
     loss.to(device).eval().requires_grad_(False)
     data_range = _data_range(run_dir, cfg)

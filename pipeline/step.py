@@ -28,6 +28,7 @@ from pipeline.import_diffusers import load_init
 from pipeline.models import build_model
 from pipeline.models.quantize import Quantizer, keep_eager, quantizers
 from pipeline.objective import VAELoss
+from pipeline.objective.latent import encoder_last_layer
 from pipeline.objective.adversarial import (AdversarialSchedule, LeCamEMA, adaptive_weight, build_discriminator,
                                             decoder_last_layer, discriminator_loss, generator_loss, lecam_penalty,
                                             r1_penalty)
@@ -44,7 +45,7 @@ class TrainModule(torch.nn.Module):
 
     def forward(self, images: torch.Tensor, step: int):
         out = self.vae(images)
-        return out.recon, self.loss(out, images, step)
+        return out.recon, self.loss(out, images, step, self.vae)  # (the vae: the latent regularisers decode again)
 
 
 class DiscriminatorModule(torch.nn.Module):
@@ -309,7 +310,8 @@ def build_training(cfg: Config, accelerator: Accelerator, image_size: int,
     # train.freeze: before the EMA copy and prepare (DDP reduces only parameters that require grad). The EMA
     # still averages the frozen tensors: they equal its copy, so the lerp leaves them bitwise as they are.
     vae.freeze(cfg.train.freeze)
-    loss_fn = VAELoss(cfg.loss, vae.output_range, cfg.model.in_channels, cfg.model.spatial_dims)
+    loss_fn = VAELoss(cfg.loss, vae.output_range, cfg.model.in_channels, cfg.model.spatial_dims, vae.latent_shape)
+    _check_latent_regularisers(cfg, vae)
     augment = DeviceAugment(cfg.data, vae.output_range, data_range).to(accelerator.device)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     vae = vae.to(accelerator.device, memory_format=memory_format)
@@ -324,6 +326,17 @@ def build_training(cfg: Config, accelerator: Accelerator, image_size: int,
     buffers = FlatBuffers(vae)  # (after prepare, which may move the model: the views must be the final buffers)
     adversary = _build_adversary(cfg, accelerator, vae, image_size, memory_format) if cfg.loss.adversarial.weight > 0 else None
     return Training(vae, loss_fn, augment, ema, module, optimizer, memory_format, buffers, adversary, quantizers(vae))
+
+
+def _check_latent_regularisers(cfg: Config, vae: torch.nn.Module) -> None:
+    v = cfg.loss.vf
+    if v.weight > 0 and v.adaptive_weight:
+        if not encoder_last_layer(vae).requires_grad:
+            raise ConfigError("loss.vf.adaptive_weight measures gradients at the encoder's last layer (its latent "
+                              "head), which train.freeze keeps frozen; train that part or set "
+                              "loss.vf.adaptive_weight=false")
+        if cfg.train.compile:  # two gradients through the compiled VAE before the step's backward, as for the GAN
+            torch._functorch.config.donated_buffer = False
 
 
 def _build_adversary(cfg: Config, accelerator: Accelerator, vae: torch.nn.Module, image_size: int,

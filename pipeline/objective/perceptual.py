@@ -52,36 +52,41 @@ HUB_PROBE_TIMEOUT_S = 0.5
 # --------------------------------------------------------------------------------------------
 
 
-def build_backbone(cfg: PerceptualConfig) -> tuple[nn.Module, tuple[float, ...], tuple[float, ...]]:
+def build_backbone(cfg: PerceptualConfig, key: str = "loss.perceptual", what: str = "perceptual loss",
+                   extra: dict | None = None) -> tuple[nn.Module, tuple[float, ...], tuple[float, ...]]:
     """`timm.create_model(cfg.backbone, features_only=True, out_indices=cfg.layers)` with the weights that
     cfg.weights names -> (model in eval mode with requires_grad False, mean, std), where mean/std are the
-    backbone's pretrained_cfg normalisation for [0, 1] RGB input. Raises ConfigError with one sentence."""
+    backbone's pretrained_cfg normalisation for [0, 1] RGB input. Raises ConfigError with one sentence.
+
+    key: the recipe section the settings came from (named in errors); what: the term, for the warning;
+    extra: keyword arguments for architectures that take them (ViTs: dynamic_img_size), dropped for those
+    that do not."""
     import timm
 
     name = cfg.backbone
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
-        raise ConfigError(f"loss.perceptual.backbone {name!r} is not a timm model{hint}")
+        raise ConfigError(f"{key}.backbone {name!r} is not a timm model{hint}")
     layers = tuple(int(i) for i in cfg.layers)
     if not layers:
-        raise ConfigError("loss.perceptual.layers is empty; name at least one feature level, e.g. [1, 2, 3]")
+        raise ConfigError(f"{key}.layers is empty; name at least one feature level, e.g. [1, 2, 3]")
     weights = str(cfg.weights)
     if weights == "none":
-        model = _create(name, layers, pretrained=False)
-        log.warning("loss.perceptual.weights is none: the perceptual loss uses a randomly initialised %s "
-                    "(only meaningful in tests)", name)
+        model = _create(name, layers, pretrained=False, key=key, extra=extra)
+        log.warning("%s.weights is none: the %s uses a randomly initialised %s "
+                    "(only meaningful in tests)", key, what, name)
     elif weights == "hub":
-        model = _create_from_hub(name, layers)
+        model = _create_from_hub(name, layers, key, extra)
     else:
         path = Path(weights).expanduser()
         if not path.is_file():
-            raise ConfigError(f"loss.perceptual.weights is {weights!r}, which is neither hub, none nor an "
+            raise ConfigError(f"{key}.weights is {weights!r}, which is neither hub, none nor an "
                               f"existing {'/'.join(WEIGHT_SUFFIXES)} file")
         if path.suffix.lower() not in WEIGHT_SUFFIXES:
-            raise ConfigError(f"loss.perceptual.weights file {path} must end in one of {', '.join(WEIGHT_SUFFIXES)}")
-        check_weights_file(name, path)
-        model = _create(name, layers, pretrained=True, overlay=dict(file=str(path)))
+            raise ConfigError(f"{key}.weights file {path} must end in one of {', '.join(WEIGHT_SUFFIXES)}")
+        check_weights_file(name, path, key)
+        model = _create(name, layers, pretrained=True, overlay=dict(file=str(path)), key=key, extra=extra)
     model.eval().requires_grad_(False)
     pc = getattr(model, "pretrained_cfg", None) or {}
     mean = tuple(float(m) for m in pc.get("mean", timm.data.IMAGENET_DEFAULT_MEAN))
@@ -91,13 +96,20 @@ def build_backbone(cfg: PerceptualConfig) -> tuple[nn.Module, tuple[float, ...],
     return model, mean, std
 
 
-def _create(name: str, layers: tuple[int, ...], pretrained: bool, overlay: dict | None = None) -> nn.Module:
+def _create(name: str, layers: tuple[int, ...], pretrained: bool, overlay: dict | None = None,
+            key: str = "loss.perceptual", extra: dict | None = None) -> nn.Module:
     import timm
 
     kwargs = dict(features_only=True, out_indices=layers)
     if overlay:
         kwargs["pretrained_cfg_overlay"] = overlay
     try:
+        if extra:
+            try:
+                return timm.create_model(name, pretrained=pretrained, **kwargs, **extra)
+            except TypeError as e:  # an architecture without these options (a CNN: no dynamic_img_size)
+                if "unexpected keyword" not in str(e):
+                    raise
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except (IndexError, AssertionError, ValueError, TypeError, RuntimeError, NotImplementedError) as e:
         if _is_download_error(e):
@@ -105,10 +117,10 @@ def _create(name: str, layers: tuple[int, ...], pretrained: bool, overlay: dict 
         try:  # say how many levels there are, if the backbone has features at all
             levels = len(timm.create_model(name, pretrained=False, features_only=True).feature_info)
         except Exception:
-            raise ConfigError(f"loss.perceptual.backbone {name} does not support features_only=True "
+            raise ConfigError(f"{key}.backbone {name} does not support features_only=True "
                               f"({_first_line(e)}); pick a convolutional timm model such as resnet18") from None
         if any(not -levels <= i < levels for i in layers):
-            raise ConfigError(f"loss.perceptual.layers {list(layers)} do not fit {name}, which has feature levels "
+            raise ConfigError(f"{key}.layers {list(layers)} do not fit {name}, which has feature levels "
                               f"0..{levels - 1}") from None
         raise ConfigError(f"timm could not build {name} for the perceptual loss ({_first_line(e)})") from None
 
@@ -122,7 +134,7 @@ def _is_download_error(e: BaseException) -> bool:
     return isinstance(e, OSError) or type(e).__module__.startswith(("huggingface_hub", "requests", "urllib", "httpx"))
 
 
-def check_weights_file(name: str, path: Path) -> None:
+def check_weights_file(name: str, path: Path, key: str = "loss.perceptual") -> None:
     """Every tensor of architecture `name` except its classifier must be in the file with the same shape;
     and a file written by the classifier trainer must name the same backbone. ConfigError otherwise."""
     import timm
@@ -135,15 +147,15 @@ def check_weights_file(name: str, path: Path) -> None:
             with safe_open(str(path), "pt") as f:
                 meta = f.metadata() or {}
         except Exception as e:
-            raise ConfigError(f"loss.perceptual.weights file {path} is not a readable safetensors file "
+            raise ConfigError(f"{key}.weights file {path} is not a readable safetensors file "
                               f"({_first_line(e)})") from None
         if meta.get("backbone") and meta["backbone"] != name:
-            raise ConfigError(f"loss.perceptual.weights file {path} holds a {meta['backbone']} but "
-                              f"loss.perceptual.backbone is {name}; set the backbone to {meta['backbone']}")
+            raise ConfigError(f"{key}.weights file {path} holds a {meta['backbone']} but "
+                              f"{key}.backbone is {name}; set the backbone to {meta['backbone']}")
     try:
         sd = load_state_dict(str(path))
     except Exception as e:
-        raise ConfigError(f"loss.perceptual.weights file {path} could not be read as a state dict "
+        raise ConfigError(f"{key}.weights file {path} could not be read as a state dict "
                           f"({_first_line(e)})") from None
     try:
         with torch.device("meta"):  # shapes only: no memory, no init cost
@@ -156,7 +168,7 @@ def check_weights_file(name: str, path: Path) -> None:
                 if not k.endswith("num_batches_tracked") and not any(k.startswith(c + ".") for c in classifier)}
     bad = [k for k, shape in expected.items() if k not in sd or tuple(sd[k].shape) != tuple(shape)]
     if bad:
-        raise ConfigError(f"loss.perceptual.weights file {path} does not fit backbone {name}: {len(bad)} of "
+        raise ConfigError(f"{key}.weights file {path} does not fit backbone {name}: {len(bad)} of "
                           f"{len(expected)} tensors are missing or shaped differently (first: {bad[0]}); "
                           f"was it saved from another model?")
 
@@ -216,7 +228,8 @@ def _hf_cached(hub_id: str, filename: str | None) -> bool:
     return any(isinstance(try_to_load_from_cache(repo, n, revision=revision), str) for n in names)
 
 
-def _create_from_hub(name: str, layers: tuple[int, ...]) -> nn.Module:
+def _create_from_hub(name: str, layers: tuple[int, ...], key: str = "loss.perceptual",
+                     extra: dict | None = None) -> nn.Module:
     import timm
     from huggingface_hub import constants as hf_constants
     from timm.models._hub import check_cached_file
@@ -225,7 +238,7 @@ def _create_from_hub(name: str, layers: tuple[int, ...]) -> nn.Module:
     hub_id = getattr(pc, "hf_hub_id", None) if pc is not None else None
     url = getattr(pc, "url", None) if pc is not None else None
     if not hub_id and not url:
-        raise ConfigError(f"timm has no pretrained weights for {name}; set loss.perceptual.weights to a "
+        raise ConfigError(f"timm has no pretrained weights for {name}; set {key}.weights to a "
                           f"file path or none")
     if hub_id:
         where = f"the Hugging Face Hub ({hub_id})"
@@ -235,7 +248,7 @@ def _create_from_hub(name: str, layers: tuple[int, ...]) -> nn.Module:
         if _hf_cached(hub_id, getattr(pc, "hf_hub_filename", None)):
             try:
                 with _hf_offline():  # from the cache, without a single network request
-                    return _create(name, layers, pretrained=True)
+                    return _create(name, layers, pretrained=True, key=key, extra=extra)
             except ConfigError:
                 raise
             except Exception as e:  # e.g. an incomplete cache entry: try the network below
@@ -246,19 +259,19 @@ def _create_from_hub(name: str, layers: tuple[int, ...]) -> nn.Module:
         advice = f"download {url} on a machine with internet, copy the file over"
         probe_url = url
         if check_cached_file(url):
-            return _create(name, layers, pretrained=True)
+            return _create(name, layers, pretrained=True, key=key, extra=extra)
     if not _reachable(probe_url):
         raise ConfigError(
-            f"loss.perceptual.weights=hub needs the pretrained {name} weights from {where}, which cannot be "
-            f"reached and are not in the local cache: {advice} and set loss.perceptual.weights to the "
+            f"{key}.weights=hub needs the pretrained {name} weights from {where}, which cannot be "
+            f"reached and are not in the local cache: {advice} and set {key}.weights to the "
             f"file's path (or use none for a random backbone)")
     try:
-        return _create(name, layers, pretrained=True)
+        return _create(name, layers, pretrained=True, key=key, extra=extra)
     except ConfigError:
         raise
     except Exception as e:
-        raise ConfigError(f"loss.perceptual.weights=hub could not download the {name} weights from {where} "
-                          f"({_first_line(e)}); {advice} and set loss.perceptual.weights to its path") from None
+        raise ConfigError(f"{key}.weights=hub could not download the {name} weights from {where} "
+                          f"({_first_line(e)}); {advice} and set {key}.weights to its path") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,16 +303,17 @@ class PerceptualDistance(nn.Module):
     float32 and runs in bf16/fp16 under autocast. It is always in eval mode, whatever .train() says.
     """
 
-    def __init__(self, cfg: PerceptualConfig, output_range: tuple[float, float], image_channels: int = 3):
+    def __init__(self, cfg: PerceptualConfig, output_range: tuple[float, float], image_channels: int = 3,
+                 key: str = "loss.perceptual", what: str = "perceptual loss", extra: dict | None = None):
         super().__init__()
 
         if image_channels not in (1, 3):
-            raise ConfigError(f"loss.perceptual needs 1- or 3-channel images, got model.in_channels={image_channels}")
+            raise ConfigError(f"{key} needs 1- or 3-channel images, got model.in_channels={image_channels}")
         if cfg.distance not in ("l1", "l2"):
-            raise ConfigError(f"loss.perceptual.distance is {cfg.distance!r} but must be l1 or l2")
+            raise ConfigError(f"{key}.distance is {cfg.distance!r} but must be l1 or l2")
         if cfg.layer_weights and len(cfg.layer_weights) != len(cfg.layers):
-            raise ConfigError("loss.perceptual.layer_weights needs one weight per entry of loss.perceptual.layers")
-        backbone, mean, std = build_backbone(cfg)
+            raise ConfigError(f"{key}.layer_weights needs one weight per entry of {key}.layers")
+        backbone, mean, std = build_backbone(cfg, key, what, extra)
         backbone.eval().requires_grad_(False)
         object.__setattr__(self, "backbone", backbone)  # plain attribute: not registered (see class doc)
         object.__setattr__(self, "_mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))

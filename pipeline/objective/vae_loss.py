@@ -16,6 +16,11 @@ Reductions (the units every weight in a recipe multiplies):
           + ssim_loss                         ssim_weight * (1 - SSIM), SSIM on images in [0, 1]
           + tv_weight         * tv            total variation per pixel (see `total_variation`)
           + sparsity_weight   * sparsity      mean |mu| over batch and latent dimensions
+          + vf.weight * a     * vf            latent alignment with a frozen foundation model, a the adaptive weight
+          + equivariance.weight * equivariance  reconstruction of a downscaled/rotated latent (drawn with probability p)
+          + latent_noise.weight * latent_noise  reconstruction of z + sigma * eps
+  The last three (pipeline/objective/latent.py) need the model: they are computed when forward() is given it (the
+  training step does; validation does not).
 
 - `recon` is the element-wise loss e(x_hat, x) averaged over every sub-pixel (C*H*W) of every image and
   every Monte-Carlo sample: l1 |x_hat - x|, mse (x_hat - x)^2, bce the binary cross-entropy (images in
@@ -51,6 +56,7 @@ from pipeline.config import ConfigError, LossConfig
 from pipeline.objective.image import ssim as ssim_map
 from pipeline.objective.image import to_unit_range, total_variation
 from pipeline.objective.kl import check_kl, kl_beta, kl_per_dim
+from pipeline.objective.latent import LatentRegularisers
 from pipeline.objective.likelihood import (GAUSSIAN_LOGVAR_RANGE, LOG_2PI, RECON_KINDS, bce_elementwise,
                                            bernoulli_log_prob, discretized_gaussian_log_prob,
                                            discretized_laplace_log_prob, log_importance_weights,
@@ -65,8 +71,10 @@ class LossResult:
     terms: dict[str, Tensor]
     """Detached float32 scalars by name: recon always; kl, kl_weighted, beta for a Gaussian bottleneck;
     quantizer (the weighted sum that entered the total), quantizer_commitment, quantizer_codebook (vq) when
-    the model quantizes; perceptual, ssim, ssim_loss, tv, sparsity when their weight is > 0. Raw (unweighted) values except kl_weighted (= beta * free-bits KL)
-    and ssim_loss (= ssim_weight * (1 - ssim)), which are the amounts that entered the total."""
+    the model quantizes; perceptual, ssim, ssim_loss, tv, sparsity when their weight is > 0; vf, vf_distmat, vf_cos,
+    vf_adaptive_weight, vf_weighted; equivariance, equivariance_drawn; latent_noise, latent_noise_sigma when those
+    are on and the model was given. Raw (unweighted) values except kl_weighted (= beta * free-bits KL),
+    ssim_loss (= ssim_weight * (1 - ssim)) and vf_weighted, which are the amounts that entered the total."""
     kl_per_dim: Tensor
     """[D] detached: batch-mean KL per latent dimension in nats (no free bits, no beta); empty when quantized."""
 
@@ -74,12 +82,14 @@ class LossResult:
 class VAELoss(nn.Module):
     """recon + KL + perceptual + SSIM + TV + sparsity, configured by the recipe's `loss:` section.
 
-    Parameters: only the gaussian likelihood's learned log-variance (`gaussian_logvar`, shape [] or [C]),
-    which the trainer optimizes with the model. The perceptual backbone is frozen and deliberately kept
+    Parameters: the gaussian likelihood's learned log-variance (`gaussian_logvar`, shape [] or [C]) and the latent
+    alignment's projection (`latent.vf.proj`), which the trainer optimizes with the model. The perceptual backbone is frozen and deliberately kept
     out of parameters() and state_dict() (see pipeline.objective.perceptual.PerceptualDistance)."""
 
     def __init__(self, cfg: LossConfig, output_range: tuple[float, float], image_channels: int,
-                 spatial_dims: int = 2):
+                 spatial_dims: int = 2, latent_shape: tuple[int, ...] | None = None):
+        """latent_shape: the model's (VAE.latent_shape), needed for the latent regularisers; None builds none of
+        them (evaluation and inference, which never compute them)."""
         super().__init__()
         self.cfg = cfg
         self.spatial_dims = int(spatial_dims)  # 1: [B, C, L], 2: [B, C, H, W], 3: [B, C, D, H, W]
@@ -112,6 +122,8 @@ class VAELoss(nn.Module):
             self.gaussian_logvar = nn.Parameter(torch.zeros(shape))
         self.perceptual = (PerceptualDistance(cfg.perceptual, self.output_range, self.image_channels)
                            if cfg.perceptual.weight > 0 else None)
+        self.latent = (LatentRegularisers(cfg, self.output_range, self.image_channels, latent_shape, self.spatial_dims)
+                       if latent_shape is not None else None)
         self._range_checked = False
 
     # -- pieces ---------------------------------------------------------------------------------
@@ -164,9 +176,10 @@ class VAELoss(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
 
-    def forward(self, out, target: Tensor, step: int) -> LossResult:
+    def forward(self, out, target: Tensor, step: int, vae: nn.Module | None = None) -> LossResult:
         """out: a VAEOutput (recon [L*B,C,H,W] sample-major, mu/logvar [B, *latent]); target [B,C,H,W] in
-        the model's output range; step: optimizer steps already taken (drives beta)."""
+        the model's output range; step: optimizer steps already taken (drives beta and the noise warm-up); vae: the
+        model that made `out`, for the latent regularisers (which decode again); None leaves them out."""
         cfg = self.cfg
         device = target.device
         recon = out.recon
@@ -181,6 +194,7 @@ class VAELoss(nn.Module):
         with torch.autocast(device.type, enabled=False):
             rec = self.recon_elementwise(recon, target).mean()
             total = cfg.recon_weight * rec
+            image_total = total  # the image terms alone: what the latent alignment's adaptive weight is measured by
             terms["recon"] = rec
 
             if out.logvar is not None:  # a Gaussian bottleneck (a quantized one has no KL)
@@ -203,6 +217,7 @@ class VAELoss(nn.Module):
 
             if perc is not None:
                 total = total + cfg.perceptual.weight * perc
+                image_total = image_total + cfg.perceptual.weight * perc
                 terms["perceptual"] = perc
 
             if cfg.ssim_weight > 0:
@@ -212,18 +227,26 @@ class VAELoss(nn.Module):
                 ssim = ssim_map(recon01, t01, cfg.ssim_window, max_val=1.0).mean()  # 1-D, 2-D or 3-D
                 ssim_loss = cfg.ssim_weight * (1.0 - ssim)
                 total = total + ssim_loss
+                image_total = image_total + ssim_loss
                 terms["ssim"] = ssim
                 terms["ssim_loss"] = ssim_loss
 
             if cfg.tv_weight > 0:
                 tv = total_variation(recon).mean()
                 total = total + cfg.tv_weight * tv
+                image_total = image_total + cfg.tv_weight * tv
                 terms["tv"] = tv
 
             if cfg.sparsity_weight > 0:
                 sparsity = out.mu.float().abs().mean()
                 total = total + cfg.sparsity_weight * sparsity
                 terms["sparsity"] = sparsity
+
+        if vae is not None and self.latent is not None and self.latent.active:  # decodes under the caller's autocast
+            extra, latent_terms = self.latent(vae, out, target, step, image_total,
+                                              lambda r, t: self.recon_elementwise(r, t).mean())
+            total = total + extra
+            terms.update(latent_terms)
 
         return LossResult(total=total, terms={k: v.detach() for k, v in terms.items()},
                           kl_per_dim=kl_d.detach())
@@ -250,6 +273,8 @@ class VAELoss(nn.Module):
                 terms.append(f"{weight:g} x {name}")
         if cfg.adversarial.weight > 0:
             terms.append(f"{cfg.adversarial.weight:g} x adversarial ({cfg.adversarial.loss})")
+        if self.latent is not None:
+            terms += self.latent.active_terms()
         return terms
 
     # -- evaluation -----------------------------------------------------------------------------
