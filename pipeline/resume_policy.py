@@ -39,6 +39,8 @@ RULES: dict[str, str | None] = {
     "loss": APPLIES,
     "loss.recon": APPLIES,  # refused to or from gaussian, whose learned log-variance the checkpoint holds
     "loss.gaussian_logvar": "the checkpoint's learned log-variance has the shape it gives",
+    "loss.vf.backbone": "the checkpoint's latent projection has the width of that backbone's features",
+    "loss.vf.layers": "the checkpoint's latent projection has the width of that feature map",
     "loss.adversarial.disc_layers": DISCRIMINATOR,
     "loss.adversarial.disc_channels": DISCRIMINATOR,
     "optim": APPLIES,
@@ -107,6 +109,11 @@ def _refusal(key: str, then: dict[str, Any], now: dict[str, Any]) -> str | None:
         return None  # no learned log-variance in the checkpoint
     if key.startswith("loss.adversarial.disc_") and not then.get("loss.adversarial.weight"):
         return None  # trained without the adversarial stage: the discriminator starts afresh anyway
+    if key == "loss.vf.weight":  # the latent projection is in the checkpoint exactly when the alignment was on
+        return ("the checkpoint's loss state holds the latent alignment's projection exactly when loss.vf.weight > 0"
+                if (then[key] > 0) != (now[key] > 0) else None)
+    if key in ("loss.vf.backbone", "loss.vf.layers") and not then.get("loss.vf.weight"):
+        return None  # trained without the alignment: no projection in the checkpoint
     return rule(key)
 
 
