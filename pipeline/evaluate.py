@@ -6,8 +6,10 @@
     accelerate launch --multi_gpu --num_processes 8 -m pipeline.evaluate runs/flowers
 
 Every rank reads a disjoint part of the split (pipeline.data.val_batches gives each sample to exactly
-one rank x worker), accumulates per-sample SUMS, and the sums are all-reduced once at the end. No
-collective runs per batch, so ranks with uneven sample counts never hang, and each sample counts once.
+one rank x worker), accumulates per-sample SUMS in pipeline.split_metrics.SplitMetrics (the one
+accumulator of both the validation pass and evaluate(), so each figure is computed in one place), and the
+sums are all-reduced once at the end. No collective runs per batch, so ranks with uneven sample counts
+never hang, and each sample counts once.
 The random z of a sample is drawn from a generator seeded by its key (pipeline.inference.key_noise), so
 the stochastic bounds do not depend on how many processes share the work either.
 
@@ -39,12 +41,15 @@ What `evaluate()` reports (RUN_DIR/eval/metrics.json, and the run's W&B summary 
 - lpips, rfid (with local weights files: metrics.* / --lpips-weights, --inception-weights; otherwise null
   and one line says which file to fetch) and sharpness_ratio (no weights) of decode(mu) against the input:
   pipeline.metrics says which implementation each number comes from.
+- latent/probe_accuracy (a cross-validated ridge probe of the class from the pooled posterior means; with
+  latent/probe_chance beside it), latent/hf_energy_ratio (the share of the latent's spatial energy above
+  0.25 cycles per position; null for a vector latent), and per channel the mean and std of mu and of one
+  posterior sample z (latent/mu_channel_mean, ..., and their extremes): pipeline.split_metrics defines them.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -62,44 +67,22 @@ from pipeline import durable, faults, media
 from pipeline.config import ConfigError, exit_on_config_error
 from pipeline.inference import check_shards, key_noise, load_run, split_batches
 from pipeline.metrics import ReconstructionMetrics
-from pipeline.models.quantize import code_statistics, quantizers
-from pipeline.objective.image import ssim as ssim_map
 from pipeline.objective.kl import kl_per_dim
-from pipeline.objective.likelihood import (GAUSSIAN_LOGVAR_RANGE, LN2, fixed_log_scale, iwae_bounds,
+from pipeline.objective.likelihood import (GAUSSIAN_LOGVAR_RANGE, fixed_log_scale, iwae_bounds,
                                            iwae_group_sizes, log_importance_weights)
 from pipeline.objective.perceptual import PerceptualDistance
+from pipeline.split_metrics import (ACTIVE_UNIT_THRESHOLD, PSNR_CAP_DB, SplitMetrics,  # noqa: F401 (re-exported)
+                                    psnr_per_image, ssim_per_image, to_unit_range)
 from pipeline.tracking import dataset_artifact, load_or_create_run_id, model_artifact, staging_in, use_artifact
-
-PSNR_CAP_DB = 100.0
-"""PSNR of a perfect reconstruction (MSE = 0) is reported as this value instead of infinity."""
-
-ACTIVE_UNIT_THRESHOLD = 0.01
-"""A latent dimension is active when Cov_x(E_q[z_d | x]) > 0.01 (Burda et al. 2016)."""
-
-
-def to_unit_range(images: torch.Tensor, output_range: tuple[float, float]) -> torch.Tensor:
-    low, high = output_range
-    return ((images.float() - low) / (high - low)).clamp(0, 1)
-
-
-def psnr_per_image(recon01: torch.Tensor, target01: torch.Tensor) -> torch.Tensor:
-    """PSNR in dB per image for images in [0, 1], capped at PSNR_CAP_DB."""
-    mse = (recon01 - target01).pow(2).flatten(1).mean(1)
-    psnr = 10 * torch.log10(1.0 / mse.clamp_min(1e-30))
-    return psnr.clamp(max=PSNR_CAP_DB)
-
-
-def ssim_per_image(recon01: torch.Tensor, target01: torch.Tensor, window: int = 11) -> torch.Tensor:
-    """Images, signals and volumes (pipeline.objective.image.ssim: kornia's SSIM without a host sync)."""
-    return ssim_map(recon01, target01, window).flatten(1).mean(1)
 
 
 @torch.no_grad()
 def validate(model, loss_fn, augment, batches: Iterable, accelerator, step: int,
              field_metrics: ReconstructionMetrics | None = None) -> dict:
     """Mean reconstruction / KL / -ELBO / PSNR / SSIM over the split, KL per latent dimension and active units,
-    and with `field_metrics` (metrics.in_validation) val/sharpness_ratio, val/lpips, val/rfid of the sampled
-    reconstructions.
+    the latent diagnostics (val/latent/*: linear-probe accuracy, high-frequency energy ratio, per-channel
+    mean/std summaries; pipeline.split_metrics), and with `field_metrics` (metrics.in_validation)
+    val/sharpness_ratio, val/lpips, val/rfid of the sampled reconstructions.
 
     `model` is the EMA (or raw) VAE, `loss_fn` the training VAELoss (its terms at `step`). Sampling z uses
     the global RNG; callers that need an untouched RNG stream wrap this in torch.random.fork_rng().
@@ -107,15 +90,7 @@ def validate(model, loss_fn, augment, batches: Iterable, accelerator, step: int,
     device = accelerator.device
     was_training = model.training
     model.eval()
-    sums: dict[str, torch.Tensor] = {}
-    mu_sum = mu_sq_sum = kl_dim_sum = None
-    codes = CodeCounts(model, device)
-    count = torch.zeros((), dtype=torch.float64, device=device)
-    field = field_metrics.fresh() if field_metrics is not None else None
-
-    def add(name: str, per_image: torch.Tensor) -> None:
-        sums[name] = sums.get(name, 0) + per_image.double().sum()
-
+    acc = SplitMetrics(model, device, field_metrics)
     for batch in batches:
         x = augment(batch.images.to(device, non_blocking=True), train=False)
         n = x.shape[0]
@@ -124,102 +99,32 @@ def validate(model, loss_fn, augment, batches: Iterable, accelerator, step: int,
         # Loss terms are batch means: weight them by the batch size so the split mean is exact.
         for name, value in result.terms.items():
             if name != "beta":  # a schedule value, not a property of the data
-                add(f"loss/{name}", value.reshape(1).expand(n))
+                acc.add(f"loss/{name}", value.reshape(1).expand(n))
         # -ELBO with the discretised likelihood; l1/mse use this batch's maximum-likelihood scale (the
         # standalone `python -m pipeline.evaluate` fits one scale over the whole split instead).
         kind = loss_fn.cfg.recon
         log_scale = fixed_log_scale(kind, result.terms["recon"]) if kind in ("l1", "mse") else None
         if out.logvar is not None:  # a quantized bottleneck has no ELBO
-            add("neg_elbo_nats", loss_fn.neg_elbo(out, x, log_scale))
-        codes.add(out)
-        recon01 = to_unit_range(out.recon[:n], model.output_range)
-        target01 = to_unit_range(x, model.output_range)
-        add("psnr", psnr_per_image(recon01, target01))
-        add("ssim", ssim_per_image(recon01, target01))
-        if field is not None:
-            field.update(recon01, target01)
-        mu = out.mu.flatten(1).double()
-        logvar = out.logvar.flatten(1).double() if out.logvar is not None else None
-        kl_dim = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar) if logvar is not None else torch.zeros_like(mu)
-        mu_sum = mu.sum(0) if mu_sum is None else mu_sum + mu.sum(0)
-        mu_sq_sum = mu.pow(2).sum(0) if mu_sq_sum is None else mu_sq_sum + mu.pow(2).sum(0)
-        kl_dim_sum = kl_dim.sum(0) if kl_dim_sum is None else kl_dim_sum + kl_dim.sum(0)
-        count += n
+            acc.add("neg_elbo_nats", loss_fn.neg_elbo(out, x, log_scale))
+        acc.update(x, out.recon[:n], out.mu, out.logvar, z=out.z[:n], labels=getattr(batch, "labels", None),
+                   keys=getattr(batch, "keys", None), out=out)
         faults.kill_at("validation", step, accelerator.is_main_process)  # tests: a kill mid-validation
-
-    if mu_sum is None:  # this rank got no samples: contribute zeros of the right shape
-        dims = math.prod(model.latent_shape)
-        mu_sum = mu_sq_sum = kl_dim_sum = torch.zeros(dims, dtype=torch.float64, device=device)
-    names = sorted(sums)  # identical on every rank only if every rank saw a batch; make it so:
-    names = sorted(set(names) | set(_all_names(accelerator, names)))
-    scalars = torch.stack([torch.as_tensor(sums.get(k, 0.0), dtype=torch.float64, device=device) for k in names]
-                          + [count]) if names else count.reshape(1)
-    scalars = accelerator.reduce(scalars, "sum")
-    mu_sum, mu_sq_sum, kl_dim_sum = (accelerator.reduce(t, "sum") for t in (mu_sum, mu_sq_sum, kl_dim_sum))
-    code_metrics = codes.results(accelerator)
-    total = scalars[-1].item()  # one sync, at the end of the pass
-    extra = field.results(accelerator) if field is not None else {}  # its own single all-reduce
+    figures = acc.compute(accelerator)  # collective: every rank, once, at the end of the pass
     model.train(was_training)
-    if total == 0:
+    if figures["count"] == 0:
         return {"count": 0}
-
-    metrics = {f"val/{k}": v / total for k, v in zip(names, scalars[:-1].tolist())}
-    mean_mu = mu_sum / total
-    cov_mu = (mu_sq_sum / total - mean_mu.pow(2)).clamp_min(0)
-    kl_per_dim = (kl_dim_sum / total)
-    if "val/neg_elbo_nats" in metrics:
-        metrics["val/kl_nats"] = kl_per_dim.sum().item()
-        metrics["val/elbo_bits_per_dim"] = metrics["val/neg_elbo_nats"] / (model.values_per_sample * math.log(2))
-    metrics.update({f"val/{k}": v for k, v in code_metrics.items() if not isinstance(v, list)})
-    metrics["val/active_units"] = int((cov_mu > ACTIVE_UNIT_THRESHOLD).sum().item())
-    metrics["val/latent_dims"] = int(cov_mu.numel())
-    metrics["count"] = int(total)
-    metrics.update({f"val/{k}": v for k, v in extra.items() if isinstance(v, float)})
-    if "val/neg_elbo_nats" in metrics:
-        metrics["kl_per_dim"] = kl_per_dim.float().cpu().tolist()
-    metrics["mu_variance_per_dim"] = cov_mu.float().cpu().tolist()
-    metrics.update({k: v for k, v in code_metrics.items() if isinstance(v, list)})
+    # W&B gets the scalars as val/<name>, and a bar chart of each per-dimension list; the field metrics'
+    # descriptions (lpips_net, rfid_features) and the per-channel lists stay in pipeline.evaluate's file.
+    metrics = {f"val/{k}": v for k, v in figures.items()
+               if k not in VALIDATION_OMITS and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics["count"] = figures["count"]
+    metrics.update({k: v for k, v in figures.items() if k in ("kl_per_dim", "mu_variance_per_dim")
+                    or k.startswith("code_frequency_")})
     return metrics
 
 
-class CodeCounts:
-    """Code counts of every quantizer of `model` over a whole pass, summed over ranks once at the end:
-    usage, perplexity and bits per token over the split, not per batch (a batch cannot show dead codes)."""
-
-    def __init__(self, model, device: torch.device):
-        self.quantizers = quantizers(model)
-        self.counts = {q.name: torch.zeros(q.num_codes, dtype=torch.float64, device=device) for q in self.quantizers}
-
-    def add(self, out) -> None:
-        indices = dict(out.block_indices)
-        if out.indices is not None:
-            indices["latent"] = out.indices
-        for name, idx in indices.items():
-            self.counts[name] += torch.bincount(idx.flatten(), minlength=self.counts[name].numel()).double()
-
-    def results(self, accelerator) -> dict:
-        """{"codebook/<name>/usage" | perplexity | entropy_bits | bits_per_token | tokens: float,
-        "code_frequency/<name>": the code frequencies sorted from the most used (a list, for the bar chart)}."""
-        out: dict = {}
-        for q in self.quantizers:
-            counts = self.counts[q.name]
-            if accelerator.num_processes > 1:
-                counts = accelerator.reduce(counts, "sum")
-            stats = code_statistics(counts)
-            stats["bits_per_token"] = math.log2(q.num_codes)  # what an index costs when stored uncompressed
-            out.update({f"codebook/{q.name}/{k}": v for k, v in stats.items()})
-            total = counts.sum().clamp_min(1)
-            out[f"code_frequency_{q.name}"] = (counts.sort(descending=True).values / total).float().cpu().tolist()
-        return out
-
-
-def _all_names(accelerator, names: list[str]) -> list[str]:
-    """The union of metric names over ranks (a rank with no batches has none)."""
-    if accelerator.num_processes == 1:
-        return names
-    from accelerate.utils import gather_object
-
-    return [n for sub in gather_object([names]) for n in sub]
+VALIDATION_OMITS = {"count", "lpips_net", "rfid_features", "latent/probe_samples"}
+"""SplitMetrics figures validation does not log as val/ scalars (descriptions and counts, not measurements)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,29 +139,6 @@ LIKELIHOODS = {
     "bce": ("continuous_bernoulli", False, "continuous Bernoulli (BCE): not a distribution over 8-bit values"),
 }
 """loss.recon -> (likelihood name, bits/dim comparable with the literature, description)."""
-
-
-class _Sums:
-    """Per-rank float64 sums by name, reduced over ranks once (no collective inside the data loop)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.values: dict[str, torch.Tensor] = {}
-
-    def add(self, name: str, value: torch.Tensor) -> None:
-        """Add a per-image vector [B] (summed over its images) or a per-latent-dimension vector [D] ("dim:...")."""
-        v = value.detach().double()
-        v = v if name.startswith("dim:") else v.sum()
-        self.values[name] = self.values[name] + v if name in self.values else v
-
-    def reduced(self, accelerator, names: Iterable[str], dims: int = 0) -> dict[str, torch.Tensor]:
-        """The sum over ranks of each name (a rank that saw no data contributes zeros of the right shape)."""
-        out = {}
-        for name in names:
-            shape = (dims,) if name.startswith("dim:") else ()
-            local = self.values.get(name, torch.zeros(shape, dtype=torch.float64, device=self.device))
-            out[name] = accelerator.reduce(local.clone(), "sum") if accelerator.num_processes > 1 else local
-        return out
 
 
 @torch.no_grad()
@@ -294,124 +176,83 @@ def evaluate(run, batches: Callable[[], Iterable], accelerator, iwae_k: int = 64
         raise ConfigError(f"--iwae-k must be at least 1, got {iwae_k}")
     model, device = run.model, run.device
     kind = run.cfg.loss.recon
-    dims_latent = math.prod(model.latent_shape)
     sizes = iwae_group_sizes(iwae_k)
     quantized = getattr(model, "quantizer", None) is not None  # no ELBO: codebook statistics instead
     fit_scale = kind in ("l1", "mse") and log_scale is None and not quantized
-    sums = _Sums(device)
-    codes = CodeCounts(model, device)
+    acc = SplitMetrics(model, device, field_metrics)
+    has_codes = bool(acc.codes.quantizers)
+    error_sum = torch.zeros(2, dtype=torch.float64, device=device)  # the l1/mse scale fit: sum |e| or e^2, count
     start = time.perf_counter()
 
     def likelihood(x, mu, logvar, keys, scale):
         log_px, log_w = log_weights(run, x, mu, logvar, keys, iwae_k, seed, scale, decode_batch)
         recon_nll = -log_px.mean(0)
-        sums.add("recon_nll", recon_nll)
-        sums.add("neg_elbo", recon_nll + kl_per_dim(mu, logvar).double().sum(1))
+        acc.add("recon_nll_nats", recon_nll)
+        acc.add("neg_elbo_nats", recon_nll + kl_per_dim(mu, logvar).double().sum(1))
         for g, bound in iwae_bounds(log_w).items():
-            sums.add(f"iwae_{g}", -bound)
+            acc.add(f"iwae_{g}", -bound)
 
     # Pass 1: reconstruction metrics, latent statistics (and the likelihood, unless a scale must be fitted).
     for batch in batches():
         x = run.to_model_range(batch.images)
         keys = list(batch.keys)
-        if codes.quantizers:  # the forward collects every quantizer's indices (eval mode: nothing is updated)
+        out = None
+        if has_codes:  # the forward collects every quantizer's indices (eval mode: nothing is updated)
             out = model(x)
-            codes.add(out)
             mu, logvar = out.mu, out.logvar
             recon = out.recon if quantized else model.decode(mu)
         else:
             mu, logvar = model.encode(x)
             recon = model.decode(mu)
-        r01, t01 = to_unit_range(recon, model.output_range), to_unit_range(x, model.output_range)
-        sums.add("count", torch.ones(x.shape[0], device=device))
-        sums.add("psnr", psnr_per_image(r01, t01))
-        sums.add("ssim", ssim_per_image(r01, t01))
+        # One posterior sample per image (sample 0 of its key noise, as the IWAE pass's first) for the
+        # per-channel statistics of z and the scale fit; a quantized latent's sample is its codes.
+        z = out.z[:x.shape[0]] if quantized else mu + key_noise(keys, model.latent_shape, 1, seed, device)[0] * \
+            torch.exp(0.5 * logvar)
+        acc.update(x, recon, mu, logvar, z=z, labels=batch.labels, keys=keys, out=out)
         if perceptual is not None:
-            sums.add("perceptual", perceptual(recon, x, reduction="none"))
-        if field_metrics is not None:
-            field_metrics.update(r01, t01)
-        flat = mu.flatten(1).double()
-        sums.add("dim:mu", flat.sum(0))
-        sums.add("dim:mu_sq", flat.square().sum(0))
+            acc.add("perceptual", perceptual(recon, x, reduction="none"))
         if quantized:
             continue
-        kl_bd = kl_per_dim(mu, logvar).double()
-        sums.add("dim:kl", kl_bd.sum(0))
-        sums.add("kl", kl_bd.sum(1))
-        if fit_scale:  # one posterior sample per image (sample 0 of its key noise), as the training term
-            z = mu + key_noise(keys, model.latent_shape, 1, seed, device)[0] * torch.exp(0.5 * logvar)
+        if fit_scale:  # the error of one posterior sample per image, as the training term
             err = model.decode(z).float() - x
-            sums.add("error", (err.abs() if kind == "l1" else err.square()).flatten(1).sum(1))
+            error_sum[0] += (err.abs() if kind == "l1" else err.square()).flatten(1).sum(1).double().sum()
+            error_sum[1] += x.shape[0]
         else:
             likelihood(x, mu, logvar, keys, log_scale)
 
     scale = log_scale
     if fit_scale:  # one small all-reduce, then pass 2 with the scale every rank now shares
-        fitted = sums.reduced(accelerator, ["error", "count"])
-        mean_error = fitted["error"].item() / max(1.0, fitted["count"].item() * run.pixel_dims)
-        scale = fixed_log_scale(kind, mean_error)
+        fitted = accelerator.reduce(error_sum, "sum") if accelerator.num_processes > 1 else error_sum
+        error, count = fitted.tolist()
+        scale = fixed_log_scale(kind, error / max(1.0, count * run.pixel_dims))
         for batch in batches():
             x = run.to_model_range(batch.images)
             mu, logvar = model.encode(x)
             likelihood(x, mu, logvar, list(batch.keys), scale)
 
-    names = ["count", "psnr", "ssim", *(["perceptual"] if perceptual is not None else []), "dim:mu", "dim:mu_sq"]
-    if not quantized:
-        names += ["kl", "recon_nll", "neg_elbo", *(f"iwae_{g}" for g in sizes), "dim:kl"]
-    total = sums.reduced(accelerator, names, dims_latent)
-    code_metrics = codes.results(accelerator)
-    n = total["count"].item()  # the one sync of the pass
-    if n == 0:
+    m = acc.compute(accelerator)  # collective: every rank
+    if m["count"] == 0:
         raise ConfigError("the evaluated split holds no readable samples; check --shards and --split")
-
-    def mean(name: str) -> float:
-        return total[name].item() / n
-
-    bpd = 1.0 / (run.pixel_dims * LN2)
-    mean_mu = total["dim:mu"] / n
-    var_mu = (total["dim:mu_sq"] / n - mean_mu.square()).clamp_min(0)
-    active = var_mu > ACTIVE_UNIT_THRESHOLD
     name, comparable, description = LIKELIHOODS[kind]
-    field = (field_metrics.results(accelerator) if field_metrics is not None
-             else {"lpips": None, "lpips_net": None, "rfid": None, "rfid_features": None, "sharpness_ratio": None})
+    if field_metrics is None:
+        m.update({"lpips": None, "lpips_net": None, "rfid": None, "rfid_features": None, "sharpness_ratio": None})
+    m.setdefault("perceptual", None)
+    m.update({"pixel_dims": run.pixel_dims, "psnr_cap_db": PSNR_CAP_DB})
     if quantized:
-        return {
-            "count": int(n), "psnr": mean("psnr"), "ssim": mean("ssim"),
-            "perceptual": mean("perceptual") if perceptual is not None else None, **field,
-            "quantizer": model.quantizer.kind, **code_metrics,
-            "active_units": int(active.sum().item()), "latent_dims": dims_latent,
-            "inactive_dims": torch.nonzero(~active).flatten().tolist(),
-            "mu_variance_per_dim": var_mu.float().cpu().tolist(),
-            "pixel_dims": run.pixel_dims, "psnr_cap_db": PSNR_CAP_DB, "seconds": time.perf_counter() - start,
-        }
-    return {
-        "count": int(n),
-        "psnr": mean("psnr"),
-        "ssim": mean("ssim"),
-        "perceptual": mean("perceptual") if perceptual is not None else None,
-        **field,
-        "neg_elbo_nats": mean("neg_elbo"),
-        "recon_nll_nats": mean("recon_nll"),
-        "kl_nats": mean("kl"),
-        "elbo_bits_per_dim": mean("neg_elbo") * bpd,
-        "iwae_k": iwae_k,
-        "iwae_nats": mean(f"iwae_{iwae_k}"),
-        "iwae_bits_per_dim": mean(f"iwae_{iwae_k}") * bpd,
-        "iwae_bits_per_dim_by_k": {str(g): mean(f"iwae_{g}") * bpd for g in sizes},
-        "likelihood": name,
-        "likelihood_description": description,
-        "likelihood_log_scale": _log_scale_used(run, scale),
-        "bits_per_dim_comparable": comparable,
-        "active_units": int(active.sum().item()),
-        "latent_dims": dims_latent,
-        "inactive_dims": torch.nonzero(~active).flatten().tolist(),
-        "kl_per_dim": (total["dim:kl"] / n).float().cpu().tolist(),
-        "mu_variance_per_dim": var_mu.float().cpu().tolist(),
-        "pixel_dims": run.pixel_dims,
-        "psnr_cap_db": PSNR_CAP_DB,
-        "seconds": time.perf_counter() - start,
-        **code_metrics,  # quantize blocks inside a Gaussian VAE
-    }
+        m["quantizer"] = model.quantizer.kind
+    else:
+        m.update({
+            "iwae_k": iwae_k,
+            "iwae_nats": m[f"iwae_{iwae_k}"],
+            "iwae_bits_per_dim": acc.bits_per_dim(m[f"iwae_{iwae_k}"]),
+            "iwae_bits_per_dim_by_k": {str(g): acc.bits_per_dim(m.pop(f"iwae_{g}")) for g in sizes},
+            "likelihood": name,
+            "likelihood_description": description,
+            "likelihood_log_scale": _log_scale_used(run, scale),
+            "bits_per_dim_comparable": comparable,
+        })
+    m["seconds"] = time.perf_counter() - start
+    return m
 
 
 def _log_scale_used(run, fitted: float | None) -> float | list[float] | None:
@@ -584,6 +425,16 @@ def _codebook_lines(m: dict) -> list[str]:
             for n in names]
 
 
+def _latent_line(m: dict) -> str:
+    """The latent diagnostics in one line, with why a figure is missing."""
+    probe = (f"probe accuracy {m['latent/probe_accuracy']:.3f} (chance {m['latent/probe_chance']:.3f})"
+             if m["latent/probe_accuracy"] is not None else "probe: n/a (fewer than two classes, or no labels)")
+    hf = (f"hf energy ratio {m['latent/hf_energy_ratio']:.3f}" if m["latent/hf_energy_ratio"] is not None
+          else "hf energy ratio: n/a (vector latent)")
+    z = f"z channel std {m['latent/z_std_min']:.3f}..{m['latent/z_std_max']:.3f}"
+    return f"  latent: {probe}   {hf}   {z}, |mean| <= {m['latent/z_mean_abs_max']:.3f}"
+
+
 def _report(m: dict, out: Path, run_id: str | None) -> str:
     if "neg_elbo_nats" not in m:  # a quantized bottleneck
         inception = f"inception-{m['rfid_features']}"
@@ -591,6 +442,7 @@ def _report(m: dict, out: Path, run_id: str | None) -> str:
             f"{m['run_dir']} {m['checkpoint']} ({m['weights']}), {m['split']} split of {m['shards']}: {m['count']} images",
             f"  psnr {m['psnr']:.2f} dB   ssim {m['ssim']:.4f}   quantizer {m['quantizer']}",
             f"  lpips {_fmt(m['lpips'], m['lpips_net'])}   rfid {_fmt(m['rfid'], inception)}",
+            _latent_line(m),
             *_codebook_lines(m),
             f"  wrote {out}" + (f" and W&B run {run_id} (summary eval/*)" if run_id else "")])
     perceptual = "off" if m["perceptual"] is None else f"{m['perceptual']:.4f}"
@@ -605,6 +457,7 @@ def _report(m: dict, out: Path, run_id: str | None) -> str:
         f"iwae(k={m['iwae_k']}) {m['iwae_bits_per_dim']:.4f} bits/dim{comparable}",
         f"  likelihood {m['likelihood_description']}",
         f"  kl {m['kl_nats']:.2f} nats   active units {m['active_units']}/{m['latent_dims']}",
+        _latent_line(m),
         *_codebook_lines(m),
         f"  wrote {out}" + (f" and W&B run {run_id} (summary eval/*)" if run_id else ""),
     ]

@@ -356,7 +356,7 @@ class Tracker:
             name = key.split("/", 1)[1]
             unit = " (nats)" if name.startswith("kl") else ""
             caption = f"{name}{unit} per latent dimension, sum {float(values.sum()):.4g}"
-            if name.startswith("code_frequency"):  # (pipeline.evaluate.CodeCounts)
+            if name.startswith("code_frequency"):  # (pipeline.split_metrics.CodeCounts)
                 caption = (f"{name}: fraction of the tokens given each code, most used first; "
                            f"{int((values > 0).sum())} of {len(values)} codes used")
             charts[name] = (media.bar_chart(values, title=f"{name}{unit}, step {step}"), caption)

@@ -177,6 +177,20 @@ def test_evaluate_writes_the_same_numbers_into_the_training_runs_wandb_summary(e
 
 
 @pytest.mark.slow
+def test_evaluate_reports_the_latent_diagnostics(evaluated, trained):
+    """The tiny run's latent is an 8-d vector (no spectrum) and its shards have 5 classes."""
+    m = evaluated
+    assert 0 <= m["latent/probe_accuracy"] <= 1 and m["latent/probe_samples"] == m["count"]
+    assert 0.2 <= m["latent/probe_chance"] < 1  # at least 1 / 5 classes
+    assert m["latent/hf_energy_ratio"] is None
+    for name in ("mu", "z"):
+        assert len(m[f"latent/{name}_channel_mean"]) == len(m[f"latent/{name}_channel_std"]) == 8
+        assert m[f"latent/{name}_std_max"] == pytest.approx(max(m[f"latent/{name}_channel_std"]), rel=1e-6)
+    said = (trained / "eval" / "one.log").read_text()
+    assert "hf energy ratio: n/a (vector latent)" in said and "probe accuracy" in said
+
+
+@pytest.mark.slow
 def test_two_processes_count_each_sample_once_and_agree_with_one(evaluated, trained):
     out = trained / "eval" / "two.json"
     launcher = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
