@@ -62,7 +62,6 @@ from pipeline.inference import LoadedRun, key_noise, load_run
 from pipeline.preemption import EXIT_PREEMPTED, SIGNALS, start_compile_workers
 from pipeline.runs import RunLock, die_with_parent, launched_by_torchrun, own_run_folder
 from pipeline.models.quantize import codes_dtype, keep_eager
-from pipeline.shards import sha256_file
 from pipeline import faults, tiling
 
 SPEC_FILE = "encode.json"
@@ -193,17 +192,13 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    durable.write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
-
-
 class _UnitWriter:
     """The tar of one unit being written, with the running float64 statistics of its latents."""
 
     def __init__(self, out: Path, unit: Unit, channels: int):
         self.out, self.unit = out, unit
-        self.tmp = out / f".{unit.file}.tmp-{os.getpid()}"
-        self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
+        self.file = durable.Writer(out / unit.file)  # under .<file>.tmp-<pid> until commit
+        self.tar = tarfile.open(fileobj=self.file.file, mode="w", format=tarfile.USTAR_FORMAT)
         self.count = 0
         self.skipped: list[str] = []
         self.sum = np.zeros(channels, dtype=np.float64)
@@ -236,25 +231,22 @@ class _UnitWriter:
         self.count += len(keys)
 
     def commit(self, writer: dict) -> dict:
-        """Close the tar, fsync it, rename it into place, then write its sidecar (the completion mark)."""
+        """Close the tar, put it in place durably, then write its sidecar (the completion mark)."""
         self.tar.close()
-        with open(self.tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        final = self.out / self.unit.file
-        os.replace(self.tmp, final)
+        final = self.file.commit()
         sidecar = {"file": self.unit.file, "source": self.unit.source_name, "split": self.unit.split,
-                   "count": self.count, "skipped": self.skipped, "sha256": sha256_file(final),
+                   "count": self.count, "skipped": self.skipped, "sha256": durable.sha256_file(final),
                    "bytes": final.stat().st_size, "channel_sum": self.sum.tolist(),
                    "channel_sumsq": self.sumsq.tolist(), "values_per_channel": self.values_per_channel,
                    "writer": writer}
-        write_json_atomic(self.out / self.unit.sidecar, sidecar)
+        durable.write_json(self.out / self.unit.sidecar, sidecar, end="\n", indent=1, sort_keys=True)
         return sidecar
 
     def abort(self) -> None:
         try:
             self.tar.close()
         finally:
-            self.tmp.unlink(missing_ok=True)
+            self.file.abort()
 
 
 def unit_is_complete(out: Path, unit: Unit) -> bool:
@@ -266,7 +258,7 @@ def unit_is_complete(out: Path, unit: Unit) -> bool:
         sidecar = json.loads(side.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError, OSError):
         return False
-    return sidecar.get("sha256") == sha256_file(tar) and sidecar.get("file") == unit.file
+    return sidecar.get("sha256") == durable.sha256_file(tar) and sidecar.get("file") == unit.file
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,7 +397,7 @@ def _prepare_folder(out: Path, spec: dict, force: bool, accelerator) -> bool:
         for p in out.glob(".*.tmp-*"):  # left by a killed start; nobody else writes here (the lock)
             p.unlink(missing_ok=True)
         if old is None:
-            write_json_atomic(spec_path, spec)
+            durable.write_json(spec_path, spec, end="\n", indent=1, sort_keys=True)
     return False
 
 
@@ -464,7 +456,7 @@ def merge_manifest(out: Path, run: LoadedRun, units: list[Unit], spec: dict, opt
         "scaling_factor": (1.0 / total_std) if total_std > 0 else None,
         "splits": splits, "skipped": skipped, "inputs": spec["inputs"], "options": spec["options"], **codes,
     }
-    write_json_atomic(out / MANIFEST_FILE, manifest)
+    durable.write_json(out / MANIFEST_FILE, manifest, end="\n", indent=1, sort_keys=True)
     return manifest
 
 

@@ -54,9 +54,11 @@ if __package__ in (None, ""):
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from pipeline import durable
 from pipeline.config import BlockSpec, ConfigError, ModelConfig, _coerce, exit_on_config_error
 from pipeline.inference import check_shards, load_run, split_batches
 from pipeline.import_diffusers import kept_latent_factors
@@ -337,9 +339,17 @@ def _prepare_out(out: Path, force: bool) -> Path:
 
 
 def _publish(tmp: Path, out: Path) -> None:
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    os.replace(tmp, out)
+    """The staging folder, every file in it written with durable.write_staged, in place of --out."""
+    durable.replace_folder(tmp, out, parked=out.with_name(f".{out.name}.old-{os.getpid()}"))
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    durable.write_staged(path, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
+                         errors=(SafetensorError,))
+
+
+def _save_text(text: str, path: Path) -> None:
+    durable.write_staged(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
 def model_yaml(run) -> dict:
@@ -370,9 +380,9 @@ def export(run_dir: str, fmt: str, out: str, checkpoint: str | None = None, weig
     if fmt == "safetensors":
         tmp = _prepare_out(out_dir, force)
         state = {k: v.detach().cpu().contiguous() for k, v in run.model.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "model.yaml").write_text(yaml.safe_dump(model_yaml(run), sort_keys=False))
-        (tmp / "export.json").write_text(json.dumps(info, indent=1))
+        _save_tensors(state, tmp / "model.safetensors")
+        _save_text(yaml.safe_dump(model_yaml(run), sort_keys=False), tmp / "model.yaml")
+        _save_text(json.dumps(info, indent=1), tmp / "export.json")
         _publish(tmp, out_dir)
         return info
     layout = ldm_layout(run.cfg.model, run.image_size)  # before reading any data: a model that cannot map stops here
@@ -387,10 +397,10 @@ def export(run_dir: str, fmt: str, out: str, checkpoint: str | None = None, weig
     stats["factors"] = f"kept from {run.cfg.model.init}" if kept is not None else "measured"
     tensors = diffusers_state_dict(run.model, run.cfg.model, layout)
     tmp = _prepare_out(out_dir, force)
-    save_file(tensors, str(tmp / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    _save_tensors(tensors, tmp / "diffusion_pytorch_model.safetensors")
+    _save_text(json.dumps(config, indent=2), tmp / "config.json")
     info["latent_statistics"] = stats
-    (tmp / "export.json").write_text(json.dumps(info, indent=1))
+    _save_text(json.dumps(info, indent=1), tmp / "export.json")
     _publish(tmp, out_dir)
     return {**info, "scaling_factor": config["scaling_factor"], "shift_factor": config["shift_factor"]}
 

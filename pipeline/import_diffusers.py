@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
+from pipeline import durable
 from pipeline.config import Config, ConfigError, ModelConfig, exit_on_config_error
 from pipeline.models import VAE, build_model
 from pipeline.models.base import group_count
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> ModelConfig:
     load_init(build_model(model_cfg, int(config["sample_size"])), model_cfg)
     command = "python -m pipeline.import_diffusers " + " ".join(sys.argv[1:] if argv is None else argv)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(recipe_text(args.folder, model_cfg, config, freeze, command))
+    durable.write_text(out, recipe_text(args.folder, model_cfg, config, freeze, command))
     print(f"wrote {out}: resnet {model_cfg.channels} x{model_cfg.blocks_per_level}, {model_cfg.latent_channels} "
           f"latent channels, starting from {folder}")
     return model_cfg

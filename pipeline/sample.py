@@ -108,24 +108,20 @@ class Outputs:
         return path
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    return durable.write_with(path, write)
-
-
 def save_npy(array: np.ndarray, path: Path) -> Path:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             np.save(f, array, allow_pickle=False)
 
-    return _atomic(path, write)
+    return durable.write_with(path, write)
 
 
 def save_gif(frames: Sequence[np.ndarray], path: Path, frame_ms: int = GIF_FRAME_MS) -> Path:
     """uint8 [H, W, 3] frames -> a looping GIF that plays forward then back."""
     seq = list(frames) + list(frames[-2:0:-1])
     images = [Image.fromarray(np.ascontiguousarray(f)) for f in seq]
-    return _atomic(path, lambda tmp: images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
-                                                    duration=frame_ms, loop=0))
+    return durable.write_with(path, lambda tmp: images[0].save(tmp, format="GIF", save_all=True,
+                                                             append_images=images[1:], duration=frame_ms, loop=0))
 
 
 def save_csv(rows: list[dict], path: Path) -> Path:
@@ -135,11 +131,11 @@ def save_csv(rows: list[dict], path: Path) -> Path:
             w.writeheader()
             w.writerows(rows)
 
-    return _atomic(path, write)
+    return durable.write_with(path, write)
 
 
 def save_json(data: dict, path: Path) -> Path:
-    return _atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
+    return durable.write_json(path, data, indent=1)
 
 
 # --------------------------------------------------------------------------------------------

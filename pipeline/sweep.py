@@ -60,6 +60,7 @@ if __package__ in (None, ""):
 
 import yaml
 
+from pipeline import durable
 from pipeline.config import ConfigError, _build, exit_on_config_error, load_config
 from pipeline.preemption import EXIT_PREEMPTED
 
@@ -254,13 +255,13 @@ class Sweep:
             owners = {json.loads(p.read_text())["trial"]: p.stem for p in (self.dir / "tasks").glob("*.json")}
             for number, t in sorted(trials.items()):  # a running trial whose worker is gone: take it up
                 if t.state == TrialState.RUNNING and not _alive(owners.get(number, "")):
-                    _write(mine, {"trial": number, "adopted_from": owners.get(number)})
+                    durable.write_json(mine, {"trial": number, "adopted_from": owners.get(number)})
                     return number
             if len(trials) >= self.cfg.trials:
                 return None
             self.study.sampler = self._sampler(len(trials))  # the number study.ask gives (under the lock)
             trial = self.study.ask(self._distributions())
-            _write(mine, {"trial": trial.number})
+            durable.write_json(mine, {"trial": trial.number})
             return trial.number
 
     def params(self, number: int) -> dict[str, Any]:
@@ -313,14 +314,15 @@ class Sweep:
     def write_results(self) -> Path:
         rows = self.results()
         path = self.dir / "results.csv"
-        tmp = path.with_name(f".results.csv.tmp-{os.getpid()}")
         columns = ["rank", "best", "trial", self.cfg.metric, *self.cfg.parameters, "run"]
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-        return path
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(rows)
+
+        return durable.write_with(path, write)
 
     def finished(self) -> bool:
         from optuna.trial import TrialState
@@ -371,11 +373,6 @@ def _grid_sampler(space: dict, seed: int):
 def _plain(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, (list, dict)) else value
 
-
-def _write(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
 
 
 def _alive(worker: str) -> bool:
