@@ -64,7 +64,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from pipeline import durable, faults
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError, UserError
 from pipeline.durable import sha256_file
 
 FORMAT = 3  # 3: checkpoint.json lists {"bytes", "sha256"} per file; 2 (sizes only) is still read
@@ -198,7 +198,7 @@ class Checkpointer:
         # The newest complete one; each candidate is re-hashed, so stop at the first that passes.
         complete = next((p for p in candidates if p.name != name and not incomplete_reason(p)), None)
         if complete is None:
-            raise ConfigError(f"{said} and no other checkpoint in {self.dir} is complete; start over with "
+            raise UserError(f"{said} and no other checkpoint in {self.dir} is complete; start over with "
                               f"train.resume=never (or in a new run folder)")
         self.accelerator.print(f"warning: {said}; resuming from {complete}, the newest complete checkpoint")
         return complete
@@ -265,7 +265,7 @@ class Parts:
                 module.load_state_dict(part, strict=True)
             except RuntimeError as e:
                 first = str(e).split("\n\t", 1)[-1].split("\n")[0]
-                raise ConfigError(f"checkpoint {path} does not fit this run's {name} ({first}); resume with the "
+                raise UserError(f"checkpoint {path} does not fit this run's {name} ({first}); resume with the "
                                   f"recipe the run was trained with, or start over with train.resume=never") from None
 
     def disc_model_state(self) -> dict[str, torch.Tensor]:
@@ -283,7 +283,7 @@ class Parts:
                 module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
             except RuntimeError as e:
                 first = str(e).split("\n\t", 1)[-1].split("\n")[0]
-                raise ConfigError(f"checkpoint {path} does not fit this run's {name} ({first}); resume with the "
+                raise UserError(f"checkpoint {path} does not fit this run's {name} ({first}); resume with the "
                                   f"loss.adversarial settings the run was trained with") from None
 
 
@@ -330,7 +330,7 @@ def _read_best(pointer: Path) -> dict:
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         ok = False
     if not ok:
-        raise ConfigError(f"{pointer} is not valid (best weights so far: step, metric, value, file); delete it "
+        raise UserError(f"{pointer} is not valid (best weights so far: step, metric, value, file); delete it "
                           f"(and its step-*.safetensors) to start tracking the best weights afresh")
     durable.inside(pointer.parent, state["file"], f"{pointer}'s file field")
     return state
@@ -533,7 +533,7 @@ def _load_optimizer(path: Path, stem: str, optimizer) -> None:
     try:
         optimizer.load_state_dict(state)
     except (ValueError, KeyError, RuntimeError) as e:
-        raise ConfigError(f"checkpoint {path}: the {stem.replace('_', ' ')} state does not fit this run's parameters "
+        raise UserError(f"checkpoint {path}: the {stem.replace('_', ' ')} state does not fit this run's parameters "
                           f"({e}); resume with the recipe the run was trained with") from None
     match_parameter_layout(optimizer)
 
@@ -572,7 +572,7 @@ def trainer_state(path: Path) -> dict:
     try:
         return json.loads((path / "trainer_rank0.json").read_text())
     except (OSError, ValueError) as e:
-        raise ConfigError(f"checkpoint file {path / 'trainer_rank0.json'} cannot be read ({e}); resume from another "
+        raise UserError(f"checkpoint file {path / 'trainer_rank0.json'} cannot be read ({e}); resume from another "
                           f"checkpoint (train.resume=<folder>) or start over with train.resume=never") from None
 
 
@@ -580,7 +580,7 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as e:
-        raise ConfigError(f"checkpoint file {path} cannot be read ({e}); resume from another checkpoint "
+        raise UserError(f"checkpoint file {path} cannot be read ({e}); resume from another checkpoint "
                           f"(train.resume=<folder>) or start over with train.resume=never") from None
 
 

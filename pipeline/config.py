@@ -13,7 +13,6 @@ import dataclasses
 import difflib
 import math
 import re
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,8 +22,8 @@ from typing import Any
 import yaml
 
 
-class ConfigError(ValueError):
-    """A user mistake in a recipe or an override. The message is one sentence meant for the user."""
+from pipeline import durable
+from pipeline.errors import ConfigError, exit_on_user_error  # noqa: F401 (ConfigError: also imported from here)
 
 
 # --------------------------------------------------------------------------------------------
@@ -720,22 +719,11 @@ def to_dict(cfg: Config) -> dict:
 
 def save_config(cfg: Config, path: Path) -> None:
     """Atomically and durably: a restart on a full disk keeps the previous config.yaml whole."""
-    from pipeline import durable  # (durable imports ConfigError from here)
-
     durable.write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def exit_on_config_error(fn):
-    """Decorator for CLI mains: ConfigError -> one line on stderr and exit code 2."""
-
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
-
-    return wrapper
+exit_on_config_error = exit_on_user_error
+"""The CLI decorator under its earlier name (pipeline.errors.exit_on_user_error: any UserError -> one line, exit 2)."""
 
 
 def cli_config(argv: list[str]) -> Config:

@@ -14,7 +14,7 @@ Each write goes to a temporary file beside the target, which is fsynced, renamed
 disk at any moment leaves the previous file or the new one, never a torn mix; the temporary file is
 removed when the write fails.
 
-A failure to write (ENOSPC, EDQUOT, EROFS, EIO, ...) raises `ConfigError` with one sentence naming the
+A failure to write (ENOSPC, EDQUOT, EROFS, EIO, ...) raises `UserError` (pipeline.errors) with one sentence naming the
 file and the reason: the CLIs print it and exit non-zero, like any other problem the user must fix.
 """
 
@@ -27,7 +27,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.config import ConfigError
+from pipeline.errors import UserError
 
 
 def fsync_path(path: str | Path) -> None:
@@ -190,7 +190,7 @@ def append_line(path: str | Path, line: str) -> None:
         raise write_error(Path(path), e) from None
 
 
-def write_error(path: Path, e: BaseException) -> ConfigError:
+def write_error(path: Path, e: BaseException) -> UserError:
     """One sentence for a failed write, naming the file and why (a full disk said as such)."""
     if isinstance(e, OSError) and e.errno:
         why = os.strerror(e.errno)
@@ -198,7 +198,7 @@ def write_error(path: Path, e: BaseException) -> ConfigError:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
     full = next((s for s in ("No space left on device", "Disk quota exceeded") if s in why), None)
     fix = "free space on that disk" if full else "check that the folder is writable"
-    return ConfigError(f"could not write {path} ({full or why}); {fix} and run the same command again "
+    return UserError(f"could not write {path} ({full or why}); {fix} and run the same command again "
                        f"(what was written before is intact)")
 
 
@@ -208,7 +208,7 @@ def inside(folder: Path, name: str, what: str) -> Path:
     came from, for the one sentence."""
     parts = Path(name).parts
     if not name or Path(name).is_absolute() or ".." in parts or "\\" in name or "\0" in name:
-        raise ConfigError(f"{what} names {name!r}, which is outside {folder}; names read from files must stay "
+        raise UserError(f"{what} names {name!r}, which is outside {folder}; names read from files must stay "
                           f"inside their folder: rebuild or repair the file rather than pointing elsewhere")
     return folder / name
 
@@ -218,6 +218,6 @@ def sample_key(key: str, where: str) -> str:
     without `..`, NUL or backslash (a key may hold `/`, webdataset's folder prefix)."""
     parts = key.split("/")
     if not key or key.startswith("/") or ".." in parts or "\\" in key or "\0" in key:
-        raise ConfigError(f"{where} holds a sample key {key[:80]!r} that would name a file outside its folder; "
+        raise UserError(f"{where} holds a sample key {key[:80]!r} that would name a file outside its folder; "
                           f"rebuild that shard set with `make shards`")
     return key

@@ -59,7 +59,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from pipeline import durable
-from pipeline.config import BlockSpec, ConfigError, ModelConfig, _coerce, exit_on_config_error
+from pipeline.config import BlockSpec, ConfigError, ModelConfig, _coerce
+from pipeline.errors import UserError, exit_on_user_error
 from pipeline.inference import check_shards, load_run, split_batches
 from pipeline.import_diffusers import kept_latent_factors
 from pipeline.models import VAE, build_model
@@ -315,12 +316,12 @@ def latent_statistics(run, shards: str, split: str = "train", max_images: int = 
         if max_images and n >= max_images:
             break
     if n == 0:
-        raise ConfigError(f"the {split} split of {shards} holds no readable images to measure the latent scale on")
+        raise UserError(f"the {split} split of {shards} holds no readable images to measure the latent scale on")
     count, s1, s2 = total.tolist()
     mean = s1 / count
     std = math.sqrt(max(s2 / count - mean * mean, 0.0))
     if std == 0:
-        raise ConfigError("every latent of the measured images is identical (std 0), so no scaling_factor exists")
+        raise UserError("every latent of the measured images is identical (std 0), so no scaling_factor exists")
     return {"images": n, "split": split, "shards": str(shards), "mean": mean, "std": std}
 
 
@@ -331,7 +332,7 @@ def latent_statistics(run, shards: str, split: str = "train", max_images: int = 
 
 def _prepare_out(out: Path, force: bool) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise ConfigError(f"--out {out} already exists and is not empty; choose another folder or pass --force")
+        raise UserError(f"--out {out} already exists and is not empty; choose another folder or pass --force")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -372,7 +373,7 @@ def export(run_dir: str, fmt: str, out: str, checkpoint: str | None = None, weig
            shards: str | None = None, scale_images: int = 0, force: bool = False) -> dict:
     """Write the export; returns what was written (and the measured latent statistics for diffusers)."""
     if fmt not in ("diffusers", "safetensors"):
-        raise ConfigError(f"--format must be diffusers or safetensors, got {fmt!r}")
+        raise UserError(f"--format must be diffusers or safetensors, got {fmt!r}")
     run = load_run(run_dir, (), checkpoint, weights, "cpu")
     out_dir = Path(out)
     info = {"run_dir": str(run.run_dir), "checkpoint": run.checkpoint.name, "step": run.step, "weights": run.weights,
@@ -422,7 +423,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-@exit_on_config_error
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
     result = export(args.run_dir, args.format, args.out, args.checkpoint, args.weights, args.shards,

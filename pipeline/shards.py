@@ -58,6 +58,7 @@ import PIL
 from tqdm import tqdm
 
 from pipeline import arrays, durable
+from pipeline.errors import UserError
 from pipeline.images import (IMAGE_EXTENSIONS, STORED_FORMATS, describe_error, encode_image, load_rgb_reduced,
                              resize_center_crop)
 
@@ -71,7 +72,7 @@ IGNORED_DIRS = {"__MACOSX"}
 FLOWERS_URL = "https://www.kaggle.com/datasets/alxmamaev/flowers-recognition"
 
 
-class ShardsError(Exception):
+class ShardsError(UserError):
     """A user mistake (bad SRC, bad option, foreign files in the output). One sentence; exit 2."""
 
 
@@ -942,7 +943,7 @@ def main(argv: list[str] | None = None) -> int:
             write_shards(args.src, args.out, args.name, args.size, workers=args.workers, **options,
                          spatial_dims=args.spatial_dims, channels_last=args.channels_last,
                          value_range=tuple(args.value_range) if args.value_range else None)
-    except ShardsError as e:
+    except UserError as e:  # ShardsError, and durable's sentence for a write that failed (a full disk)
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

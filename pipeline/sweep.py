@@ -61,7 +61,8 @@ if __package__ in (None, ""):
 import yaml
 
 from pipeline import durable
-from pipeline.config import ConfigError, _build, exit_on_config_error, load_config
+from pipeline.config import ConfigError, _build, load_config
+from pipeline.errors import UserError, exit_on_user_error
 from pipeline.preemption import EXIT_PREEMPTED
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -424,7 +425,7 @@ def submit_slurm(sweep_file: str, sweep: Sweep, sbatch_args: list[str]) -> int:
            f"--trials={sweep.cfg.trials}"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if r.returncode != 0:
-        raise ConfigError(f"sbatch failed ({r.stderr.strip() or r.returncode}); check the partition and account options")
+        raise UserError(f"sbatch failed ({r.stderr.strip() or r.returncode}); check the partition and account options")
     print(f"submitted array job {r.stdout.strip()} ({array.split('=')[1]}) for sweep {sweep.cfg.name}; "
           f"results: {sweep.dir / 'results.csv'}")
     return 0
@@ -443,7 +444,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-@exit_on_config_error
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     sbatch_args = argv[argv.index("--") + 1:] if "--" in argv else []

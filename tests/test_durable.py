@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from pipeline import durable
-from pipeline.config import ConfigError
+from pipeline.errors import UserError
 from test_train import command, run, tiny_args
 
 
@@ -25,7 +25,7 @@ def test_write_replaces_whole_and_a_failed_write_keeps_the_old_file(tmp_path):
         tmp.write_text("half")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(ConfigError, match=r"could not write .*x.json \(No space left on device\); free space"):
+    with pytest.raises(UserError, match=r"could not write .*x.json \(No space left on device\); free space"):
         durable.write_with(path, fail)
     assert json.loads(path.read_text()) == {"a": 1} and [p.name for p in tmp_path.iterdir()] == ["x.json"]
 
@@ -45,7 +45,7 @@ def test_a_file_written_in_pieces_appears_only_when_committed(tmp_path):
             raise RuntimeError("killed")
     assert path.read_bytes() == b"new bytes" and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
-    with pytest.raises(ConfigError, match=r"could not write .*missing/x.tar \(No such file or directory\); check"):
+    with pytest.raises(UserError, match=r"could not write .*missing/x.tar \(No such file or directory\); check"):
         durable.Writer(tmp_path / "missing" / "x.tar")
 
 
@@ -70,7 +70,7 @@ def test_a_staged_folder_replaces_the_previous_one_whole(tmp_path):
         assert target.is_dir() and (target / "x").read_text() == "x" and not parked.exists() and not stage.exists()
 
     # A failure is one sentence, and the previous folder is where it was.
-    with pytest.raises(ConfigError, match=r"could not write .*out \(No such file or directory\)"):
+    with pytest.raises(UserError, match=r"could not write .*out \(No such file or directory\)"):
         durable.replace_folder(tmp_path / "missing", final, parked)
     assert (final / "model.yaml").read_text() == "new"
 
@@ -88,13 +88,13 @@ def test_a_staged_file_is_fsynced_and_a_failed_write_is_one_sentence(tmp_path, m
     def full(p: Path) -> None:
         raise LibraryError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    with pytest.raises(ConfigError, match=r"could not write .*b.safetensors \(No space left on device\); free space"):
+    with pytest.raises(UserError, match=r"could not write .*b.safetensors \(No space left on device\); free space"):
         durable.write_staged(tmp_path / "b.safetensors", full, errors=(LibraryError,))
 
 
 @pytest.mark.parametrize("name", ["../x.tar", "/etc/passwd", "a/../../b", ""])
 def test_a_name_read_from_a_file_cannot_leave_its_folder(tmp_path, name):
-    with pytest.raises(ConfigError, match=r"manifest.json names .* which is outside"):
+    with pytest.raises(UserError, match=r"manifest.json names .* which is outside"):
         durable.inside(tmp_path, name, "manifest.json")
     assert durable.inside(tmp_path, "sub/train-000000.tar", "m") == tmp_path / "sub/train-000000.tar"
 

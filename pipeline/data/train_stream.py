@@ -18,7 +18,8 @@ import numpy as np
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config
+from pipeline.errors import UserError
 from pipeline.data.decode import MAX_CONSECUTIVE_BAD, _Decoder
 from pipeline.data.gpu_decode import decode_device
 from pipeline.data.manifest import BackgroundCheck, _shards, batch_layout, read_manifest, sample_shape
@@ -263,7 +264,7 @@ class TrainStream:
         shards = _shards(d.shards, m, "train", d.verify_shards, d.on_damaged_shard)
         self.samples_per_epoch: int = sum(c for _, c in shards)
         if self.samples_per_epoch == 0:
-            raise ConfigError(f"{d.shards}/manifest.json lists no training samples; re-run `make shards` "
+            raise UserError(f"{d.shards}/manifest.json lists no training samples; re-run `make shards` "
                               f"with more images or a smaller --val-fraction")
         self.classes: list[str] = list(m["classes"])
         self.image_size: int = int(m["size"])
