@@ -59,13 +59,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from pipeline import durable
-from pipeline.config import BlockSpec, ConfigError, ModelConfig, _coerce
+from pipeline.config import BlockSpec, ConfigError, ModelConfig, coerce
 from pipeline.errors import UserError, exit_on_user_error
 from pipeline.inference import check_shards, load_run, split_batches
 from pipeline.import_diffusers import kept_latent_factors
 from pipeline.models import VAE, build_model
 from pipeline.models.base import group_count
-from pipeline.models.resnet import _level_specs
+from pipeline.models.resnet import level_specs
 
 DIFFUSERS_VERSION = "0.42.1"
 """The diffusers version the export is tested against (pyproject's test extra); written into config.json."""
@@ -180,7 +180,7 @@ def ldm_layout(model_cfg: ModelConfig, image_size: int) -> LDMLayout:
                           f"only the right and bottom; train with model.downsample_padding=ldm{fallback}")
     lc = cfg.latent_channels
     for side in ("encoder", "decoder"):
-        ours = _expand(getattr(cfg, side) or _level_specs(cfg, side), cfg.in_channels if side == "encoder" else lc)
+        ours = _expand(getattr(cfg, side) or level_specs(cfg, side), cfg.in_channels if side == "encoder" else lc)
         theirs = [(b, c) for b, c, _ in layout.named(side, lc)] if layout.blocks_per_level >= 1 else []
         if ours != theirs:
             where = f"the explicit model.{side} list" if explicit else f"the {side} built from model.channels"
@@ -363,7 +363,7 @@ def load_exported(folder: str | Path, device: str | torch.device = "cpu") -> VAE
     """The model a --format safetensors export holds (eval mode)."""
     folder = Path(folder)
     info = yaml.safe_load((folder / "model.yaml").read_text())
-    cfg = _coerce(info["model"], ModelConfig, "model", str(folder / "model.yaml"))
+    cfg = coerce(info["model"], ModelConfig, "model", str(folder / "model.yaml"))
     model = build_model(cfg, int(info["image_size"]))
     model.load_state_dict(load_file(str(folder / "model.safetensors"), device="cpu"), strict=True)
     return model.to(device).eval()

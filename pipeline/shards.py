@@ -62,7 +62,7 @@ from pipeline.errors import UserError
 from pipeline.images import (IMAGE_EXTENSIONS, STORED_FORMATS, describe_error, encode_image, load_rgb_reduced,
                              resize_center_crop)
 
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 1  # manifest.json's format; pipeline.data.manifest reads only this one
 KEY_VERSION = 2  # 1: pixel hash of every format; 2: JPEGs keyed on their bytes (module docstring)
 KEY_HEX_CHARS = 20  # 80 bits of the pixel hash: a collision among 10^7 images has odds ~1e-10
 SPLITS = ("train", "val")

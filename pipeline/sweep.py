@@ -61,7 +61,7 @@ if __package__ in (None, ""):
 import yaml
 
 from pipeline import durable
-from pipeline.config import ConfigError, _build, load_config
+from pipeline.config import ConfigError, from_dict, load_config
 from pipeline.errors import UserError, exit_on_user_error
 from pipeline.preemption import EXIT_PREEMPTED
 
@@ -127,12 +127,12 @@ def load_sweep(path: str | Path, trials: int | None = None) -> SweepConfig:
     params = raw.pop("parameters", {}) or {}
     if not isinstance(params, dict):
         raise ConfigError(f"{source}: parameters must map recipe keys to search spaces")
-    cfg = _build(SweepConfig, raw, "", source)
+    cfg = from_dict(SweepConfig, raw, "", source)
     for key, spec in params.items():
         if not isinstance(spec, dict):
             raise ConfigError(f"{source}: parameters.{key} must be a mapping such as {{choices: [...]}} or "
                               f"{{log_range: [low, high]}}, got {spec!r}")
-        cfg.parameters[str(key)] = _build(ParamSpec, spec, f"parameters.{key}", source)
+        cfg.parameters[str(key)] = from_dict(ParamSpec, spec, f"parameters.{key}", source)
     cfg.name = cfg.name or path.stem
     if trials is not None:
         cfg.trials = trials

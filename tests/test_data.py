@@ -37,8 +37,9 @@ import torch
 import webdataset as wds
 
 from pipeline.config import Config, ConfigError, DataConfig, TrainConfig
-from pipeline.data import (READ_EXTS, Batch, DeviceAugment, TrainStream, _tar_members, epoch_order, permute,
-                           read_manifest, read_tars, val_assignment, val_batches)
+from pipeline.data import (READ_EXTS, Batch, DeviceAugment, TrainStream, epoch_order, permute, read_manifest,
+                           read_tars, val_assignment, val_batches)
+from pipeline.data.tar import _tar_members
 from pipeline.errors import UserError
 from pipeline.images import encode_image
 from pipeline.shards import write_shards

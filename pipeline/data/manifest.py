@@ -13,6 +13,8 @@ from pipeline import durable
 from pipeline.config import Config
 from pipeline.errors import ConfigError, UserError
 from pipeline.durable import inside
+# The format pipeline.shards writes, defined there: that module stays free of torch for its worker processes.
+from pipeline.shards import MANIFEST_FORMAT
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +35,9 @@ def read_manifest(shards_dir: str | Path) -> dict:
         m = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON ({e}); {redo}") from None
-    if not isinstance(m, dict) or m.get("format") != 1:
+    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
         got = m.get("format") if isinstance(m, dict) else None
-        raise UserError(f"{path} has format {got!r} but this reader needs format 1; {redo}")
+        raise UserError(f"{path} has format {got!r} but this reader needs format {MANIFEST_FORMAT}; {redo}")
     try:
         size, fmt, classes = int(m["size"]), m["image_format"], list(m["classes"])
         for split in ("train", "val"):
@@ -110,7 +112,7 @@ def check_fits(cfg: Config, manifest: dict, where: str) -> None:
                           f"model.in_channels is {cfg.model.in_channels}; set model.in_channels={shape[0]}")
 
 
-def _shards(shards_dir: str | Path, manifest: dict, split: str, verify: str = "size",
+def checked_shards(shards_dir: str | Path, manifest: dict, split: str, verify: str = "size",
             on_damaged: str = "stop") -> tuple[tuple[str, int], ...]:
     """(path, count) of the split's shards, each checked against the manifest first (`verify`: size, or
     size and sha256). A damaged shard stops the run in one sentence; with on_damaged="skip" it is left
