@@ -285,8 +285,8 @@ class StageClocks:
 
     def __enter__(self) -> "StageClocks":
         import pipeline.data.train_stream as ts
-        from pipeline.data.decode import _Decoder
-        from pipeline.data.tar import _RandomAccess
+        from pipeline.data.decode import SampleDecoder
+        from pipeline.data.tar import RandomAccess
 
         batched, clocks = ts.batched, self
 
@@ -314,8 +314,8 @@ class StageClocks:
                     clocks._add(len(STAGES), time.thread_time() - t)
                 yield item
 
-        read, decode = _RandomAccess.read, _Decoder.decode
-        for owner, name, new in ((_RandomAccess, "read", self._both(0, read)), (_Decoder, "decode", self._both(1, decode)),
+        read, decode = RandomAccess.read, SampleDecoder.decode
+        for owner, name, new in ((RandomAccess, "read", self._both(0, read)), (SampleDecoder, "decode", self._both(1, decode)),
                                  (ts, "batched", timed_batched)):
             self.patched.append((owner, name, getattr(owner, name)))
             setattr(owner, name, new)

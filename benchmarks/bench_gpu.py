@@ -121,7 +121,7 @@ def build_shards(work: Path, size: int, count: int) -> Path:
     return shards
 
 
-def _reset_accelerate() -> None:
+def reset_accelerate() -> None:
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -143,7 +143,7 @@ def _config(row: Row, shards: Path, overrides: list[str]):
 def _accelerator(device: str, precision: str):
     from accelerate import Accelerator
 
-    _reset_accelerate()
+    reset_accelerate()
     torch._dynamo.reset()
     return Accelerator(cpu=device == "cpu", mixed_precision=precision)
 

@@ -43,7 +43,8 @@ from typing import Callable
 import torch
 from accelerate import Accelerator
 
-from pipeline.config import Config, ConfigError, exit_on_config_error, load_config
+from pipeline.config import Config, load_config
+from pipeline.errors import UserError, exit_on_user_error
 from pipeline.data import read_manifest
 from pipeline.step import build_training, discriminator_step, train_step
 
@@ -312,7 +313,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-@exit_on_config_error
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_intermixed_args(argv)
     cfg = load_config(args.recipe, args.overrides, check_paths=args.image_size is None)
@@ -321,7 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         image_size = args.image_size
     if args.limit < 1 or (args.probe is not None and args.probe < 1):
-        raise ConfigError("--max and --probe must be at least 1")
+        raise UserError("--max and --probe must be at least 1")
     probe = StepProbe(cfg, image_size)
     device = probe.device
 
@@ -362,7 +363,7 @@ def main(argv: list[str] | None = None) -> dict:
            "image_size": image_size, "mixed_precision": cfg.train.mixed_precision,
            "tried": {str(k): v for k, v in sorted(result.tried.items())}}
     if result.batch_size == 0:
-        raise ConfigError(f"not even a batch of 1 fits on {device} ({what}); use a smaller model, image size "
+        raise UserError(f"not even a batch of 1 fits on {device} ({what}); use a smaller model, image size "
                           f"or train.mixed_precision=bf16")
     if args.json:
         print(json.dumps(out))

@@ -64,8 +64,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from pipeline import durable, faults
-from pipeline.config import ConfigError
-from pipeline.durable import fsync_path, sha256_file  # noqa: F401 (fsync_path: re-exported for encode)
+from pipeline.errors import ConfigError, UserError
+from pipeline.durable import sha256_file
 
 FORMAT = 3  # 3: checkpoint.json lists {"bytes", "sha256"} per file; 2 (sizes only) is still read
 READABLE_FORMATS = (2, FORMAT)
@@ -142,11 +142,8 @@ class Checkpointer:
             files = {name: entry for part in everything for name, entry in part.items()}
             _save_json(tmp / MANIFEST, {"format": FORMAT, "step": step, "world_size": acc.num_processes,
                                         "files": dict(sorted(files.items()))})
-            fsync_path(tmp)
-            if final.exists():  # a run restarted with resume=never reaches this step again
-                _discard(final)
-            os.replace(tmp, final)
-            fsync_path(self.dir)
+            # A run restarted with resume=never can reach this step again: its old folder goes to the trash.
+            durable.replace_folder(tmp, final, parked=_trash(final))
             durable.write_text(self.dir / "latest", final.name, tmp=self.dir / "latest.tmp")  # the commit point
             self._prune()
         acc.wait_for_everyone()
@@ -201,7 +198,7 @@ class Checkpointer:
         # The newest complete one; each candidate is re-hashed, so stop at the first that passes.
         complete = next((p for p in candidates if p.name != name and not incomplete_reason(p)), None)
         if complete is None:
-            raise ConfigError(f"{said} and no other checkpoint in {self.dir} is complete; start over with "
+            raise UserError(f"{said} and no other checkpoint in {self.dir} is complete; start over with "
                               f"train.resume=never (or in a new run folder)")
         self.accelerator.print(f"warning: {said}; resuming from {complete}, the newest complete checkpoint")
         return complete
@@ -268,7 +265,7 @@ class Parts:
                 module.load_state_dict(part, strict=True)
             except RuntimeError as e:
                 first = str(e).split("\n\t", 1)[-1].split("\n")[0]
-                raise ConfigError(f"checkpoint {path} does not fit this run's {name} ({first}); resume with the "
+                raise UserError(f"checkpoint {path} does not fit this run's {name} ({first}); resume with the "
                                   f"recipe the run was trained with, or start over with train.resume=never") from None
 
     def disc_model_state(self) -> dict[str, torch.Tensor]:
@@ -286,7 +283,7 @@ class Parts:
                 module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
             except RuntimeError as e:
                 first = str(e).split("\n\t", 1)[-1].split("\n")[0]
-                raise ConfigError(f"checkpoint {path} does not fit this run's {name} ({first}); resume with the "
+                raise UserError(f"checkpoint {path} does not fit this run's {name} ({first}); resume with the "
                                   f"loss.adversarial settings the run was trained with") from None
 
 
@@ -312,7 +309,7 @@ class BestWeights:
                 return False
         self.dir.mkdir(parents=True, exist_ok=True)
         name = f"{_name(step)}.safetensors"
-        durable.write_with(self.dir / name, lambda tmp: _write_tensors(tmp, model.state_dict()))
+        durable.write_with(self.dir / name, lambda tmp: _write_tensors(tmp, model.state_dict()), errors=(SafetensorError,))
         self.state = {"step": step, "metric": self.metric, "value": float(value), "file": name}
         durable.write_json(self.dir / "best.json", self.state, tmp=self.dir / "best.json.tmp")
         for old in self.dir.glob("step-*.safetensors"):  # earlier bests, and a file a kill left behind
@@ -333,7 +330,7 @@ def _read_best(pointer: Path) -> dict:
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         ok = False
     if not ok:
-        raise ConfigError(f"{pointer} is not valid (best weights so far: step, metric, value, file); delete it "
+        raise UserError(f"{pointer} is not valid (best weights so far: step, metric, value, file); delete it "
                           f"(and its step-*.safetensors) to start tracking the best weights afresh")
     durable.inside(pointer.parent, state["file"], f"{pointer}'s file field")
     return state
@@ -514,19 +511,16 @@ def _name(step: int) -> str:
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
-    """Write into a checkpoint's temporary folder (the folder's rename is the atomic step), fsync, and
-    return {name: {"bytes", "sha256"}} for checkpoint.json (the hash reads back the page cache)."""
-    _write_tensors(path, tensors)
-    fsync_path(path)
+    """Write into a checkpoint's temporary folder (durable.write_staged: the folder's rename is the atomic
+    step) and return {name: {"bytes", "sha256"}} for checkpoint.json (the hash reads back the page cache).
+    A full disk comes as a SafetensorError carrying the OS message."""
+    durable.write_staged(path, lambda p: _write_tensors(p, tensors), errors=(SafetensorError,))
     return {path.name: {"bytes": path.stat().st_size, "sha256": sha256_file(path)}}
 
 
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     # clone(): safetensors refuses tensors that share memory (views of one buffer)
-    try:
-        save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, str(path))
-    except (SafetensorError, OSError) as e:  # a full disk comes as a SafetensorError carrying the OS message
-        raise durable.write_error(path, e) from None
+    save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, str(path))
 
 
 def _save_optimizer(folder: Path, stem: str, optimizer) -> dict[str, int]:
@@ -539,7 +533,7 @@ def _load_optimizer(path: Path, stem: str, optimizer) -> None:
     try:
         optimizer.load_state_dict(state)
     except (ValueError, KeyError, RuntimeError) as e:
-        raise ConfigError(f"checkpoint {path}: the {stem.replace('_', ' ')} state does not fit this run's parameters "
+        raise UserError(f"checkpoint {path}: the {stem.replace('_', ' ')} state does not fit this run's parameters "
                           f"({e}); resume with the recipe the run was trained with") from None
     match_parameter_layout(optimizer)
 
@@ -578,7 +572,7 @@ def trainer_state(path: Path) -> dict:
     try:
         return json.loads((path / "trainer_rank0.json").read_text())
     except (OSError, ValueError) as e:
-        raise ConfigError(f"checkpoint file {path / 'trainer_rank0.json'} cannot be read ({e}); resume from another "
+        raise UserError(f"checkpoint file {path / 'trainer_rank0.json'} cannot be read ({e}); resume from another "
                           f"checkpoint (train.resume=<folder>) or start over with train.resume=never") from None
 
 
@@ -586,25 +580,26 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as e:
-        raise ConfigError(f"checkpoint file {path} cannot be read ({e}); resume from another checkpoint "
+        raise UserError(f"checkpoint file {path} cannot be read ({e}); resume from another checkpoint "
                           f"(train.resume=<folder>) or start over with train.resume=never") from None
 
 
 def _save_json(path: Path, data: Any) -> dict[str, dict]:
     """Into a checkpoint's temporary folder, like _save_tensors."""
     text = json.dumps(data).encode("utf-8")
-    try:
-        with open(path, "wb") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        raise durable.write_error(path, e) from None
+    durable.write_staged(path, lambda p: p.write_bytes(text))
     return {path.name: {"bytes": len(text), "sha256": hashlib.sha256(text).hexdigest()}}
 
 
+def _trash(path: Path) -> Path:
+    """Where a checkpoint folder goes before it is deleted (removed at the next start if a kill leaves it)."""
+    return path.with_name(f".trash-{path.name}-{os.getpid()}")
+
+
 def _discard(path: Path) -> None:
-    """Remove a checkpoint folder so that it is never seen half-deleted: rename it away, then delete."""
-    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
+    """Remove a checkpoint folder so that it is never seen half-deleted: rename it away, then delete. The
+    rename is not a durability step (a crash before it reaches the disk leaves a complete checkpoint that
+    the next prune removes again), so it is a plain os.replace, not pipeline.durable."""
+    trash = _trash(path)
     os.replace(path, trash)
     shutil.rmtree(trash, ignore_errors=True)

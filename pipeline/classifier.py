@@ -25,6 +25,7 @@ from torch import nn
 
 from pipeline import durable
 from pipeline.config import ConfigError, PerceptualConfig
+from pipeline.errors import UserError, exit_on_user_error
 from pipeline.objective.perceptual import build_backbone, check_weights_file
 
 def _parse_args(argv: list[str]) -> argparse.Namespace:
@@ -77,7 +78,7 @@ def build_classifier(name: str, num_classes: int, init: str) -> nn.Module:
         return timm.create_model(name, pretrained=True, num_classes=num_classes)  # now cached: no network
     path = Path(init).expanduser()
     if not path.is_file():
-        raise ConfigError(f"--init {init!r} is neither hub, none nor an existing weights file")
+        raise UserError(f"--init {init!r} is neither hub, none nor an existing weights file")
     check_weights_file(name, path)
     # num_classes differs from the file's head (if any): timm drops the head and loads the rest.
     return timm.create_model(name, pretrained=True, num_classes=num_classes,
@@ -108,7 +109,7 @@ def train_classifier(cfg, out: Path, steps: int, lr: float | None, weight_decay:
     manifest = read_manifest(cfg.data.shards)
     classes = list(manifest["classes"])
     if len(classes) < 2:
-        raise ConfigError(f"{cfg.data.shards}/manifest.json lists {len(classes)} classes; training a classifier "
+        raise UserError(f"{cfg.data.shards}/manifest.json lists {len(classes)} classes; training a classifier "
                           f"needs class labels (shard a folder with one sub-folder per class)")
     if batch_size:
         cfg = _dc.replace(cfg, data=_dc.replace(cfg.data, batch_size_per_device=batch_size))
@@ -192,19 +193,19 @@ def train_classifier(cfg, out: Path, steps: int, lr: float | None, weight_decay:
 def main(argv: list[str] | None = None) -> int:
     import sys
 
-    from pipeline.config import exit_on_config_error, load_config
+    from pipeline.config import load_config
 
     args = _parse_args(sys.argv[1:] if argv is None else argv)
 
-    @exit_on_config_error
+    @exit_on_user_error
     def run() -> int:
         cfg = load_config(args.recipe, args.overrides)
         out = Path(args.out) if args.out else Path(cfg.run.dir) / f"{cfg.name}-perceptual" / (
             cfg.loss.perceptual.backbone.replace("/", "_") + ".safetensors")
         if out.suffix != ".safetensors":
-            raise ConfigError(f"--out {out} must end in .safetensors")
+            raise UserError(f"--out {out} must end in .safetensors")
         if out.exists() and not args.force:
-            raise ConfigError(f"--out {out} exists; pass --force to overwrite it or choose another path")
+            raise UserError(f"--out {out} exists; pass --force to overwrite it or choose another path")
         train_classifier(cfg, out, args.steps, args.lr, args.weight_decay, args.init, args.batch_size,
                          args.log_every)
         return 0

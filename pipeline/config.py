@@ -13,7 +13,6 @@ import dataclasses
 import difflib
 import math
 import re
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,8 +22,8 @@ from typing import Any
 import yaml
 
 
-class ConfigError(ValueError):
-    """A user mistake in a recipe or an override. The message is one sentence meant for the user."""
+from pipeline import durable
+from pipeline.errors import ConfigError, exit_on_user_error  # noqa: F401 (ConfigError: also imported from here)
 
 
 # --------------------------------------------------------------------------------------------
@@ -525,7 +524,7 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+def coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     """Check `value` against the annotation `tp` and convert it (dicts to dataclasses)."""
     origin = typing.get_origin(tp)
     if tp is Any:  # (pipeline.sweep's choices: any value a recipe key takes; checked by loading the recipe)
@@ -533,15 +532,15 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {key} must be a mapping of {tp.__name__} fields, got {value!r}")
-        return _build(tp, value, key, source)
+        return from_dict(tp, value, key, source)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
             raise ConfigError(f"{source}: {key} must be a list of {_type_name(item_tp)}, got {value!r}")
-        return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+        return [coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if value is None else _coerce(value, args[0], key, source)
+        return None if value is None else coerce(value, args[0], key, source)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (float, int) and isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
@@ -559,7 +558,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     return value
 
 
-def _build(cls: type, values: dict, prefix: str, source: str):
+def from_dict(cls: type, values: dict, prefix: str, source: str):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -567,7 +566,7 @@ def _build(cls: type, values: dict, prefix: str, source: str):
         key = f"{prefix}.{name}" if prefix else str(name)
         if name not in names:
             raise ConfigError(f"{source}: unknown key {key}{_suggest(str(name), names, prefix)}")
-        kwargs[name] = _coerce(value, hints[name], key, source)
+        kwargs[name] = coerce(value, hints[name], key, source)
     return cls(**kwargs)
 
 
@@ -614,29 +613,29 @@ def load_config(recipe: str | Path | None, overrides: list[str] = (), check_path
             raise ConfigError(f"recipe {path} must be a mapping of sections (data:, model:, ...)")
         values = loaded or {}
         values.setdefault("name", path.stem)
-    cfg = _build(Config, values, "", source)
+    cfg = from_dict(Config, values, "", source)
     for text in overrides:
         key, value = parse_override(text)
         merged = _merge(values, _nest(key, value))
-        cfg = _build(Config, merged, "", "command line")
+        cfg = from_dict(Config, merged, "", "command line")
         values = merged
     validate(cfg, source, check_paths=check_paths)
     return cfg
 
 
-def _walk(obj: Any, prefix: str = ""):
+def walk(obj: Any, prefix: str = ""):
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         key = f"{prefix}.{f.name}" if prefix else f.name
         if dataclasses.is_dataclass(value):
-            yield from _walk(value, key)
+            yield from walk(value, key)
         else:
             yield key, value
 
 
 def validate(cfg: Config, source: str = "recipe", check_paths: bool = True) -> None:
     """Checks that need more than a type: choices, ranges, cross-field rules, the shards folder."""
-    flat = dict(_walk(cfg))
+    flat = dict(walk(cfg))
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
             raise ConfigError(f"{source}: {key} is {flat[key]!r} but must be one of {', '.join(allowed)}")
@@ -817,22 +816,11 @@ def to_dict(cfg: Config) -> dict:
 
 def save_config(cfg: Config, path: Path) -> None:
     """Atomically and durably: a restart on a full disk keeps the previous config.yaml whole."""
-    from pipeline import durable  # (durable imports ConfigError from here)
-
     durable.write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def exit_on_config_error(fn):
-    """Decorator for CLI mains: ConfigError -> one line on stderr and exit code 2."""
-
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
-
-    return wrapper
+exit_on_config_error = exit_on_user_error
+"""The CLI decorator under its earlier name (pipeline.errors.exit_on_user_error: any UserError -> one line, exit 2)."""
 
 
 def cli_config(argv: list[str]) -> Config:

@@ -55,14 +55,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import durable
-from pipeline.config import ConfigError
+from pipeline.errors import UserError
 from pipeline.data import IMAGE_EXTS, read_manifest, read_tars
 from pipeline.images import decode_image
 from pipeline.inference import LoadedRun, key_noise, load_run
 from pipeline.preemption import EXIT_PREEMPTED, SIGNALS, start_compile_workers
 from pipeline.runs import RunLock, die_with_parent, launched_by_torchrun, own_run_folder
 from pipeline.models.quantize import codes_dtype, keep_eager
-from pipeline.shards import sha256_file
 from pipeline import faults, tiling
 
 SPEC_FILE = "encode.json"
@@ -193,17 +192,13 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    durable.write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
-
-
 class _UnitWriter:
     """The tar of one unit being written, with the running float64 statistics of its latents."""
 
     def __init__(self, out: Path, unit: Unit, channels: int):
         self.out, self.unit = out, unit
-        self.tmp = out / f".{unit.file}.tmp-{os.getpid()}"
-        self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
+        self.file = durable.Writer(out / unit.file)  # under .<file>.tmp-<pid> until commit
+        self.tar = tarfile.open(fileobj=self.file.file, mode="w", format=tarfile.USTAR_FORMAT)
         self.count = 0
         self.skipped: list[str] = []
         self.sum = np.zeros(channels, dtype=np.float64)
@@ -236,25 +231,22 @@ class _UnitWriter:
         self.count += len(keys)
 
     def commit(self, writer: dict) -> dict:
-        """Close the tar, fsync it, rename it into place, then write its sidecar (the completion mark)."""
+        """Close the tar, put it in place durably, then write its sidecar (the completion mark)."""
         self.tar.close()
-        with open(self.tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        final = self.out / self.unit.file
-        os.replace(self.tmp, final)
+        final = self.file.commit()
         sidecar = {"file": self.unit.file, "source": self.unit.source_name, "split": self.unit.split,
-                   "count": self.count, "skipped": self.skipped, "sha256": sha256_file(final),
+                   "count": self.count, "skipped": self.skipped, "sha256": durable.sha256_file(final),
                    "bytes": final.stat().st_size, "channel_sum": self.sum.tolist(),
                    "channel_sumsq": self.sumsq.tolist(), "values_per_channel": self.values_per_channel,
                    "writer": writer}
-        write_json_atomic(self.out / self.unit.sidecar, sidecar)
+        durable.write_json(self.out / self.unit.sidecar, sidecar, end="\n", indent=1, sort_keys=True)
         return sidecar
 
     def abort(self) -> None:
         try:
             self.tar.close()
         finally:
-            self.tmp.unlink(missing_ok=True)
+            self.file.abort()
 
 
 def unit_is_complete(out: Path, unit: Unit) -> bool:
@@ -266,7 +258,7 @@ def unit_is_complete(out: Path, unit: Unit) -> bool:
         sidecar = json.loads(side.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError, OSError):
         return False
-    return sidecar.get("sha256") == sha256_file(tar) and sidecar.get("file") == unit.file
+    return sidecar.get("sha256") == durable.sha256_file(tar) and sidecar.get("file") == unit.file
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,7 +289,7 @@ def parse_store(text: str) -> tuple[str, ...]:
     names = tuple(s.strip() for s in text.split(",") if s.strip())
     bad = [s for s in names if s not in STORE_CHOICES]
     if not names or bad or len(set(names)) != len(names):
-        raise ConfigError(f"--store must be a comma-separated list of distinct names from "
+        raise UserError(f"--store must be a comma-separated list of distinct names from "
                           f"{', '.join(STORE_CHOICES)}, got {text!r}")
     return tuple(s for s in STORE_CHOICES if s in names)
 
@@ -306,10 +298,10 @@ def check_store(store: tuple[str, ...], model) -> None:
     """codes need a quantized bottleneck; logvar and z a Gaussian one."""
     quantized = getattr(model, "quantizer", None) is not None
     if quantized and ({"logvar", "z"} & set(store)):
-        raise ConfigError(f"--store {','.join(store)}: this run's latent is quantized, so it has no logvar or sampled z; "
+        raise UserError(f"--store {','.join(store)}: this run's latent is quantized, so it has no logvar or sampled z; "
                           f"store codes (integer code maps) and/or mu (z_e before quantization)")
     if not quantized and "codes" in store:
-        raise ConfigError("--store codes needs a quantized model (model.quantizer.kind vq, ema or fsq); this run's "
+        raise UserError("--store codes needs a quantized model (model.quantizer.kind vq, ema or fsq); this run's "
                           "latent is Gaussian: store mu, logvar or z")
 
 
@@ -362,18 +354,18 @@ def _source_size(inputs: list[Path], run: LoadedRun, options: EncodeOptions) -> 
     """The inputs' image size (one for all); larger than the model's only for a spatial latent, tiled."""
     sizes = {int(read_manifest(p)["size"]) for p in inputs}
     if len(sizes) > 1:
-        raise ConfigError(f"the inputs hold images of different sizes ({', '.join(map(str, sorted(sizes)))} px); "
+        raise UserError(f"the inputs hold images of different sizes ({', '.join(map(str, sorted(sizes)))} px); "
                           f"encode them into separate --out folders")
     (size,) = sizes
     if size != run.image_size:
         f = tiling.downsampling_factor(run.model)
         if f is None or size < run.image_size:
-            raise ConfigError(f"shards {inputs[0]} hold {size} px images but the model was trained on "
+            raise UserError(f"shards {inputs[0]} hold {size} px images but the model was trained on "
                               f"{run.image_size} px; make shards with --size {run.image_size}"
                               + ("" if f is None else " (or larger: spatial-latent models encode larger images "
                                                       "in tiles)"))
         if size % f:
-            raise ConfigError(f"shards {inputs[0]} hold {size} px images, which the model's downsampling factor "
+            raise UserError(f"shards {inputs[0]} hold {size} px images, which the model's downsampling factor "
                               f"{f} does not divide; make shards with a --size that is a multiple of {f}")
     return size
 
@@ -386,14 +378,14 @@ def _prepare_folder(out: Path, spec: dict, force: bool, accelerator) -> bool:
         try:
             old = json.loads(spec_path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError):
-            raise ConfigError(f"{spec_path} is not valid JSON; pass --force to start this folder over or choose "
+            raise UserError(f"{spec_path} is not valid JSON; pass --force to start this folder over or choose "
                               f"another --out") from None
         diff = _spec_difference(old, spec)
         if diff:
-            raise ConfigError(f"{out} holds an encoding with {diff}; run the command that made it to continue it, "
+            raise UserError(f"{out} holds an encoding with {diff}; run the command that made it to continue it, "
                               f"pass --force to start it over, or choose another --out")
     elif out.is_dir() and not force and any(out.glob("*-[0-9]*.tar")):
-        raise ConfigError(f"{out} holds latent shards without {SPEC_FILE} (written by another tool or an older "
+        raise UserError(f"{out} holds latent shards without {SPEC_FILE} (written by another tool or an older "
                           f"version); pass --force to replace them or choose another --out")
     if old is not None and manifest.is_file():
         return True
@@ -405,13 +397,13 @@ def _prepare_folder(out: Path, spec: dict, force: bool, accelerator) -> bool:
         for p in out.glob(".*.tmp-*"):  # left by a killed start; nobody else writes here (the lock)
             p.unlink(missing_ok=True)
         if old is None:
-            write_json_atomic(spec_path, spec)
+            durable.write_json(spec_path, spec, end="\n", indent=1, sort_keys=True)
     return False
 
 
 def _lock(out: Path, accelerator) -> RunLock | None:
     """Rank 0 holds out/.lock for the whole encode: two launches never write one folder."""
-    return own_run_folder(out, accelerator, busy=lambda e: ConfigError(
+    return own_run_folder(out, accelerator, busy=lambda e: UserError(
         f"{out} is being written by another encode that is still running (its holder is named in "
         f"{out / '.lock'}); wait for it to finish or choose another --out"))
 
@@ -464,7 +456,7 @@ def merge_manifest(out: Path, run: LoadedRun, units: list[Unit], spec: dict, opt
         "scaling_factor": (1.0 / total_std) if total_std > 0 else None,
         "splits": splits, "skipped": skipped, "inputs": spec["inputs"], "options": spec["options"], **codes,
     }
-    write_json_atomic(out / MANIFEST_FILE, manifest)
+    durable.write_json(out / MANIFEST_FILE, manifest, end="\n", indent=1, sort_keys=True)
     return manifest
 
 
@@ -496,11 +488,11 @@ def run_encode(args) -> int:
     if launched_by_torchrun():
         die_with_parent()
     if not args.out:
-        raise ConfigError("--format shards needs --out DIR (the folder the latent shards go to)")
+        raise UserError("--format shards needs --out DIR (the folder the latent shards go to)")
     inputs = [Path(p) for p in args.inputs]
     for p in inputs:
         if not (p / MANIFEST_FILE).is_file():
-            raise ConfigError(f"{p} is not a shards folder (no manifest.json); --format shards encodes shards "
+            raise UserError(f"{p} is not a shards folder (no manifest.json); --format shards encodes shards "
                               f"folders: make shards from the images first (make shards SRC={p})")
     accelerator = Accelerator(cpu=args.device == "cpu")
     device = torch.device(args.device) if args.device and accelerator.num_processes == 1 else accelerator.device
@@ -515,16 +507,16 @@ def run_encode(args) -> int:
     size = _source_size(inputs, run, options)
     tiled = size > tile  # larger images, or smaller tiles than the training size: through pipeline.tiling
     if tiled and run.model.quantizer is not None:
-        raise ConfigError(f"the images are {size} px but this quantized model encodes {tile} px tiles; tiled encoding "
+        raise UserError(f"the images are {size} px but this quantized model encodes {tile} px tiles; tiled encoding "
                           f"blends latents, which codes cannot be: encode images of the training size")
     if tiled:
         tiling.check_tiling(run.model, tile, options.overlap_px)
     units = plan_units(inputs, options.splits)
     if not units:
-        raise ConfigError(f"{', '.join(map(str, inputs))} list no shards in split {args.split}")
+        raise UserError(f"{', '.join(map(str, inputs))} list no shards in split {args.split}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a folder; choose another --out")
+        raise UserError(f"--out {out} exists and is not a folder; choose another --out")
     spec = encode_spec(run, inputs, options)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

@@ -284,11 +284,6 @@ def latent_usage_plot(metrics: dict, latent_shape: tuple[int, ...]) -> np.ndarra
     return np.concatenate(pad)
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    durable.write_json(path, data, indent=1)
-
-
 def log_to_wandb(run, metrics: dict, plot: np.ndarray) -> str | None:
     """The metrics into the training run's W&B summary as eval/<name> (same run id, resumed), and the plot
     as the eval/latent_usage image. tracking.mode decides offline/online/disabled. Returns the run id."""
@@ -391,7 +386,8 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = {**info, **metrics}
     if accelerator.is_main_process:
         out = Path(args.out) if args.out else run.run_dir / "eval" / "metrics.json"
-        write_json_atomic(out, metrics)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        durable.write_json(out, metrics, indent=1)
         plot = (codebook_plot(metrics) if "kl_per_dim" not in metrics
                 else latent_usage_plot(metrics, run.model.latent_shape))
         media.save_png(plot, out.with_name("latent_usage.png"))

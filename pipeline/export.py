@@ -54,15 +54,18 @@ if __package__ in (None, ""):
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from pipeline.config import BlockSpec, ConfigError, ModelConfig, _coerce, exit_on_config_error
+from pipeline import durable
+from pipeline.config import BlockSpec, ConfigError, ModelConfig, coerce
+from pipeline.errors import UserError, exit_on_user_error
 from pipeline.inference import check_shards, load_run, split_batches
 from pipeline.import_diffusers import kept_latent_factors
 from pipeline.models import VAE, build_model
 from pipeline.models.base import group_count
-from pipeline.models.resnet import _level_specs
+from pipeline.models.resnet import level_specs
 
 DIFFUSERS_VERSION = "0.42.1"
 """The diffusers version the export is tested against (pyproject's test extra); written into config.json."""
@@ -177,7 +180,7 @@ def ldm_layout(model_cfg: ModelConfig, image_size: int) -> LDMLayout:
                           f"only the right and bottom; train with model.downsample_padding=ldm{fallback}")
     lc = cfg.latent_channels
     for side in ("encoder", "decoder"):
-        ours = _expand(getattr(cfg, side) or _level_specs(cfg, side), cfg.in_channels if side == "encoder" else lc)
+        ours = _expand(getattr(cfg, side) or level_specs(cfg, side), cfg.in_channels if side == "encoder" else lc)
         theirs = [(b, c) for b, c, _ in layout.named(side, lc)] if layout.blocks_per_level >= 1 else []
         if ours != theirs:
             where = f"the explicit model.{side} list" if explicit else f"the {side} built from model.channels"
@@ -313,12 +316,12 @@ def latent_statistics(run, shards: str, split: str = "train", max_images: int = 
         if max_images and n >= max_images:
             break
     if n == 0:
-        raise ConfigError(f"the {split} split of {shards} holds no readable images to measure the latent scale on")
+        raise UserError(f"the {split} split of {shards} holds no readable images to measure the latent scale on")
     count, s1, s2 = total.tolist()
     mean = s1 / count
     std = math.sqrt(max(s2 / count - mean * mean, 0.0))
     if std == 0:
-        raise ConfigError("every latent of the measured images is identical (std 0), so no scaling_factor exists")
+        raise UserError("every latent of the measured images is identical (std 0), so no scaling_factor exists")
     return {"images": n, "split": split, "shards": str(shards), "mean": mean, "std": std}
 
 
@@ -329,7 +332,7 @@ def latent_statistics(run, shards: str, split: str = "train", max_images: int = 
 
 def _prepare_out(out: Path, force: bool) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise ConfigError(f"--out {out} already exists and is not empty; choose another folder or pass --force")
+        raise UserError(f"--out {out} already exists and is not empty; choose another folder or pass --force")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -337,9 +340,17 @@ def _prepare_out(out: Path, force: bool) -> Path:
 
 
 def _publish(tmp: Path, out: Path) -> None:
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    os.replace(tmp, out)
+    """The staging folder, every file in it written with durable.write_staged, in place of --out."""
+    durable.replace_folder(tmp, out, parked=out.with_name(f".{out.name}.old-{os.getpid()}"))
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    durable.write_staged(path, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
+                         errors=(SafetensorError,))
+
+
+def _save_text(text: str, path: Path) -> None:
+    durable.write_staged(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
 def model_yaml(run) -> dict:
@@ -352,7 +363,7 @@ def load_exported(folder: str | Path, device: str | torch.device = "cpu") -> VAE
     """The model a --format safetensors export holds (eval mode)."""
     folder = Path(folder)
     info = yaml.safe_load((folder / "model.yaml").read_text())
-    cfg = _coerce(info["model"], ModelConfig, "model", str(folder / "model.yaml"))
+    cfg = coerce(info["model"], ModelConfig, "model", str(folder / "model.yaml"))
     model = build_model(cfg, int(info["image_size"]))
     model.load_state_dict(load_file(str(folder / "model.safetensors"), device="cpu"), strict=True)
     return model.to(device).eval()
@@ -362,7 +373,7 @@ def export(run_dir: str, fmt: str, out: str, checkpoint: str | None = None, weig
            shards: str | None = None, scale_images: int = 0, force: bool = False) -> dict:
     """Write the export; returns what was written (and the measured latent statistics for diffusers)."""
     if fmt not in ("diffusers", "safetensors"):
-        raise ConfigError(f"--format must be diffusers or safetensors, got {fmt!r}")
+        raise UserError(f"--format must be diffusers or safetensors, got {fmt!r}")
     run = load_run(run_dir, (), checkpoint, weights, "cpu")
     out_dir = Path(out)
     info = {"run_dir": str(run.run_dir), "checkpoint": run.checkpoint.name, "step": run.step, "weights": run.weights,
@@ -370,9 +381,9 @@ def export(run_dir: str, fmt: str, out: str, checkpoint: str | None = None, weig
     if fmt == "safetensors":
         tmp = _prepare_out(out_dir, force)
         state = {k: v.detach().cpu().contiguous() for k, v in run.model.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "model.yaml").write_text(yaml.safe_dump(model_yaml(run), sort_keys=False))
-        (tmp / "export.json").write_text(json.dumps(info, indent=1))
+        _save_tensors(state, tmp / "model.safetensors")
+        _save_text(yaml.safe_dump(model_yaml(run), sort_keys=False), tmp / "model.yaml")
+        _save_text(json.dumps(info, indent=1), tmp / "export.json")
         _publish(tmp, out_dir)
         return info
     layout = ldm_layout(run.cfg.model, run.image_size)  # before reading any data: a model that cannot map stops here
@@ -387,10 +398,10 @@ def export(run_dir: str, fmt: str, out: str, checkpoint: str | None = None, weig
     stats["factors"] = f"kept from {run.cfg.model.init}" if kept is not None else "measured"
     tensors = diffusers_state_dict(run.model, run.cfg.model, layout)
     tmp = _prepare_out(out_dir, force)
-    save_file(tensors, str(tmp / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    _save_tensors(tensors, tmp / "diffusion_pytorch_model.safetensors")
+    _save_text(json.dumps(config, indent=2), tmp / "config.json")
     info["latent_statistics"] = stats
-    (tmp / "export.json").write_text(json.dumps(info, indent=1))
+    _save_text(json.dumps(info, indent=1), tmp / "export.json")
     _publish(tmp, out_dir)
     return {**info, "scaling_factor": config["scaling_factor"], "shift_factor": config["shift_factor"]}
 
@@ -412,7 +423,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-@exit_on_config_error
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
     result = export(args.run_dir, args.format, args.out, args.checkpoint, args.weights, args.shards,

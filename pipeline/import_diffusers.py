@@ -38,7 +38,9 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from pipeline.config import Config, ConfigError, ModelConfig, exit_on_config_error
+from pipeline import durable
+from pipeline.config import Config, ConfigError, ModelConfig
+from pipeline.errors import UserError, exit_on_user_error
 from pipeline.models import VAE, build_model
 from pipeline.models.base import group_count
 
@@ -56,24 +58,24 @@ ARCHITECTURE_KEYS = ("arch", "in_channels", "latent_channels", "channels", "bloc
 
 
 def diffusers_config(folder: Path) -> dict:
-    """DIR/config.json with AutoencoderKL's defaults filled in; ConfigError if DIR is no AutoencoderKL folder."""
+    """DIR/config.json with AutoencoderKL's defaults filled in; UserError if DIR is no AutoencoderKL folder."""
     path = folder / "config.json"
     if not path.is_file() or not (folder / WEIGHTS).is_file():
-        raise ConfigError(f"{folder} is not a diffusers AutoencoderKL folder (it needs config.json and {WEIGHTS}; "
+        raise UserError(f"{folder} is not a diffusers AutoencoderKL folder (it needs config.json and {WEIGHTS}; "
                           f"re-save a .bin one with AutoencoderKL.from_pretrained(...).save_pretrained(...))")
     config = json.loads(path.read_text())
     if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-        raise ConfigError(f"{path} describes a {config['_class_name']}, but only AutoencoderKL maps onto our resnet")
+        raise UserError(f"{path} describes a {config['_class_name']}, but only AutoencoderKL maps onto our resnet")
     return {**DIFFUSERS_DEFAULTS, **{k: v for k, v in config.items() if k in DIFFUSERS_DEFAULTS}}
 
 
 def model_config(config: dict, source: str) -> ModelConfig:
-    """The resnet model section that computes what this AutoencoderKL config computes, or ConfigError with one
+    """The resnet model section that computes what this AutoencoderKL config computes, or UserError with one
     sentence on what our resnet cannot express."""
     from pipeline.export import LDMLayout
 
-    def refuse(what: str) -> ConfigError:
-        return ConfigError(f"{source} has {what}, which our resnet architecture cannot express, so it cannot be "
+    def refuse(what: str) -> UserError:
+        return UserError(f"{source} has {what}, which our resnet architecture cannot express, so it cannot be "
                            f"imported")
 
     channels, down, up = list(config["block_out_channels"]), list(config["down_block_types"]), list(config["up_block_types"])
@@ -223,12 +225,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-@exit_on_config_error
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> ModelConfig:
     args = _parser().parse_args(argv)
     folder, out = Path(args.folder), Path(args.out)
     if out.exists() and not args.force:
-        raise ConfigError(f"--out {out} already exists; choose another file or pass --force")
+        raise UserError(f"--out {out} already exists; choose another file or pass --force")
     config = diffusers_config(folder)
     model_cfg = model_config(config, str(folder / "config.json"))
     model_cfg.init = args.folder
@@ -239,7 +241,7 @@ def main(argv: list[str] | None = None) -> ModelConfig:
     load_init(build_model(model_cfg, int(config["sample_size"])), model_cfg)
     command = "python -m pipeline.import_diffusers " + " ".join(sys.argv[1:] if argv is None else argv)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(recipe_text(args.folder, model_cfg, config, freeze, command))
+    durable.write_text(out, recipe_text(args.folder, model_cfg, config, freeze, command))
     print(f"wrote {out}: resnet {model_cfg.channels} x{model_cfg.blocks_per_level}, {model_cfg.latent_channels} "
           f"latent channels, starting from {folder}")
     return model_cfg

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from pipeline import durable
 from pipeline.config import Config, ConfigError, load_config
+from pipeline.errors import UserError
 from pipeline.data import Batch, DeviceAugment, check_fits, data_range, read_manifest, sample_shape, val_batches
 from pipeline.images import IMAGE_EXTENSIONS, describe_error, load_image
 from pipeline.objective import VAELoss
@@ -101,14 +102,14 @@ def resolve_checkpoint(run_dir: Path, checkpoint: str | None = None) -> Path:
     if checkpoint is None:
         pointer = ckpt_dir / "latest"
         if not pointer.is_file():
-            raise ConfigError(f"run folder {run_dir} has no complete checkpoint yet (no {pointer}); "
+            raise UserError(f"run folder {run_dir} has no complete checkpoint yet (no {pointer}); "
                               f"let training save one (train.checkpoint_every_steps) and try again")
         path = durable.inside(ckpt_dir, pointer.read_text().strip(), str(pointer))
     else:
         path = Path(checkpoint) if Path(checkpoint).is_dir() else ckpt_dir / checkpoint
     if not (path / "model.safetensors").is_file():
         listed = ", ".join(available) if available else "none"
-        raise ConfigError(f"checkpoint {path} does not exist or has no model.safetensors "
+        raise UserError(f"checkpoint {path} does not exist or has no model.safetensors "
                           f"(complete checkpoints in {ckpt_dir}: {listed})")
     return path
 
@@ -128,7 +129,7 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
-        raise ConfigError(f"cannot read {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+        raise UserError(f"cannot read {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                           f"the checkpoint is damaged, pick another with --checkpoint") from None
 
 
@@ -172,7 +173,7 @@ def _image_size_and_classes(run_dir: Path, cfg: Config, state: dict[str, Tensor]
     classes = list(info.get("classes", []))
     try:
         manifest = read_manifest(cfg.data.shards)
-    except ConfigError:
+    except UserError:
         manifest = None  # the shards moved or were deleted: fall back to what the run folder knows
     if manifest is not None and not classes:
         classes = list(manifest["classes"])
@@ -185,7 +186,7 @@ def _image_size_and_classes(run_dir: Path, cfg: Config, state: dict[str, Tensor]
     sizes = _size_from_weights(cfg, state)
     if len(sizes) == 1:
         return sizes[0], classes
-    raise ConfigError(f"cannot tell the image size of {run_dir}: its shards folder {cfg.data.shards} is gone and "
+    raise UserError(f"cannot tell the image size of {run_dir}: its shards folder {cfg.data.shards} is gone and "
                       f"{'no size fits' if not sizes else 'several sizes fit'} the weights; pass --image-size N "
                       f"(the SIZE the shards were made with)")
 
@@ -202,15 +203,15 @@ def default_device() -> torch.device:
 def load_run(run_dir: str | Path, overrides: Sequence[str] = (), checkpoint: str | None = None,
              weights: str = "ema", device: str | torch.device | None = None,
              image_size: int | None = None) -> LoadedRun:
-    """The model (and loss parameters) of a run folder's checkpoint. ConfigError with one sentence on a
+    """The model (and loss parameters) of a run folder's checkpoint. UserError with one sentence on a
     missing run folder, checkpoint or weight file, or weights that do not fit the config."""
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
-        raise ConfigError(f"{run_dir} is not a run folder (no config.yaml); give the folder training wrote, "
+        raise UserError(f"{run_dir} is not a run folder (no config.yaml); give the folder training wrote, "
                           f"e.g. runs/demo")
     if weights not in ("ema", "raw"):
-        raise ConfigError(f"weights must be ema or raw, got {weights!r}")
+        raise UserError(f"weights must be ema or raw, got {weights!r}")
     cfg = load_config(config_path, list(overrides), check_paths=False)
     ckpt = resolve_checkpoint(run_dir, checkpoint)
     train_state = _read_safetensors(ckpt / "model.safetensors")
@@ -248,10 +249,10 @@ def _data_range(run_dir: Path, cfg: Config) -> tuple[float, float] | None:
         return float(info["normalization"]["low"]), float(info["normalization"]["high"])
     try:
         found = data_range(read_manifest(cfg.data.shards))
-    except ConfigError:
+    except UserError:
         found = None
     if found is None:
-        raise ConfigError(f"{run_dir} is an array run (model.spatial_dims {cfg.model.spatial_dims}) without "
+        raise UserError(f"{run_dir} is an array run (model.spatial_dims {cfg.model.spatial_dims}) without "
                           f"{MODEL_INFO_FILE} and its shards {cfg.data.shards} are gone; the data range is unknown")
     return found
 
@@ -263,7 +264,7 @@ def _load_state(module: torch.nn.Module, state: dict[str, Tensor], what: str) ->
     if result.missing_keys or result.unexpected_keys or wrong:
         detail = (f"missing {result.missing_keys[:3]}" if result.missing_keys else
                   f"unexpected {result.unexpected_keys[:3]}" if result.unexpected_keys else f"shape of {wrong[:3]}")
-        raise ConfigError(f"checkpoint {what} does not fit the model its config.yaml describes ({detail}); "
+        raise UserError(f"checkpoint {what} does not fit the model its config.yaml describes ({detail}); "
                           f"do not override model.* or loss.recon/gaussian_logvar when loading a run")
 
 
@@ -273,16 +274,16 @@ def _load_state(module: torch.nn.Module, state: dict[str, Tensor], what: str) ->
 
 
 def check_shards(shards_dir: str | Path, image_size: int, cfg: Config | None = None) -> dict:
-    """The manifest of a shards folder whose images have the model's size (ConfigError otherwise); with the
+    """The manifest of a shards folder whose images have the model's size (UserError otherwise); with the
     run's cfg also its spatial dims and channels (signals and volumes)."""
     manifest = read_manifest(shards_dir)
     if cfg is not None:
         check_fits(cfg, manifest, str(shards_dir))
     if sample_shape(manifest) and int(manifest["size"]) != image_size:
-        raise ConfigError(f"shards {shards_dir} hold samples of shape {list(sample_shape(manifest))} but the model "
+        raise UserError(f"shards {shards_dir} hold samples of shape {list(sample_shape(manifest))} but the model "
                           f"was trained on a side of {image_size}; use shards of the training shape")
     if int(manifest["size"]) != image_size:
-        raise ConfigError(f"shards {shards_dir} hold {manifest['size']} px images but the model was trained on "
+        raise UserError(f"shards {shards_dir} hold {manifest['size']} px images but the model was trained on "
                           f"{image_size} px; make shards with --size {image_size}")
     return manifest
 
@@ -293,7 +294,7 @@ def split_batches(cfg: Config, shards_dir: str | Path, split: str, rank: int = 0
     fixed order: pipeline.data.val_batches (its reader, batching and corrupt-sample handling), pointed at
     any split."""
     if split not in ("train", "val"):
-        raise ConfigError(f"--split must be train or val, got {split!r}")
+        raise UserError(f"--split must be train or val, got {split!r}")
     local = copy.deepcopy(cfg)
     local.data.shards = str(shards_dir)
     yield from val_batches(local, rank, world_size, num_workers, split=split)
@@ -305,30 +306,30 @@ def is_shards_folder(path: str | Path) -> bool:
 
 def image_files(paths: Sequence[str | Path], extensions=IMAGE_EXTENSIONS, what: str = "images") -> list[Path]:
     """Files named directly, and the files with `extensions` under named folders (sorted, recursive).
-    ConfigError for a path that does not exist or a folder without such files (`what`: their name)."""
+    UserError for a path that does not exist or a folder without such files (`what`: their name)."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in extensions)
             if not found:
-                raise ConfigError(f"folder {p} holds no {what} ({', '.join(sorted(extensions))})")
+                raise UserError(f"folder {p} holds no {what} ({', '.join(sorted(extensions))})")
             files += found
         elif p.is_file():
             files.append(p)
         else:
-            raise ConfigError(f"{p} does not exist; give files or folders of {what}")
+            raise UserError(f"{p} does not exist; give files or folders of {what}")
     return files
 
 
 def load_images(files: Sequence[Path], size: int) -> Tensor:
     """uint8 [N, 3, size, size] through pipeline.images.load_image (the `make shards` path).
-    ConfigError naming the first file that cannot be read."""
+    UserError naming the first file that cannot be read."""
     arrays = []
     for f in files:
         try:
             arrays.append(load_image(f, size))
         except Exception as e:  # noqa: BLE001 - Pillow raises many types for a bad file; all are the user's file
-            raise ConfigError(f"cannot read image {f}: {describe_error(e)}; remove it or convert it to PNG/JPEG") \
+            raise UserError(f"cannot read image {f}: {describe_error(e)}; remove it or convert it to PNG/JPEG") \
                 from None
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 

@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config, ConfigError, _walk
+from pipeline.config import Config, ConfigError, walk
 
 APPLIES = None
 ARCHITECTURE = "the checkpoint's weights are those of the model it was trained with"
@@ -75,7 +75,7 @@ def check_changes(trainer_state: dict, cfg: Config, checkpoint: Path) -> dict[st
     saved = trainer_state.get("config")
     if not isinstance(saved, dict):
         return None
-    then, now = _flat(saved), dict(_walk(cfg))
+    then, now = _flat(saved), dict(walk(cfg))
     step = int(trainer_state.get("step", 0))
     changes = {}
     for key, value in now.items():

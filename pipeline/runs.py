@@ -33,14 +33,14 @@ from typing import Callable
 import torch
 
 from pipeline import durable
-from pipeline.config import ConfigError
+from pipeline.errors import UserError
 
 LOCK_FILE = ".lock"
 STARTS_FILE = "starts.jsonl"
 _PR_SET_PDEATHSIG = 1
 
 
-class RunFolderBusy(ConfigError):
+class RunFolderBusy(UserError):
     """Another live process holds the run folder. The message names it."""
 
 

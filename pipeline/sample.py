@@ -62,7 +62,8 @@ import torch
 from PIL import Image
 
 from pipeline import arrays, durable, media, tiling
-from pipeline.config import ConfigError, exit_on_config_error, load_config
+from pipeline.config import load_config
+from pipeline.errors import UserError, exit_on_user_error
 from pipeline.data import Batch
 from pipeline.evaluate import log_weights, to_unit_range
 from pipeline.models.quantize import codes_dtype
@@ -88,19 +89,19 @@ class Outputs:
 
     def file(self, path: Path) -> Path:
         if path.exists() and not self.force:
-            raise ConfigError(f"{path} exists; pass --force to overwrite it or choose another --out")
+            raise UserError(f"{path} exists; pass --force to overwrite it or choose another --out")
         if path.is_dir():
-            raise ConfigError(f"{path} is a folder; give a file name with --out")
+            raise UserError(f"{path} is a folder; give a file name with --out")
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
     def folder(self, path: Path, patterns: Sequence[str]) -> Path:
         """A folder whose files matching `patterns` are ours: refused if any exist, removed with --force."""
         if path.exists() and not path.is_dir():
-            raise ConfigError(f"{path} exists and is not a folder; choose another --out")
+            raise UserError(f"{path} exists and is not a folder; choose another --out")
         ours = sorted({f for p in patterns for f in path.glob(p)}) if path.is_dir() else []
         if ours and not self.force:
-            raise ConfigError(f"{path} already holds output ({ours[0].name}, ...); pass --force to replace it "
+            raise UserError(f"{path} already holds output ({ours[0].name}, ...); pass --force to replace it "
                               f"or choose another --out")
         for f in ours:
             f.unlink()
@@ -108,24 +109,20 @@ class Outputs:
         return path
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    return durable.write_with(path, write)
-
-
 def save_npy(array: np.ndarray, path: Path) -> Path:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             np.save(f, array, allow_pickle=False)
 
-    return _atomic(path, write)
+    return durable.write_with(path, write)
 
 
 def save_gif(frames: Sequence[np.ndarray], path: Path, frame_ms: int = GIF_FRAME_MS) -> Path:
     """uint8 [H, W, 3] frames -> a looping GIF that plays forward then back."""
     seq = list(frames) + list(frames[-2:0:-1])
     images = [Image.fromarray(np.ascontiguousarray(f)) for f in seq]
-    return _atomic(path, lambda tmp: images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
-                                                    duration=frame_ms, loop=0))
+    return durable.write_with(path, lambda tmp: images[0].save(tmp, format="GIF", save_all=True,
+                                                             append_images=images[1:], duration=frame_ms, loop=0))
 
 
 def save_csv(rows: list[dict], path: Path) -> Path:
@@ -135,11 +132,11 @@ def save_csv(rows: list[dict], path: Path) -> Path:
             w.writeheader()
             w.writerows(rows)
 
-    return _atomic(path, write)
+    return durable.write_with(path, write)
 
 
 def save_json(data: dict, path: Path) -> Path:
-    return _atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
+    return durable.write_json(path, data, indent=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,7 +197,7 @@ def array_files(paths: Sequence[str], spatial_dims: int) -> list[Path]:
 def array_batches(files: Sequence[Path], keys: Sequence[str], shape: tuple[int, ...],
                   batch_size: int) -> Iterator[Batch]:
     """Array files as Batches of float32 [B, C, *spatial] in the data's units (the stream's layout), each
-    checked as `make shards` checks it (channels first); ConfigError naming the first file that does not fit."""
+    checked as `make shards` checks it (channels first); UserError naming the first file that does not fit."""
     for i in range(0, len(files), batch_size):
         chunk, samples = files[i:i + batch_size], []
         for f in chunk:
@@ -208,16 +205,16 @@ def array_batches(files: Sequence[Path], keys: Sequence[str], shape: tuple[int, 
                 arr, _ = arrays.load_array(f)
                 sample = arrays.to_sample(arr, len(shape) - 1, wav=f.suffix.lower() == ".wav")
             except (ValueError, OSError) as e:
-                raise ConfigError(f"cannot read {f}: {e}; give arrays like the training shards'") from None
+                raise UserError(f"cannot read {f}: {e}; give arrays like the training shards'") from None
             if sample.shape != shape:
-                raise ConfigError(f"{f} is {list(sample.shape)} as [C, *spatial] but the model takes {list(shape)}")
+                raise UserError(f"{f} is {list(sample.shape)} as [C, *spatial] but the model takes {list(shape)}")
             samples.append(torch.from_numpy(sample))
         yield Batch(torch.stack(samples), torch.full((len(chunk),), -1, dtype=torch.int64), list(keys[i:i + len(chunk)]))
 
 
 def _refuse_for_arrays(run: LoadedRun, mode: str) -> None:
     if run.data_range is not None:
-        raise ConfigError(f"pipeline.sample {mode} works on images; for signals and volumes use prior, reconstruct "
+        raise UserError(f"pipeline.sample {mode} works on images; for signals and volumes use prior, reconstruct "
                           f"or encode")
 
 
@@ -256,12 +253,12 @@ def load_native(path: Path, multiple: int) -> torch.Tensor:
     try:
         img = load_rgb(path)
     except Exception as e:  # noqa: BLE001 - Pillow raises many types for a bad file; all are the user's file
-        raise ConfigError(f"cannot read image {path}: {describe_error(e)}; remove it or convert it to PNG/JPEG") \
+        raise UserError(f"cannot read image {path}: {describe_error(e)}; remove it or convert it to PNG/JPEG") \
             from None
     w, h = img.size
     cw, ch = w - w % multiple, h - h % multiple
     if not cw or not ch:
-        raise ConfigError(f"image {path} is {w}x{h} px, smaller than the model's downsampling factor {multiple}")
+        raise UserError(f"image {path} is {w}x{h} px, smaller than the model's downsampling factor {multiple}")
     left, top = (w - cw) // 2, (h - ch) // 2
     arr = np.asarray(img.crop((left, top, left + cw, top + ch)), dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).unsqueeze(0)
@@ -275,7 +272,7 @@ def load_native(path: Path, multiple: int) -> torch.Tensor:
 @torch.no_grad()
 def prior(run: LoadedRun, args, out: Outputs) -> list[Path]:
     if args.n < 1:
-        raise ConfigError(f"--n must be at least 1, got {args.n}")
+        raise UserError(f"--n must be at least 1, got {args.n}")
     if run.data_range is not None:
         return _prior_arrays(run, args, out)
     grid_path = out.file(Path(args.out) if args.out else run.run_dir / "samples" / "prior.png")
@@ -303,7 +300,7 @@ def _prior_arrays(run: LoadedRun, args, out: Outputs) -> list[Path]:
 def _reconstruct_arrays(run: LoadedRun, args, out: Outputs) -> list[Path]:
     """Signals/volumes: OUT/inputs.npy, OUT/recons.npy ([N, C, *spatial], data units), index.csv, preview.png."""
     if args.native_size or args.tile_size or args.tile_overlap is not None:
-        raise ConfigError("--native-size, --tile-size and --tile-overlap are for images")
+        raise UserError("--native-size, --tile-size and --tile-overlap are for images")
     folder = out.folder(Path(args.out) if args.out else run.run_dir / "samples" / "reconstruct",
                         ["inputs.npy", "recons.npy", "index.csv", "preview.png"])
     inputs, recons, index = [], [], []
@@ -313,7 +310,7 @@ def _reconstruct_arrays(run: LoadedRun, args, out: Outputs) -> list[Path]:
         recons.append(reconstruction(run, x).float())
         index += [{"row": len(index) + i, "key": k, "source": s} for i, (k, s) in enumerate(zip(batch.keys, sources))]
     if not index:
-        raise ConfigError(f"no readable samples in {', '.join(args.images)}")
+        raise UserError(f"no readable samples in {', '.join(args.images)}")
     x, r = torch.cat(inputs), torch.cat(recons)
     n = min(len(x), 16)
     preview = media.make_grid(np.concatenate([media.to_tiles(x[:n], run.model.output_range),
@@ -330,7 +327,7 @@ def reconstruct(run: LoadedRun, args, out: Outputs) -> list[Path]:
     if args.native_size:
         return _reconstruct_native(run, args, out)
     if args.tile_size or args.tile_overlap is not None:
-        raise ConfigError("--tile-size and --tile-overlap apply with --native-size (without it images are resized "
+        raise UserError("--tile-size and --tile-overlap apply with --native-size (without it images are resized "
                           "to the training size, one tile each)")
     path = out.file(Path(args.out) if args.out else run.run_dir / "samples" / "reconstruct.png")
     files = image_files(args.images)
@@ -368,11 +365,11 @@ def interpolation_frames(run: LoadedRun, image_a: torch.Tensor, image_b: torch.T
 
 def interpolate(run: LoadedRun, args, out: Outputs) -> list[Path]:
     if args.steps < 2:
-        raise ConfigError(f"--steps must be at least 2, got {args.steps}")
+        raise UserError(f"--steps must be at least 2, got {args.steps}")
     png = out.file(Path(args.out) if args.out else run.run_dir / "samples" / "interpolate.png")
     gif = out.file(png.with_suffix(".gif"))
     if not (Path(args.image_a).is_file() and Path(args.image_b).is_file()):
-        raise ConfigError(f"interpolate needs two image files, got {args.image_a} and {args.image_b}")
+        raise UserError(f"interpolate needs two image files, got {args.image_a} and {args.image_b}")
     images = load_images([Path(args.image_a), Path(args.image_b)], run.image_size)
     frames = interpolation_frames(run, images[:1], images[1:2], args.steps)
     return [media.save_png(media.make_grid(frames, nrow=args.steps), png), save_gif(frames, gif)]
@@ -381,7 +378,7 @@ def interpolate(run: LoadedRun, args, out: Outputs) -> list[Path]:
 @torch.no_grad()
 def traverse(run: LoadedRun, args, out: Outputs) -> list[Path]:
     if args.dims < 1:
-        raise ConfigError(f"--dims must be at least 1, got {args.dims}")
+        raise UserError(f"--dims must be at least 1, got {args.dims}")
     folder = out.folder(Path(args.out) if args.out else run.run_dir / "samples" / "traverse", ["dim-*.png"])
     if args.images:
         images = load_images(image_files(args.images), run.image_size)
@@ -394,7 +391,7 @@ def traverse(run: LoadedRun, args, out: Outputs) -> list[Path]:
             if n >= 64:
                 break
         if not batches:
-            raise ConfigError(f"the val split of {run.cfg.data.shards} is empty; pass --images")
+            raise UserError(f"the val split of {run.cfg.data.shards} is empty; pass --images")
         images = torch.cat(batches)[:64]
     x = run.to_model_range(images)
     mu, logvar = run.model.encode(x)
@@ -428,7 +425,7 @@ def encode(run: LoadedRun, args, out: Outputs) -> list[Path]:
             index.append({"row": len(index), "key": key, "label": label, "class": _class_name(run, label),
                           "source": sources[i]})
     if not index:
-        raise ConfigError(f"no readable samples in {', '.join(args.inputs)} (split {args.split})")
+        raise UserError(f"no readable samples in {', '.join(args.inputs)} (split {args.split})")
     meta = {"run_dir": str(run.run_dir), "checkpoint": run.checkpoint.name, "step": run.step, "weights": run.weights,
             "image_size": run.image_size, "latent_shape": list(run.model.latent_shape), "count": len(index),
             "classes": run.classes, "inputs": [str(p) for p in args.inputs], "split": args.split,
@@ -450,12 +447,12 @@ def _shard_latents(folder: Path, member: str) -> Iterator[tuple[str, np.ndarray]
     try:
         manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{folder / 'manifest.json'} is not valid JSON ({e}); encode the folder again") from None
+        raise UserError(f"{folder / 'manifest.json'} is not valid JSON ({e}); encode the folder again") from None
     if manifest.get("kind") != "latents":
-        raise ConfigError(f"{folder} holds image shards, not latents; decode takes what `encode --format shards` "
+        raise UserError(f"{folder} holds image shards, not latents; decode takes what `encode --format shards` "
                           f"writes (or .npy files)")
     if f"{member}.npy" not in manifest.get("members", []):
-        raise ConfigError(f"latent shards {folder} store {', '.join(manifest.get('members', []))}, not {member}.npy; "
+        raise UserError(f"latent shards {folder} store {', '.join(manifest.get('members', []))}, not {member}.npy; "
                           f"pass --latent with one of those")
     bf16 = manifest.get("latent_dtype") == "bfloat16"
     for split in manifest["splits"].values():
@@ -481,13 +478,13 @@ def _npy_latents(path: Path, latent_dims: int, code_dims: int | None = None) -> 
     try:
         arr = np.load(path, allow_pickle=False)
     except Exception as e:  # noqa: BLE001 - a bad file is the user's file
-        raise ConfigError(f"cannot read {path} as a .npy array ({describe_error(e)})") from None
+        raise UserError(f"cannot read {path} as a .npy array ({describe_error(e)})") from None
     if np.issubdtype(arr.dtype, np.integer):
         if code_dims is None:
-            raise ConfigError(f"{path} holds integers (code maps) but this run's latent is not quantized; decode "
+            raise UserError(f"{path} holds integers (code maps) but this run's latent is not quantized; decode "
                               f"float latents (encode's mu.npy) or use a quantized run")
         if arr.ndim not in (code_dims, code_dims + 1):
-            raise ConfigError(f"{path} holds codes of shape {list(arr.shape)}; decode needs one code map "
+            raise UserError(f"{path} holds codes of shape {list(arr.shape)}; decode needs one code map "
                               f"({code_dims} dims) or a batch of them ({code_dims + 1} dims)")
         rows = [arr] if arr.ndim == code_dims else list(arr)
         for i, row in enumerate(rows):
@@ -499,7 +496,7 @@ def _npy_latents(path: Path, latent_dims: int, code_dims: int | None = None) -> 
         for i, row in enumerate(arr):
             yield f"{path.stem}-{i:04d}", row.astype(np.float32)
     else:
-        raise ConfigError(f"{path} holds an array of shape {list(arr.shape)}; decode needs one latent "
+        raise UserError(f"{path} holds an array of shape {list(arr.shape)}; decode needs one latent "
                           f"({latent_dims} dims) or a batch of them ({latent_dims + 1} dims)")
 
 
@@ -518,19 +515,19 @@ def decode(run: LoadedRun, args, out: Outputs) -> list[Path]:
             elif p.is_dir():
                 files = sorted(p.glob("*.npy"))
                 if not files:
-                    raise ConfigError(f"folder {p} holds no .npy files or latent shards")
+                    raise UserError(f"folder {p} holds no .npy files or latent shards")
                 for f in files:
                     yield from _npy_latents(f, len(shape), code_dims)
             elif p.is_file():
                 yield from _npy_latents(p, len(shape), code_dims)
             else:
-                raise ConfigError(f"{p} does not exist; give .npy files, folders of them or latent shards folders")
+                raise UserError(f"{p} does not exist; give .npy files, folders of them or latent shards folders")
 
     def flush(keys: list[str], zs: list[np.ndarray]) -> list[Path]:
         z = torch.from_numpy(np.stack(zs)).to(run.device)
         if not z.is_floating_point():  # code maps of a quantized model
             if tuple(z.shape[1:]) != tuple(model.code_grid) or int(z.min()) < 0 or int(z.max()) >= model.quantizer.num_codes:
-                raise ConfigError(f"codes {keys[0]} have shape {list(z.shape[1:])} and values {int(z.min())}.."
+                raise UserError(f"codes {keys[0]} have shape {list(z.shape[1:])} and values {int(z.min())}.."
                                   f"{int(z.max())}, but the model takes {list(model.code_grid)} codes in "
                                   f"0..{model.quantizer.num_codes - 1}")
             images = model.decode_indices(z)
@@ -539,7 +536,7 @@ def decode(run: LoadedRun, args, out: Outputs) -> list[Path]:
         elif len(shape) == 3 and z.shape[1] == shape[0]:
             images = tiling.tiled_decode(model, z, tile, overlap)
         else:
-            raise ConfigError(f"latent {keys[0]} has shape {list(z.shape[1:])} but the model's is {list(shape)}"
+            raise UserError(f"latent {keys[0]} has shape {list(z.shape[1:])} but the model's is {list(shape)}"
                               + (" (larger spatial latents need a spatial-latent model)" if len(shape) == 3 else ""))
         if ext == "png":
             u8 = media.to_uint8(images, model.output_range)
@@ -559,7 +556,7 @@ def decode(run: LoadedRun, args, out: Outputs) -> list[Path]:
     if zs:
         written += flush(keys, zs)
     if not written:
-        raise ConfigError(f"no latents in {', '.join(args.latents)}")
+        raise UserError(f"no latents in {', '.join(args.latents)}")
     print(f"decoded {len(written)} latents into {folder}")
     return written
 
@@ -623,14 +620,14 @@ def _evaluated_log_scale(run: LoadedRun) -> float | None:
 
 def anomaly(run: LoadedRun, args, out: Outputs) -> list[Path]:
     if args.samples < 1:
-        raise ConfigError(f"--samples must be at least 1, got {args.samples}")
+        raise UserError(f"--samples must be at least 1, got {args.samples}")
     path = out.file(Path(args.out) if args.out else run.run_dir / "samples" / "anomaly.csv")
     png = out.file(path.with_name(f"{path.stem}-top{args.top_k}.png")) if args.top_k > 0 else None
     inputs = Inputs(run, args.inputs, args.split, args.batch_size)
     rows, top, scale = anomaly_scores(run, inputs.batches, args.samples, args.seed, _evaluated_log_scale(run),
                                       args.top_k)
     if not rows:
-        raise ConfigError(f"no readable samples in {', '.join(args.inputs)}")
+        raise UserError(f"no readable samples in {', '.join(args.inputs)}")
     written = [save_csv(rows, path)]
     if png is not None and top:
         written.append(media.save_png(_side_by_side(np.stack([t[1] for t in top]), np.stack([t[2] for t in top])),
@@ -712,17 +709,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-@exit_on_config_error
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> list[Path]:
     args = _parser().parse_args(argv)
     if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.mode == "encode" and args.format == "shards":  # distributed, resumable: its own module
         from pipeline.encode import run_encode
 
         config = Path(args.run_dir) / "config.yaml"
         if config.is_file() and load_config(config, check_paths=False).model.spatial_dims != 2:
-            raise ConfigError("encode --format shards reads image shards; for signals and volumes use "
+            raise UserError("encode --format shards reads image shards; for signals and volumes use "
                               "encode --format npy")
         code = run_encode(args)
         if code:

@@ -29,7 +29,7 @@ staging folder and one merge job writes the shards from them: byte-identical to 
 Every tar member gets fixed metadata (mtime 0, uid/gid 0, mode 0444) and samples are written in
 a fixed order, so the same inputs and options give byte-identical shards. A run writes into a
 hidden staging folder (shards/.NAME.partial), renames each shard when it is complete, writes the
-manifest last (tmp + os.replace) and only then swaps the folder into place: an interrupted run
+manifest last (pipeline.durable) and only then swaps the folder into place: an interrupted run
 leaves the previous complete set untouched and nothing new that looks complete.
 """
 
@@ -58,10 +58,11 @@ import PIL
 from tqdm import tqdm
 
 from pipeline import arrays, durable
+from pipeline.errors import UserError
 from pipeline.images import (IMAGE_EXTENSIONS, STORED_FORMATS, describe_error, encode_image, load_rgb_reduced,
                              resize_center_crop)
 
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 1  # manifest.json's format; pipeline.data.manifest reads only this one
 KEY_VERSION = 2  # 1: pixel hash of every format; 2: JPEGs keyed on their bytes (module docstring)
 KEY_HEX_CHARS = 20  # 80 bits of the pixel hash: a collision among 10^7 images has odds ~1e-10
 SPLITS = ("train", "val")
@@ -71,7 +72,7 @@ IGNORED_DIRS = {"__MACOSX"}
 FLOWERS_URL = "https://www.kaggle.com/datasets/alxmamaev/flowers-recognition"
 
 
-class ShardsError(Exception):
+class ShardsError(UserError):
     """A user mistake (bad SRC, bad option, foreign files in the output). One sentence; exit 2."""
 
 
@@ -300,8 +301,9 @@ class _SplitWriter:
 
     def _open(self) -> None:
         self.file_name = f"{self.split}-{len(self.shards):06d}.tar"
-        self.tmp = self.folder / (self.file_name + ".tmp")
-        self.raw = open(self.tmp, "wb", buffering=1 << 20)
+        path = self.folder / self.file_name
+        self.out = durable.Writer(path, tmp=path.with_name(path.name + ".tmp"), buffering=1 << 20)
+        self.raw = self.out.file
         self.sha, self.count, self.nbytes = hashlib.sha256(), 0, 0
 
     def close(self) -> None:
@@ -311,17 +313,14 @@ class _SplitWriter:
         # End of archive as tarfile writes it: two zero blocks, then zeros up to the record size.
         end = members + 2 * tarfile.BLOCKSIZE
         self._put(bytes(2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
-        self.raw.flush()
-        os.fsync(self.raw.fileno())
-        self.raw.close()
-        os.replace(self.tmp, self.folder / self.file_name)
+        self.out.commit()
         self.shards.append({"file": self.file_name, "count": self.count, "bytes": self.nbytes,
                             "sha256": self.sha.hexdigest()})
         self.raw = None
 
     def abort(self) -> None:
         if self.raw is not None:
-            self.raw.close()
+            self.out.abort()
             self.raw = None
 
 
@@ -330,8 +329,9 @@ class _SplitWriter:
 # ------------------------------------------------------------------------------------------------
 
 
-def _atomic_write_json(path: Path, obj) -> None:
-    durable.write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n", tmp=path.with_name(path.name + ".tmp"))
+def _write_json(path: Path, obj) -> None:
+    """A manifest or a part's results, durably, under <name>.tmp while written (which _is_ours knows)."""
+    durable.write_json(path, obj, tmp=path.with_name(path.name + ".tmp"), end="\n", indent=1, ensure_ascii=False)
 
 
 def _is_ours(name: str) -> bool:
@@ -380,7 +380,9 @@ class _OutputFolder:
         if not self.old.exists():
             return
         if not self.final.exists():
-            os.rename(self.old, self.final)  # killed between the two renames: restore the old set
+            # Killed between the two renames: restore the old set. Not a durability step (if this rename is
+            # lost in a crash, the next start finds the same state and does it again), so a plain rename.
+            os.rename(self.old, self.final)
         elif (self.final / "manifest.json").is_file():
             shutil.rmtree(self.old)  # killed after the swap, before the clean-up
         else:
@@ -388,16 +390,9 @@ class _OutputFolder:
                               f"keep the one you want and remove the other")
 
     def commit(self) -> None:
-        """Swap the complete staging folder into place (its files and names are on disk already: the
-        manifest's durable write fsynced the folder), and make the swap itself durable."""
-        if self.final.exists():
-            os.rename(self.final, self.old)
-            os.rename(self.stage, self.final)
-            durable.fsync_path(self.root)
-            shutil.rmtree(self.old)
-        else:
-            os.rename(self.stage, self.final)
-            durable.fsync_path(self.root)
+        """Swap the complete staging folder into place, the previous set parked at .NAME.old during the
+        two renames (_recover finishes or undoes a swap a kill interrupted)."""
+        durable.replace_folder(self.stage, self.final, parked=self.old)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None and self.stage.exists():
@@ -618,7 +613,7 @@ def _write_set(plan: _Plan, out_dir: str | Path, results: Iterable[dict], progre
         }
         if is_array:  # images keep the manifest they always had (readers default to 2-D images)
             manifest.update(_array_fields(plan, low, high))
-        _atomic_write_json(stage / "manifest.json", manifest)  # last: its presence means complete
+        _write_json(stage / "manifest.json", manifest)  # last: its presence means complete
         folder.commit()
 
     seconds = time.perf_counter() - t0
@@ -702,8 +697,7 @@ def write_part(src: str | Path, out_dir: str | Path = "shards", name: str | None
     meta_path.parent.mkdir(parents=True, exist_ok=True)
     meta_path.unlink(missing_ok=True)  # a task run again: its old part stops counting before anything changes
     records = []
-    tmp = bin_path.with_name(bin_path.name + ".tmp")
-    with open(tmp, "wb", buffering=1 << 20) as f:
+    with durable.Writer(bin_path, tmp=bin_path.with_name(bin_path.name + ".tmp"), buffering=1 << 20) as w:
         results = _results(plan.tasks[lo:hi], workers)
         for res in tqdm(results, total=hi - lo, unit="img", desc=f"part {part}/{parts}", disable=not progress,
                         dynamic_ncols=True, file=sys.stderr):
@@ -712,11 +706,8 @@ def write_part(src: str | Path, out_dir: str | Path = "shards", name: str | None
             else:
                 records.append({"key": res["key"], "width": res["width"], "height": res["height"],
                                 "bytes": len(res["blob"])})
-                f.write(res["blob"])
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, bin_path)
-    _atomic_write_json(meta_path, {"part": part, "parts": parts, "first": lo, "stop": hi,
+                w.file.write(res["blob"])
+    _write_json(meta_path, {"part": part, "parts": parts, "first": lo, "stop": hi,
                                    "fingerprint": plan.fingerprint(), "options": plan.options,
                                    "bin_bytes": bin_path.stat().st_size, "results": records})
     log(f"{meta_path}: files {lo}..{hi - 1} of {len(plan.tasks)} ({hi - lo - sum('error' in r for r in records)} "
@@ -807,9 +798,6 @@ def merge_parts(src: str | Path, out_dir: str | Path = "shards", name: str | Non
 # ------------------------------------------------------------------------------------------------
 
 
-sha256_file = durable.sha256_file  # (shards and pipeline.encode's latent shards)
-
-
 def _read_samples(path: Path) -> list[tuple[str, set[str]]]:
     """[(key, {extensions})] in tar order. Raises tarfile.TarError/OSError on a broken tar."""
     samples: list[tuple[str, set[str]]] = []
@@ -848,7 +836,7 @@ def verify_shards(folder: str | Path) -> list[str]:
                 problems.append(f"{sh['file']}: truncated ({nbytes} of {sh['bytes']} bytes)")
             elif nbytes > sh["bytes"]:
                 problems.append(f"{sh['file']}: {nbytes} bytes, the manifest says {sh['bytes']}")
-            elif sha256_file(p) != sh["sha256"]:
+            elif durable.sha256_file(p) != sh["sha256"]:
                 problems.append(f"{sh['file']}: altered (sha256 differs from the manifest)")
             try:
                 samples = _read_samples(p)
@@ -955,7 +943,7 @@ def main(argv: list[str] | None = None) -> int:
             write_shards(args.src, args.out, args.name, args.size, workers=args.workers, **options,
                          spatial_dims=args.spatial_dims, channels_last=args.channels_last,
                          value_range=tuple(args.value_range) if args.value_range else None)
-    except ShardsError as e:
+    except UserError as e:  # ShardsError, and durable's sentence for a write that failed (a full disk)
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -60,7 +60,9 @@ if __package__ in (None, ""):
 
 import yaml
 
-from pipeline.config import ConfigError, _build, exit_on_config_error, load_config
+from pipeline import durable
+from pipeline.config import ConfigError, from_dict, load_config
+from pipeline.errors import UserError, exit_on_user_error
 from pipeline.preemption import EXIT_PREEMPTED
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,12 +127,12 @@ def load_sweep(path: str | Path, trials: int | None = None) -> SweepConfig:
     params = raw.pop("parameters", {}) or {}
     if not isinstance(params, dict):
         raise ConfigError(f"{source}: parameters must map recipe keys to search spaces")
-    cfg = _build(SweepConfig, raw, "", source)
+    cfg = from_dict(SweepConfig, raw, "", source)
     for key, spec in params.items():
         if not isinstance(spec, dict):
             raise ConfigError(f"{source}: parameters.{key} must be a mapping such as {{choices: [...]}} or "
                               f"{{log_range: [low, high]}}, got {spec!r}")
-        cfg.parameters[str(key)] = _build(ParamSpec, spec, f"parameters.{key}", source)
+        cfg.parameters[str(key)] = from_dict(ParamSpec, spec, f"parameters.{key}", source)
     cfg.name = cfg.name or path.stem
     if trials is not None:
         cfg.trials = trials
@@ -254,13 +256,13 @@ class Sweep:
             owners = {json.loads(p.read_text())["trial"]: p.stem for p in (self.dir / "tasks").glob("*.json")}
             for number, t in sorted(trials.items()):  # a running trial whose worker is gone: take it up
                 if t.state == TrialState.RUNNING and not _alive(owners.get(number, "")):
-                    _write(mine, {"trial": number, "adopted_from": owners.get(number)})
+                    durable.write_json(mine, {"trial": number, "adopted_from": owners.get(number)})
                     return number
             if len(trials) >= self.cfg.trials:
                 return None
             self.study.sampler = self._sampler(len(trials))  # the number study.ask gives (under the lock)
             trial = self.study.ask(self._distributions())
-            _write(mine, {"trial": trial.number})
+            durable.write_json(mine, {"trial": trial.number})
             return trial.number
 
     def params(self, number: int) -> dict[str, Any]:
@@ -313,14 +315,15 @@ class Sweep:
     def write_results(self) -> Path:
         rows = self.results()
         path = self.dir / "results.csv"
-        tmp = path.with_name(f".results.csv.tmp-{os.getpid()}")
         columns = ["rank", "best", "trial", self.cfg.metric, *self.cfg.parameters, "run"]
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-        return path
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(rows)
+
+        return durable.write_with(path, write)
 
     def finished(self) -> bool:
         from optuna.trial import TrialState
@@ -372,11 +375,6 @@ def _plain(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, (list, dict)) else value
 
 
-def _write(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-
 
 def _alive(worker: str) -> bool:
     """Whether the worker that holds a trial still exists: a local process (local-<host>-<pid>) or a
@@ -427,7 +425,7 @@ def submit_slurm(sweep_file: str, sweep: Sweep, sbatch_args: list[str]) -> int:
            f"--trials={sweep.cfg.trials}"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if r.returncode != 0:
-        raise ConfigError(f"sbatch failed ({r.stderr.strip() or r.returncode}); check the partition and account options")
+        raise UserError(f"sbatch failed ({r.stderr.strip() or r.returncode}); check the partition and account options")
     print(f"submitted array job {r.stdout.strip()} ({array.split('=')[1]}) for sweep {sweep.cfg.name}; "
           f"results: {sweep.dir / 'results.csv'}")
     return 0
@@ -446,7 +444,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-@exit_on_config_error
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     sbatch_args = argv[argv.index("--") + 1:] if "--" in argv else []

@@ -28,7 +28,7 @@ import math
 import torch
 from torch import Tensor
 
-from pipeline.config import ConfigError
+from pipeline.errors import UserError
 
 
 def downsampling_factor(model) -> int | None:
@@ -40,17 +40,17 @@ def downsampling_factor(model) -> int | None:
 
 
 def check_tiling(model, tile_px: int, overlap_px: int) -> int:
-    """The model's downsampling factor f, after checking the tile options against it (ConfigError)."""
+    """The model's downsampling factor f, after checking the tile options against it (UserError)."""
     f = downsampling_factor(model)
     if f is None:
-        raise ConfigError(f"tiled inference needs a spatial latent, but this {model.arch} model has a vector "
+        raise UserError(f"tiled inference needs a spatial latent, but this {model.arch} model has a vector "
                           f"latent of shape {list(model.latent_shape)} (only images of its {model.image_size} px "
                           f"training size fit it)")
     if tile_px < f or tile_px % f:
-        raise ConfigError(f"--tile-size must be a positive multiple of the model's downsampling factor {f}, "
+        raise UserError(f"--tile-size must be a positive multiple of the model's downsampling factor {f}, "
                           f"got {tile_px}")
     if overlap_px < 0 or overlap_px % f or 2 * overlap_px > tile_px:
-        raise ConfigError(f"--tile-overlap must be a multiple of {f} between 0 and half the tile size "
+        raise UserError(f"--tile-overlap must be a multiple of {f} between 0 and half the tile size "
                           f"({tile_px // 2}), got {overlap_px}")
     return f
 
@@ -115,7 +115,7 @@ def _blend(run_tile, x: Tensor, tile_in: int, overlap_in: int, align_in: int, sc
 
 def _check_size(h: int, w: int, f: int, what: str) -> None:
     if h % f or w % f:
-        raise ConfigError(f"{what} is {w}x{h} px, which the model's downsampling factor {f} does not divide; "
+        raise UserError(f"{what} is {w}x{h} px, which the model's downsampling factor {f} does not divide; "
                           f"crop or pad it to a multiple of {f}")
 
 

@@ -33,7 +33,8 @@ from tqdm import tqdm
 
 from pipeline import durable, faults
 from pipeline.checkpoint import BestWeights, Checkpointer, preserved_rng, restore_rng, seed_rng, trainer_state
-from pipeline.config import Config, ConfigError, cli_config, exit_on_config_error, save_config, to_dict
+from pipeline.config import Config, cli_config, save_config, to_dict
+from pipeline.errors import UserError, exit_on_user_error
 from pipeline.data import TrainStream, check_fits, data_range, read_manifest, val_batches
 from pipeline.evaluate import validate
 from pipeline.flops import peak_flops, step_flops_per_image
@@ -95,7 +96,7 @@ def main(cfg: Config) -> int:
         try:
             note = stream.load_state_dict(state["stream"])
         except ValueError as e:
-            raise ConfigError(f"checkpoint {resume_from}: {e}") from None
+            raise UserError(f"checkpoint {resume_from}: {e}") from None
         if resumed.same_world_size:
             meter.load_state_dict(state["meter"], device)
         else:
@@ -125,7 +126,7 @@ def main(cfg: Config) -> int:
                      if cfg.metrics.in_validation else None)
     stop = StopFlag(compile_workers=cfg.train.compile)
     if manifest["splits"]["val"]["count"] == 0:  # decided from the manifest, identically on every rank
-        raise ConfigError(f"data.shards {cfg.data.shards} has no validation images; rebuild it with "
+        raise UserError(f"data.shards {cfg.data.shards} has no validation images; rebuild it with "
                           f"`python -m pipeline.shards ... --val-fraction 0.1`")
     # Fixed validation images for the media panels; only the main process logs media.
     media_images = _first_images(cfg, cfg.tracking.media_images) if main_process else None
@@ -290,7 +291,7 @@ def _memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (KiB on Linux)
 
 
-@exit_on_config_error
+@exit_on_user_error
 def cli(argv: list[str]) -> int:
     return main(cli_config(argv))
 

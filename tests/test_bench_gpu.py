@@ -18,7 +18,7 @@ import bench_gpu  # noqa: E402
 @pytest.fixture(autouse=True)
 def fresh_accelerator_state():
     yield
-    bench_gpu._reset_accelerate()  # leave no mixed-precision state behind for other tests
+    bench_gpu.reset_accelerate()  # leave no mixed-precision state behind for other tests
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

@@ -25,6 +25,7 @@ from conftest import ROOT, TEST_ENV
 from pipeline import checkpoint as ck
 from pipeline.checkpoint import Checkpointer, Parts, decode_state, encode_state, incomplete_reason
 from pipeline.config import ConfigError
+from pipeline.errors import UserError
 from pipeline.optim import EMA
 
 # Saves checkpoints in a loop (a ~8 MB model so each save takes long enough to be hit mid-way), or,
@@ -202,7 +203,7 @@ def test_auto_falls_back_to_the_newest_complete_checkpoint_and_says_so(acc, tmp_
     assert "resuming from" in said and "step-000004, the newest complete checkpoint" in said
 
     (tmp_path / "checkpoints" / "step-000004" / "checkpoint.json").unlink()
-    with pytest.raises(ConfigError, match=r"no other checkpoint in .* is complete; start over with train.resume=never"):
+    with pytest.raises(UserError, match=r"no other checkpoint in .* is complete; start over with train.resume=never"):
         ckpt.resolve("auto")
     with pytest.raises(ConfigError, match=r"train.resume=.*step-000008 cannot be loaded: rng_rank0.safetensors is missing"):
         ckpt.resolve(str(tmp_path / "checkpoints" / "step-000008"))
@@ -214,7 +215,7 @@ def test_a_checkpoint_of_the_old_pickled_format_is_named_as_such(acc, tmp_path):
     (old / "model.safetensors").write_bytes(b"")
     (old / "random_states_0.pkl").write_bytes(b"")
     (tmp_path / "checkpoints" / "latest").write_text("step-000010")
-    with pytest.raises(ConfigError, match="written by an older version of this pipeline"):
+    with pytest.raises(UserError, match="written by an older version of this pipeline"):
         Checkpointer(tmp_path, acc, every_steps=1, keep=2).resolve("auto")
 
 
@@ -352,8 +353,8 @@ def test_latest_and_best_json_cannot_point_outside_their_folder(acc, tmp_path, c
     assert best.update(3, {"val/loss": 1.0}, parts.vae)
     pointer = tmp_path / "best" / "best.json"
     pointer.write_text(json.dumps({**json.loads(pointer.read_text()), "file": "../checkpoints/step-000002/model.safetensors"}))
-    with pytest.raises(ConfigError, match=r"best.json's file field names '\.\./checkpoints/.*', which is outside"):
+    with pytest.raises(UserError, match=r"best.json's file field names '\.\./checkpoints/.*', which is outside"):
         ck.BestWeights(tmp_path, "val/loss", "min")
     pointer.write_text('{"step": 3, "value": ')
-    with pytest.raises(ConfigError, match=r"best.json is not valid .* delete it"):
+    with pytest.raises(UserError, match=r"best.json is not valid .* delete it"):
         ck.BestWeights(tmp_path, "val/loss", "min")

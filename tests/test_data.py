@@ -37,8 +37,10 @@ import torch
 import webdataset as wds
 
 from pipeline.config import Config, ConfigError, DataConfig, TrainConfig
-from pipeline.data import (READ_EXTS, Batch, DeviceAugment, TrainStream, _tar_members, epoch_order, permute,
-                           read_manifest, read_tars, val_assignment, val_batches)
+from pipeline.data import (READ_EXTS, Batch, DeviceAugment, TrainStream, epoch_order, permute, read_manifest,
+                           read_tars, val_assignment, val_batches)
+from pipeline.data.tar import _tar_members
+from pipeline.errors import UserError
 from pipeline.images import encode_image
 from pipeline.shards import write_shards
 
@@ -575,13 +577,13 @@ def test_read_manifest_errors_are_one_sentence(tmp_path, dataset):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "manifest.json").write_text("{not json")
-    with pytest.raises(ConfigError, match="is not valid JSON"):
+    with pytest.raises(UserError, match="is not valid JSON"):
         read_manifest(broken)
     gone = tmp_path / "gone"
     gone.mkdir()
     manifest = json.loads((dataset["dir"] / "manifest.json").read_text())
     (gone / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ConfigError, match=r"train-000000.tar listed in .* is missing; re-run `make shards"):
+    with pytest.raises(UserError, match=r"train-000000.tar listed in .* is missing; re-run `make shards"):
         read_manifest(gone)
     assert read_manifest(dataset["dir"])["splits"]["val"]["count"] == len(dataset["val_keys"])
 
@@ -670,7 +672,7 @@ def test_a_replaced_shard_stops_at_start_in_one_sentence_or_is_skipped_and_named
     """`cp train-000000.tar train-000001.tar` used to train silently, reading shard 0 twice an epoch."""
     root = _three_shards(tmp_path / "set")
     (root / "train-000001.tar").write_bytes((root / "train-000000.tar").read_bytes())
-    with pytest.raises(ConfigError, match=r"^shard .*/train-000001.tar has \d+ bytes, the manifest says \d+: it was "
+    with pytest.raises(UserError, match=r"^shard .*/train-000001.tar has \d+ bytes, the manifest says \d+: it was "
                                           r"replaced or damaged .* data.on_damaged_shard=skip"):
         TrainStream(cfg_for(root), rank=0, world_size=1)
 
@@ -688,10 +690,10 @@ def test_damage_of_the_same_size_is_found_by_sha256_when_asked(tmp_path):
     root = _three_shards(tmp_path / "set")
     _corrupt_first_image(root / "train-000002.tar")  # bit rot: same size, the tar still valid
     TrainStream(cfg_for(root), rank=0, world_size=1)  # the size check cannot see it
-    with pytest.raises(ConfigError, match=r"train-000002.tar does not match the sha256 the manifest lists"):
+    with pytest.raises(UserError, match=r"train-000002.tar does not match the sha256 the manifest lists"):
         TrainStream(cfg_for(root, verify="sha256"), rank=0, world_size=1)
     (root / "val-000000.tar").write_bytes(b"")  # validation shards are checked the same way
-    with pytest.raises(ConfigError, match=r"val-000000.tar has 0 bytes, the manifest says"):
+    with pytest.raises(UserError, match=r"val-000000.tar has 0 bytes, the manifest says"):
         list(val_batches(cfg_for(root), rank=0, world_size=1))
 
 
@@ -703,7 +705,7 @@ def test_a_manifest_cannot_point_a_shard_outside_its_folder(tmp_path, name):
     manifest = json.loads((root / "manifest.json").read_text())
     manifest["splits"]["train"]["shards"][0]["file"] = str(outside) if name == "ABSOLUTE" else name
     (root / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ConfigError, match=r"manifest.json \(train shard\) names .*elsewhere.tar', which is outside"):
+    with pytest.raises(UserError, match=r"manifest.json \(train shard\) names .*elsewhere.tar', which is outside"):
         read_manifest(root)
 
 
@@ -720,7 +722,7 @@ def test_background_sha256_stops_the_stream_at_the_next_batch(tmp_path):
     _corrupt_first_image(root / "train-000001.tar")  # same size: only a hash sees it
     stream = TrainStream(cfg_for(root, verify="background"), rank=0, world_size=1)  # starts at once
     stream._background.thread.join(timeout=30)  # (the hashing is done; a run would meet it a few batches on)
-    with pytest.raises(ConfigError, match=r"train-000001.tar does not match the sha256 .*\(found by "
+    with pytest.raises(UserError, match=r"train-000001.tar does not match the sha256 .*\(found by "
                                           r"data.verify_shards=background while training"):
         take(stream, 1)
     clean = TrainStream(cfg_for(_three_shards(tmp_path / "clean"), verify="background"), rank=0, world_size=1)

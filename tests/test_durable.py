@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from pipeline import durable
-from pipeline.config import ConfigError
+from pipeline.errors import UserError
 from test_train import command, run, tiny_args
 
 
@@ -25,14 +25,76 @@ def test_write_replaces_whole_and_a_failed_write_keeps_the_old_file(tmp_path):
         tmp.write_text("half")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(ConfigError, match=r"could not write .*x.json \(No space left on device\); free space"):
+    with pytest.raises(UserError, match=r"could not write .*x.json \(No space left on device\); free space"):
         durable.write_with(path, fail)
     assert json.loads(path.read_text()) == {"a": 1} and [p.name for p in tmp_path.iterdir()] == ["x.json"]
 
 
+def test_a_file_written_in_pieces_appears_only_when_committed(tmp_path):
+    path = tmp_path / "train-000000.tar"
+    path.write_bytes(b"old")
+    with durable.Writer(path) as w:
+        w.file.write(b"new ")
+        w.file.write(b"bytes")
+        assert path.read_bytes() == b"old" and w.tmp.exists()  # still the previous file while being written
+    assert path.read_bytes() == b"new bytes" and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+    with pytest.raises(RuntimeError, match="killed"):  # an exception in the block: aborted, the old file kept
+        with durable.Writer(path, tmp=tmp_path / "train-000000.tar.tmp") as w:
+            w.file.write(b"half")
+            raise RuntimeError("killed")
+    assert path.read_bytes() == b"new bytes" and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+    with pytest.raises(UserError, match=r"could not write .*missing/x.tar \(No such file or directory\); check"):
+        durable.Writer(tmp_path / "missing" / "x.tar")
+
+
+def test_a_staged_folder_replaces_the_previous_one_whole(tmp_path):
+    final, parked = tmp_path / "out", tmp_path / ".out.old"
+    final.mkdir()
+    (final / "model.safetensors").write_text("old")
+    stage = tmp_path / ".out.tmp"
+    stage.mkdir()
+    durable.write_staged(stage / "model.yaml", lambda p: p.write_text("new"))
+    assert durable.replace_folder(stage, final, parked) == final
+    assert [p.name for p in final.iterdir()] == ["model.yaml"] and (final / "model.yaml").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the previous folder and the stage are gone
+
+    # No previous folder: a plain rename. A file where the folder goes is replaced too (--force over a file).
+    other = tmp_path / "other"
+    other.write_text("a file")
+    for target in (tmp_path / "fresh", other):
+        stage.mkdir()
+        (stage / "x").write_text("x")
+        durable.replace_folder(stage, target, parked)
+        assert target.is_dir() and (target / "x").read_text() == "x" and not parked.exists() and not stage.exists()
+
+    # A failure is one sentence, and the previous folder is where it was.
+    with pytest.raises(UserError, match=r"could not write .*out \(No such file or directory\)"):
+        durable.replace_folder(tmp_path / "missing", final, parked)
+    assert (final / "model.yaml").read_text() == "new"
+
+
+def test_a_staged_file_is_fsynced_and_a_failed_write_is_one_sentence(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
+    durable.write_staged(tmp_path / "a.json", lambda p: p.write_text("{}"))
+    assert synced == [str(tmp_path / "a.json")] and (tmp_path / "a.json").read_text() == "{}"
+
+    class LibraryError(Exception):  # e.g. safetensors' SafetensorError, which carries ENOSPC as text
+        pass
+
+    def full(p: Path) -> None:
+        raise LibraryError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    with pytest.raises(UserError, match=r"could not write .*b.safetensors \(No space left on device\); free space"):
+        durable.write_staged(tmp_path / "b.safetensors", full, errors=(LibraryError,))
+
+
 @pytest.mark.parametrize("name", ["../x.tar", "/etc/passwd", "a/../../b", ""])
 def test_a_name_read_from_a_file_cannot_leave_its_folder(tmp_path, name):
-    with pytest.raises(ConfigError, match=r"manifest.json names .* which is outside"):
+    with pytest.raises(UserError, match=r"manifest.json names .* which is outside"):
         durable.inside(tmp_path, name, "manifest.json")
     assert durable.inside(tmp_path, "sub/train-000000.tar", "m") == tmp_path / "sub/train-000000.tar"
 

@@ -439,14 +439,14 @@ def test_an_output_folder_held_by_a_live_encode_is_refused_with_one_sentence(spa
 def test_a_sample_key_that_leaves_the_folder_never_becomes_a_member_name(tmp_path):
     """encode writes `<key>.mu.npy` members: a source key `../x` would make a member that tar -x writes
     outside the folder it extracts into."""
-    from pipeline.config import ConfigError
+    from pipeline.errors import UserError
     from pipeline.encode import Unit, _UnitWriter
 
     unit = Unit(0, "train", "train-000000.tar", str(tmp_path / "src.tar"), "tiny:train-000000.tar", 2, "jpg")
     writer = _UnitWriter(tmp_path, unit, channels=1)
     z = np.zeros((2, 1, 2, 2), np.float32)
     try:
-        with pytest.raises(ConfigError, match=r"src.tar holds a sample key '\.\./x' that would name a file outside"):
+        with pytest.raises(UserError, match=r"src.tar holds a sample key '\.\./x' that would name a file outside"):
             writer.add(["ok", "../x"], {"mu": z}, [0, 0], ["a"], z.astype(np.float64))
     finally:
         writer.abort()
@@ -468,10 +468,10 @@ def _latent_shards(folder: Path, member_name: str, file: str = "train-000000.tar
 @pytest.mark.parametrize("member,file", [("/tmp/evil.mu.npy", "train-000000.tar"),  # key "/tmp/evil"
                                          ("good.mu.npy", "../train-000000.tar")])
 def test_decode_refuses_latent_shard_names_that_leave_their_folder(tmp_path, member, file):
-    from pipeline.config import ConfigError
+    from pipeline.errors import UserError
 
     folder = _latent_shards(tmp_path / "latents", member, file)
     if file.startswith(".."):
         (tmp_path / "train-000000.tar").write_bytes((folder / "train-000000.tar").read_bytes())
-    with pytest.raises(ConfigError, match=r"(sample key '/tmp/evil'|names '\.\./train-000000.tar').* outside"):
+    with pytest.raises(UserError, match=r"(sample key '/tmp/evil'|names '\.\./train-000000.tar').* outside"):
         list(sample._shard_latents(folder, "mu"))

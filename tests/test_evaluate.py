@@ -281,11 +281,11 @@ def _fake_run(tmp_path: Path, overrides: list[str], image_size: int) -> Path:
 
 
 def test_image_size_of_a_run_whose_shards_are_gone(tmp_path):
-    from pipeline.config import ConfigError
+    from pipeline.errors import UserError
 
     spatial = ["model.arch=resnet", "model.latent=spatial", "model.channels=[8,16]", "model.latent_channels=2"]
     run_dir = _fake_run(tmp_path, spatial, 32)
-    with pytest.raises(ConfigError, match=r"cannot tell the image size .* several sizes fit the weights; "
+    with pytest.raises(UserError, match=r"cannot tell the image size .* several sizes fit the weights; "
                                           r"pass --image-size N"):
         load_run(run_dir, device="cpu")  # a fully convolutional model fits every size
     run = load_run(run_dir, device="cpu", image_size=32)

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from pipeline import classifier
 from pipeline.objective import perceptual
 from pipeline.config import ConfigError, LossConfig, PerceptualConfig
+from pipeline.errors import UserError
 from pipeline.objective import VAELoss
 from pipeline.objective.perceptual import PerceptualDistance
 from pipeline.models.base import VAEOutput
@@ -250,5 +251,5 @@ def test_classifier_trainer_refuses_shards_without_classes(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"data: {{shards: {shards}}}\n")
     cfg = load_config(recipe)
-    with pytest.raises(ConfigError, match="needs class labels"):
+    with pytest.raises(UserError, match="needs class labels"):
         classifier.train_classifier(cfg, tmp_path / "o.safetensors", 1, None, 0.0, "none")

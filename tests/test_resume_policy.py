@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from pipeline.config import ConfigError, OptimConfig, _walk, load_config, to_dict
+from pipeline.config import ConfigError, OptimConfig, walk, load_config, to_dict
 
 BASE = ["model.arch=conv", "model.channels=[8,16]", "model.latent_dim=8", "train.max_steps=20"]
 CHECKPOINT = ROOT / "runs" / "x" / "checkpoints" / "step-000010"
@@ -79,7 +79,7 @@ def test_every_recipe_key_has_a_rule_and_every_refused_key_is_in_the_readme():
     from pipeline.config import Config
     from pipeline.resume_policy import NOT_COMPARED, RULES, rule
 
-    for key, _ in _walk(Config()):
+    for key, _ in walk(Config()):
         if key not in NOT_COMPARED:
             rule(key)  # raises KeyError for a key nobody decided about
     readme = (ROOT / "README.md").read_text()

@@ -48,20 +48,20 @@ warnings name the shard file and byte offset.
 #   validation.py    val_batches: every val sample once over ranks x workers
 #   augment.py       DeviceAugment (on the device: normalisation, flip, rotation)
 #   gpu_decode.py    data.decode=gpu: workers read JPEG bytes, nvJPEG decodes each batch
-# Every name other modules import from `pipeline.data` is re-exported here (and the private helpers
-# that tests and other branches reach for, so imports written against the single module keep working).
+# Every name other modules import from `pipeline.data` is re-exported here; the parts import each
+# other's public names from their own modules, and private helpers stay private to their module.
 
 from pipeline.data.augment import DeviceAugment
-from pipeline.data.decode import MAX_CONSECUTIVE_BAD, _Decoder, _image_preference  # noqa: F401
-from pipeline.data.manifest import (IMAGE_EXTS, _shards, batch_layout, check_fits, data_range,  # noqa: F401
-                                    read_manifest, sample_shape, spatial_dims)
-from pipeline.data.order import _mix64, _rng, epoch_order, permute  # noqa: F401
-from pipeline.data.tar import (READ_EXTS, _group_samples, _RandomAccess, _shard_samples,  # noqa: F401
-                               _tar_entries, _tar_members, read_tars)
+from pipeline.data.decode import MAX_CONSECUTIVE_BAD
+from pipeline.data.manifest import (IMAGE_EXTS, batch_layout, check_fits, data_range, read_manifest,
+                                    sample_shape, spatial_dims)
+from pipeline.data.order import epoch_order, permute
+from pipeline.data.tar import READ_EXTS, read_tars
 from pipeline.data.train_stream import STATE_FORMAT, TrainStream
 from pipeline.data.transport import PREFETCH_BATCHES, Batch, batched
 from pipeline.data.validation import val_assignment, val_batches
 
-__all__ = ["Batch", "DeviceAugment", "IMAGE_EXTS", "MAX_CONSECUTIVE_BAD", "PREFETCH_BATCHES", "READ_EXTS",
-           "STATE_FORMAT", "TrainStream", "batched", "check_fits", "data_range", "epoch_order", "permute",
-           "read_manifest", "read_tars", "sample_shape", "spatial_dims", "val_assignment", "val_batches"]
+__all__ = ["Batch", "DeviceAugment", "IMAGE_EXTS", "MAX_CONSECUTIVE_BAD", "PREFETCH_BATCHES",
+           "READ_EXTS", "STATE_FORMAT", "TrainStream", "batch_layout", "batched", "check_fits", "data_range",
+           "epoch_order", "permute", "read_manifest", "read_tars", "sample_shape", "spatial_dims", "val_assignment",
+           "val_batches"]

@@ -19,7 +19,7 @@ MAX_CONSECUTIVE_BAD = 10_000
 with an error instead of spinning forever on a dataset with nothing decodable."""
 
 
-def _image_preference(image_ext: str) -> tuple[str, ...]:
+def image_preference(image_ext: str) -> tuple[str, ...]:
     """Which image member of a sample is read: the manifest's format first, then the other whitelisted ones."""
     return (image_ext,) + tuple(e for e in IMAGE_EXTS if e != image_ext)
 
@@ -33,7 +33,7 @@ def where(sample: dict) -> str:
     return f"{sample['__key__']} in {shard}{at}" if shard else sample["__key__"]
 
 
-class _Decoder:
+class SampleDecoder:
     """Stage: raw sample -> {image uint8 HxWx3, label, key} using only whitelisted decoders.
 
     A sample that is missing, has no image, fails to decode or has the wrong shape is dropped and
@@ -42,7 +42,7 @@ class _Decoder:
     def __init__(self, image_ext: str, size: int, skipped: int, limit: int, keep_bytes: bool = False,
                  sample_shape: tuple[int, ...] = ()):
         self.sample_shape = tuple(sample_shape)  # array shards: float32 [C, *spatial] .npy members, never unpickled
-        self.exts = ("npy",) if self.sample_shape else _image_preference(image_ext)
+        self.exts = ("npy",) if self.sample_shape else image_preference(image_ext)
         self.size, self.skipped, self.limit = size, skipped, limit
         self.keep_bytes = keep_bytes  # data.decode=gpu: pass the JPEG's bytes on, its header checked
 

@@ -10,8 +10,11 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import durable
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config
+from pipeline.errors import ConfigError, UserError
 from pipeline.durable import inside
+# The format pipeline.shards writes, defined there: that module stays free of torch for its worker processes.
+from pipeline.shards import MANIFEST_FORMAT
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +23,8 @@ IMAGE_EXTS = ("jpg", "png", "webp", "npy")
 
 
 def read_manifest(shards_dir: str | Path) -> dict:
-    """Load and check `<shards_dir>/manifest.json`; a problem raises ConfigError with one sentence."""
+    """Load and check `<shards_dir>/manifest.json`; a problem raises UserError (ConfigError for a
+    data.shards that is no shards folder) with one sentence."""
     d = Path(shards_dir)
     path = d / "manifest.json"
     redo = f"re-run `make shards ... NAME={d.name}`"
@@ -30,28 +34,28 @@ def read_manifest(shards_dir: str | Path) -> dict:
     try:
         m = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}); {redo}") from None
-    if not isinstance(m, dict) or m.get("format") != 1:
+        raise UserError(f"{path} is not valid JSON ({e}); {redo}") from None
+    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
         got = m.get("format") if isinstance(m, dict) else None
-        raise ConfigError(f"{path} has format {got!r} but this reader needs format 1; {redo}")
+        raise UserError(f"{path} has format {got!r} but this reader needs format {MANIFEST_FORMAT}; {redo}")
     try:
         size, fmt, classes = int(m["size"]), m["image_format"], list(m["classes"])
         for split in ("train", "val"):
             for s in m["splits"][split]["shards"]:
                 s["file"], s["count"] = str(s["file"]), int(s["count"])
     except (KeyError, TypeError, ValueError) as e:
-        raise ConfigError(f"{path} lacks a valid field {e}; {redo}") from None
+        raise UserError(f"{path} lacks a valid field {e}; {redo}") from None
     if fmt not in IMAGE_EXTS:
-        raise ConfigError(f"{path} has image_format {fmt!r}; the reader decodes only {', '.join(IMAGE_EXTS)}")
+        raise UserError(f"{path} has image_format {fmt!r}; the reader decodes only {', '.join(IMAGE_EXTS)}")
     if size < 1 or not all(isinstance(c, str) for c in classes):
-        raise ConfigError(f"{path} has an invalid size or class list; {redo}")
+        raise UserError(f"{path} has an invalid size or class list; {redo}")
     if m.get("kind", "image") != "image":
         _check_array_fields(m, path, redo)
     for split in ("train", "val"):
         for s in m["splits"][split]["shards"]:
             inside(d, s["file"], f"{path} ({split} shard)")  # never a path that leaves the shard folder
             if not (d / s["file"]).is_file():
-                raise ConfigError(f"shard {d / s['file']} listed in {path} is missing; {redo} "
+                raise UserError(f"shard {d / s['file']} listed in {path} is missing; {redo} "
                                   f"(`make verify NAME={d.name}` checks every shard)")
     return m
 
@@ -62,12 +66,12 @@ def _check_array_fields(m: dict, path: Path, redo: str) -> None:
         shape = [int(s) for s in m["sample_shape"]]
         dims, low, high = int(m["spatial_dims"]), float(m["normalization"]["low"]), float(m["normalization"]["high"])
     except (KeyError, TypeError, ValueError) as e:
-        raise ConfigError(f"{path} lacks a valid array field {e}; {redo}") from None
+        raise UserError(f"{path} lacks a valid array field {e}; {redo}") from None
     if m["kind"] != "array" or m.get("dtype") != "float32" or m["image_format"] != "npy":
-        raise ConfigError(f"{path} describes {m['kind']!r} samples of {m.get('dtype')!r} in {m['image_format']!r}; "
+        raise UserError(f"{path} describes {m['kind']!r} samples of {m.get('dtype')!r} in {m['image_format']!r}; "
                           f"this reader reads float32 npy arrays; {redo}")
     if dims not in (1, 3) or len(shape) != dims + 1 or min(shape) < 1 or not low < high:
-        raise ConfigError(f"{path} has an invalid sample_shape, spatial_dims or normalization; {redo}")
+        raise UserError(f"{path} has an invalid sample_shape, spatial_dims or normalization; {redo}")
 
 
 def spatial_dims(manifest: dict) -> int:
@@ -108,7 +112,7 @@ def check_fits(cfg: Config, manifest: dict, where: str) -> None:
                           f"model.in_channels is {cfg.model.in_channels}; set model.in_channels={shape[0]}")
 
 
-def _shards(shards_dir: str | Path, manifest: dict, split: str, verify: str = "size",
+def checked_shards(shards_dir: str | Path, manifest: dict, split: str, verify: str = "size",
             on_damaged: str = "stop") -> tuple[tuple[str, int], ...]:
     """(path, count) of the split's shards, each checked against the manifest first (`verify`: size, or
     size and sha256). A damaged shard stops the run in one sentence; with on_damaged="skip" it is left
@@ -125,7 +129,7 @@ def _shards(shards_dir: str | Path, manifest: dict, split: str, verify: str = "s
         if on_damaged in ("skip", "read"):
             damaged.append((s, problem))
         else:
-            raise ConfigError(f"shard {path} {problem}: it was replaced or damaged after `make shards`; rebuild the "
+            raise UserError(f"shard {path} {problem}: it was replaced or damaged after `make shards`; rebuild the "
                               f"set (`make verify NAME={d.name}` lists every damaged shard) or set "
                               f"data.on_damaged_shard=skip to train without it")
     if damaged:
@@ -177,6 +181,6 @@ class BackgroundCheck:
 
     def raise_if_damaged(self) -> None:
         if self.problem is not None:
-            raise ConfigError(f"{self.problem} (found by data.verify_shards=background while training): it was "
+            raise UserError(f"{self.problem} (found by data.verify_shards=background while training): it was "
                               f"replaced or damaged after `make shards`; rebuild the set, or restart with "
                               f"data.verify_shards=sha256 data.on_damaged_shard=skip to train without it")

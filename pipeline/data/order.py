@@ -9,7 +9,7 @@ import random
 import numpy as np
 
 
-def _rng(*parts) -> random.Random:
+def seeded_rng(*parts) -> random.Random:
     """An RNG seeded by a hash of `parts` (stable across processes and Python versions)."""
     digest = hashlib.sha256(repr(parts).encode()).digest()
     return random.Random(int.from_bytes(digest[:8], "little"))

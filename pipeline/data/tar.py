@@ -11,7 +11,7 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline.data.decode import _image_preference
+from pipeline.data.decode import image_preference
 from pipeline.data.manifest import IMAGE_EXTS
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ def read_tars(shards: Iterator[dict]) -> Iterator[dict]:
             yield {"__key__": f"{shard['path']}#{position}", "__missing__": True, **tags}
 
 
-class _RandomAccess:
+class RandomAccess:
     """Single samples of a shard set by (shard, index in shard): one pread of the sample's members.
 
     Each shard is indexed by one pass over its tar headers (data is seeked over), made when the shard
@@ -170,7 +170,7 @@ class _RandomAccess:
 
     def __init__(self, shards: tuple[tuple[str, int], ...], image_ext: str):
         self.shards = shards
-        self.image_exts = _image_preference(image_ext)
+        self.image_exts = image_preference(image_ext)
         self.index: dict[int, tuple[np.ndarray, list[str]]] = {}  # shard -> (entries, keys)
         self.files: dict[int, int] = {}  # shard -> fd, in least-recently-used order
 

@@ -18,13 +18,14 @@ import numpy as np
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.config import Config, ConfigError
-from pipeline.data.decode import MAX_CONSECUTIVE_BAD, _Decoder
+from pipeline.config import Config
+from pipeline.errors import UserError
+from pipeline.data.decode import MAX_CONSECUTIVE_BAD, SampleDecoder
 from pipeline.data.gpu_decode import decode_device
-from pipeline.data.manifest import BackgroundCheck, _shards, batch_layout, read_manifest, sample_shape
-from pipeline.data.order import _rng, epoch_order
-from pipeline.data.tar import _RandomAccess, read_tars
-from pipeline.data.transport import Batch, _BufferPool, _load, _SharedSlots, batched
+from pipeline.data.manifest import BackgroundCheck, batch_layout, checked_shards, read_manifest, sample_shape
+from pipeline.data.order import epoch_order, seeded_rng
+from pipeline.data.tar import RandomAccess, read_tars
+from pipeline.data.transport import Batch, BufferPool, SharedSlots, batched, load_batches
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,8 @@ class _ReadByPosition:
 
     def __init__(self, plan: _TrainPlan, limit: int):
         self.plan, self.limit = plan, limit
-        self.reader = _RandomAccess(plan.shards, plan.image_ext)
-        self.decoder = _Decoder(plan.image_ext, plan.size, 0, limit, plan.keep_bytes, plan.sample_shape)
+        self.reader = RandomAccess(plan.shards, plan.image_ext)
+        self.decoder = SampleDecoder(plan.image_ext, plan.size, 0, limit, plan.keep_bytes, plan.sample_shape)
         self.counts = [c for _, c in plan.shards]
 
     def _locate(self, positions: np.ndarray) -> list[tuple[int, int]]:
@@ -126,7 +127,7 @@ class _PermutationReaders(IterableDataset):
 
     def __init__(self, plan: _TrainPlan, start: int):
         self.plan, self.start = plan, start
-        self.out: _SharedSlots | _BufferPool | None = None  # batch memory, set by _load
+        self.out: SharedSlots | BufferPool | None = None  # batch memory, set by load_batches
 
     def __iter__(self):
         info = get_worker_info()
@@ -154,7 +155,7 @@ def _epoch_shards(plan: _TrainPlan, worker: int, first_epoch: int) -> Iterator[d
     A uniform draw of a whole shard gives every sample the same chance, whatever the shard sizes."""
     readable = [(p, c) for p, c in plan.shards if c > 0]
     for epoch in itertools.count(first_epoch):
-        rng = _rng("train-shards", plan.seed, plan.rank, worker, epoch)
+        rng = seeded_rng("train-shards", plan.seed, plan.rank, worker, epoch)
         drawn, total = [], 0
         while total < plan.samples_per_worker_epoch:
             path, count = rng.choice(readable)
@@ -185,7 +186,7 @@ def _shuffle_epochs(samples: Iterator[dict], plan: _TrainPlan, worker: int) -> I
                 rng.shuffle(buffer)
             while buffer:
                 yield emit(buffer.pop())
-            epoch, rng, index = sample["__epoch__"], _rng("train-shuffle", plan.seed, plan.rank, worker,
+            epoch, rng, index = sample["__epoch__"], seeded_rng("train-shuffle", plan.seed, plan.rank, worker,
                                                           sample["__epoch__"]), 0
         buffer.append(sample)
         if len(buffer) >= plan.shuffle_buffer:
@@ -206,7 +207,7 @@ class _ResampledReaders(IterableDataset):
 
     def __init__(self, plan: _TrainPlan, offset: int, cursors: list[list[int]]):
         self.plan, self.offset, self.cursors = plan, offset, cursors
-        self.out: _SharedSlots | _BufferPool | None = None  # batch memory, set by _load
+        self.out: SharedSlots | BufferPool | None = None  # batch memory, set by load_batches
 
     def __iter__(self):
         info = get_worker_info()
@@ -227,7 +228,7 @@ class _ResampledReaders(IterableDataset):
             # Resume: skip the samples this worker had already delivered, before any decoding.
             partial(_skip_before, epoch=epoch, index=index),
             # Decode the whitelisted image/cls members; corrupt or missing samples are counted, dropped.
-            _Decoder(p.image_ext, p.size, skipped, max(MAX_CONSECUTIVE_BAD, p.samples_per_worker_epoch),
+            SampleDecoder(p.image_ext, p.size, skipped, max(MAX_CONSECUTIVE_BAD, p.samples_per_worker_epoch),
                      p.keep_bytes, p.sample_shape),
             # Batch on the CPU into uint8 [B,3,H,W]; metadata says which worker and where it stands.
             partial(batched, batch_size=p.batch_size, worker=worker, partial_last=False, out=self.out),
@@ -260,10 +261,10 @@ class TrainStream:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         d = cfg.data
         m = read_manifest(d.shards)
-        shards = _shards(d.shards, m, "train", d.verify_shards, d.on_damaged_shard)
+        shards = checked_shards(d.shards, m, "train", d.verify_shards, d.on_damaged_shard)
         self.samples_per_epoch: int = sum(c for _, c in shards)
         if self.samples_per_epoch == 0:
-            raise ConfigError(f"{d.shards}/manifest.json lists no training samples; re-run `make shards` "
+            raise UserError(f"{d.shards}/manifest.json lists no training samples; re-run `make shards` "
                               f"with more images or a smaller --val-fraction")
         self.classes: list[str] = list(m["classes"])
         self.image_size: int = int(m["size"])
@@ -313,7 +314,7 @@ class TrainStream:
             readers = _PermutationReaders(p, self._position)
         else:
             readers = _ResampledReaders(p, self._batches % p.workers, [list(c) for c in self._cursors])
-        loader = _load(readers, self.num_workers, self._layout[0], self._decode_on, self._layout[1])
+        loader = load_batches(readers, self.num_workers, self._layout[0], self._decode_on, self._layout[1])
         last_skipped = [0] * p.workers  # per physical worker: its running count of replaced samples
         batches = 0
         try:

@@ -37,7 +37,7 @@ class Batch:
                      self.labels.to(device, non_blocking=non_blocking), self.keys)
 
 
-class _SharedSlots:
+class SharedSlots:
     """Batch buffers in shared memory: a ring of `slots` [B,H,W,3] buffers per DataLoader worker.
 
     Sending a fresh tensor from a worker costs a new shared-memory file per batch (~30 us per
@@ -62,7 +62,7 @@ class _SharedSlots:
         self.is_free = context.Array("b", [1] * (workers * slots), lock=False)  # written before free[w] moves
         self.slots = slots
         self.parent = os.getpid()
-        self.pool = _BufferPool(batch_shape, dtype)
+        self.pool = BufferPool(batch_shape, dtype)
         self.lent = [0] * workers  # main process: slots of each worker the consumer holds
 
     def __getstate__(self):  # what the workers get: no pool (it lives in the main process)
@@ -118,7 +118,7 @@ def _as_batch(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 3, 1, 2) if t.dtype == torch.uint8 else t
 
 
-class _BufferPool:
+class BufferPool:
     """Reusable [B,H,W,3] batch memory for the main process, without a GPU.
 
     A fresh 3 MiB tensor per batch costs ~10 us per 128-px image in page faults here (glibc hands
@@ -163,7 +163,7 @@ def _check_shared_memory(nbytes: int, what: str) -> None:
 
 
 def batched(samples: Iterator[dict], batch_size: int, worker: int, partial_last: bool,
-            out: "_SharedSlots | _BufferPool") -> Iterator[tuple]:
+            out: "SharedSlots | BufferPool") -> Iterator[tuple]:
     """Stage: decoded samples -> (pixels, labels, keys, meta), batched on the CPU in the worker.
 
     Each image is copied into the batch memory as it arrives and then dropped: holding a batch of
@@ -205,7 +205,7 @@ class _ByteLists:
         return handle[:n]
 
 
-def _load(readers: IterableDataset, num_workers: int, batch_shape: tuple[int, ...],
+def load_batches(readers: IterableDataset, num_workers: int, batch_shape: tuple[int, ...],
           decode_on: str | None = None, dtype=np.uint8) -> Iterator[tuple]:
     """Run `readers` in the main process (num_workers=0) or in DataLoader workers with shared
     batch slots -> (uint8 [B,3,H,W] channels_last, int64 [B], keys, meta) in the main process.
@@ -228,14 +228,14 @@ def _load(readers: IterableDataset, num_workers: int, batch_shape: tuple[int, ..
                 source._shutdown_workers()
         return
     if num_workers == 0:
-        readers.out = _BufferPool(batch_shape, dtype)
+        readers.out = BufferPool(batch_shape, dtype)
         for pixels, labels, keys, meta in readers:
             yield _as_batch(pixels), torch.tensor(labels, dtype=torch.int64), keys, meta
         return
     context = multiprocessing.get_context()
     # Slots per worker: at most PREFETCH_BATCHES filled or being filled (the DataLoader's outstanding
     # requests), one lent to the consumer, one spare. Fewer would make a worker wait for the consumer.
-    slots = _SharedSlots(num_workers, PREFETCH_BATCHES + 2, batch_shape, context, dtype)
+    slots = SharedSlots(num_workers, PREFETCH_BATCHES + 2, batch_shape, context, dtype)
     readers.out = slots
     pin = torch.cuda.is_available()
     source = _loader(readers, num_workers, context)

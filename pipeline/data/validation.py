@@ -12,10 +12,10 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.config import Config
-from pipeline.data.decode import _Decoder
-from pipeline.data.manifest import _shards, batch_layout, read_manifest, sample_shape
+from pipeline.data.decode import SampleDecoder
+from pipeline.data.manifest import batch_layout, checked_shards, read_manifest, sample_shape
 from pipeline.data.tar import read_tars
-from pipeline.data.transport import Batch, _BufferPool, _load, _SharedSlots, batched
+from pipeline.data.transport import Batch, BufferPool, SharedSlots, batched, load_batches
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +44,14 @@ class _ValReaders(IterableDataset):
                  batch_size: int, sample_shape: tuple[int, ...] = ()):
         self.shards, self.image_ext, self.size, self.sample_shape = shards, image_ext, size, sample_shape
         self.rank, self.workers, self.world_size, self.batch_size = rank, workers, world_size, batch_size
-        self.out: _SharedSlots | _BufferPool | None = None  # batch memory, set by _load
+        self.out: SharedSlots | BufferPool | None = None  # batch memory, set by load_batches
 
     def __iter__(self):
         info = get_worker_info()
         worker = info.id if info else 0
         reader = self.rank * self.workers + worker
         pieces = val_assignment([c for _, c in self.shards], self.world_size * self.workers)[reader]
-        decoder = _Decoder(self.image_ext, self.size, 0, limit=math.inf, sample_shape=self.sample_shape)
+        decoder = SampleDecoder(self.image_ext, self.size, 0, limit=math.inf, sample_shape=self.sample_shape)
         pipeline = wds.DataPipeline(
             # Shards: this reader's fixed pieces (shard, start, stop); no randomness, no resampling.
             partial(iter, [{"path": self.shards[s][0], "count": self.shards[s][1], "start": a, "stop": b}
@@ -78,10 +78,10 @@ def val_batches(cfg: Config, rank: int, world_size: int, num_workers: int | None
     d = cfg.data
     m = read_manifest(d.shards)
     workers = d.num_workers if num_workers is None else num_workers
-    readers = _ValReaders(_shards(d.shards, m, split, d.verify_shards, d.on_damaged_shard), m["image_format"], int(m["size"]), rank,
+    readers = _ValReaders(checked_shards(d.shards, m, split, d.verify_shards, d.on_damaged_shard), m["image_format"], int(m["size"]), rank,
                           max(1, workers), world_size, d.val_batch_size_per_device, sample_shape(m))
     shape, dtype = batch_layout(m, d.val_batch_size_per_device)
-    loader = _load(readers, workers, shape, dtype=dtype)
+    loader = load_batches(readers, workers, shape, dtype=dtype)
     try:
         for images, labels, keys, _ in loader:
             yield Batch(images, labels, keys)

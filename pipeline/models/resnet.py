@@ -128,7 +128,7 @@ def _make(block: str, c_in: int, c_out: int, downsample_padding: str = "symmetri
 # ----------------------------------------------------------------------------------------------
 
 
-def _level_specs(cfg: ModelConfig, side: str) -> list[BlockSpec]:
+def level_specs(cfg: ModelConfig, side: str) -> list[BlockSpec]:
     ch, attn, last = list(cfg.channels), set(cfg.attention_levels), len(cfg.channels) - 1
 
     def level(i: int, n: int) -> list[BlockSpec]:
@@ -224,7 +224,7 @@ class ResNetVAE(VAE):
             _check_levels_cfg(cfg, image_size)
         lc, dims = cfg.latent_channels, cfg.spatial_dims
         conv = nd.conv(dims)
-        enc_specs = cfg.encoder or _level_specs(cfg, "encoder")
+        enc_specs = cfg.encoder or level_specs(cfg, "encoder")
         encoder, c_enc, side = _build_stack(enc_specs, "encoder", cfg.in_channels, image_size, image_size,
                                             explicit=bool(cfg.encoder), downsample_padding=cfg.downsample_padding,
                                             quantizer=cfg.quantizer, dims=dims)
@@ -232,7 +232,7 @@ class ResNetVAE(VAE):
         self.encoder = encoder
         self.heads = conv(c_enc, self.posterior_width(lc), 1)
 
-        dec_specs = cfg.decoder or _level_specs(cfg, "decoder")
+        dec_specs = cfg.decoder or level_specs(cfg, "decoder")
         self.decoder_input = conv(lc, lc, 1)
         self.decoder, c_dec, out_size = _build_stack(dec_specs, "decoder", lc, side, image_size,
                                                      explicit=bool(cfg.decoder), quantizer=cfg.quantizer, dims=dims)
