@@ -2,6 +2,7 @@
 SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
+TEST_WORKERS ?= 2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml 2>/dev/null | md5sum | cut -c1-8)
 
@@ -70,8 +71,8 @@ export: install  ## Export a run's EMA weights: make export RUN=runs/ldm FORMAT=
 batchsize: install  ## Largest per-device batch for a recipe: make batchsize RECIPE=recipes/flowers.yaml
 	$(BIN)/python -m pipeline.batchsize $(RECIPE) $(ARGS)
 
-test: install  ## Run the whole test suite (includes the local two-node Slurm cluster tests)
-	$(BIN)/python -m pytest -q $(ARGS)
+test: install  ## Run the whole test suite on TEST_WORKERS=2 pytest-xdist workers (includes the local two-node Slurm cluster tests)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(ARGS)
 
 test-fast: install  ## Unit tests only (skips multi-process, end-to-end and Slurm tests)
 	$(BIN)/python -m pytest -q -m "not slow and not slurm" $(ARGS)

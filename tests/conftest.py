@@ -87,3 +87,21 @@ def signal_shards(tmp_path_factory) -> Path:
 def volume_shards(tmp_path_factory) -> Path:
     """96 generated ellipsoid volumes, 1 x 8 x 8 x 8 voxels, sharded (no classes)."""
     return _array_shards(tmp_path_factory.mktemp("volumes"), "volumes", "volumes", "--side", 8, 3)
+
+
+def pytest_collection_modifyitems(config, items):
+    """How `make test` spreads the suite over pytest-xdist workers (`--dist loadgroup`): every test that
+    submits Slurm jobs runs on one worker (they share the session's one local cluster, and mostly wait on
+    it while the other worker computes); the tests of a module with module-scoped fixtures (a trained
+    run, an uninterrupted reference) stay together so each fixture is built once; the rest go one by
+    one to whichever worker is free. Without xdist the marks do nothing."""
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+        elif _has_module_fixtures(item.module):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
+def _has_module_fixtures(module) -> bool:
+    return any(getattr(getattr(obj, "_fixture_function_marker", None), "scope", None) == "module"
+               for obj in vars(module).values())
