@@ -1,13 +1,13 @@
 """train.freeze: decoder-only finetuning of an imported diffusers VAE (as sd-vae-ft-mse). The frozen parts are
 bitwise what was imported after training on 2 processes (raw and EMA weights), every other tensor moved, the
-export back to diffusers keeps the frozen encoder and the folder's scaling factor; a resumed run repeats the
-uninterrupted one bit for bit; frozen parts stay in eval mode; a wrong part name is one sentence."""
+export back to diffusers keeps the frozen encoder and the folder's scaling factor; the same 2-process run
+SIGKILLed (every process) after a checkpoint and started again with the same command repeats the uninterrupted
+one bit for bit and exports the same diffusers folder; a run folder is a model.init; frozen parts stay in eval
+mode; a wrong part name is one sentence."""
 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,9 +19,11 @@ from conftest import ROOT, TEST_ENV, free_port
 from pipeline import export, import_diffusers
 from pipeline.config import ConfigError, ModelConfig, load_config
 from pipeline.models import build_model
+from processes import Launch
 
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 FROZEN = ("encoder.", "heads.")  # the imported recipe's default train.freeze: [encoder, heads]
+STEPS, KILL_AT = 4, 2  # checkpoints every 2 steps: the kill lands right after step 2's, 2 steps remain
 
 
 @pytest.fixture(scope="module")
@@ -38,19 +40,30 @@ def imported(tmp_path_factory) -> Path:
     return root / "imported.yaml"
 
 
-def _args(recipe: Path, shards: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [str(recipe), f"data.shards={shards}", f"run.dir={run_dir.parent}", f"run.name={run_dir.name}",
-            "data.batch_size_per_device=4", "data.num_workers=0", "train.max_steps=4", "train.checkpoint_every_steps=2",
+def _command(recipe: Path, shards: Path, run_dir: Path) -> list[str]:
+    """The 2-process finetune of the imported recipe (its train.freeze as imported: decoder-only)."""
+    return [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+            "--dynamo_backend", "no", "pipeline/train.py", str(recipe), f"data.shards={shards}",
+            f"run.dir={run_dir.parent}", f"run.name={run_dir.name}", "data.batch_size_per_device=4",
+            "data.num_workers=0", f"train.max_steps={STEPS}", "train.checkpoint_every_steps=2",
             "train.keep_checkpoints=5", "optim.ema_decay=0.5", "tracking.mode=disabled", "tracking.log_every_steps=1",
-            "tracking.eval_every_steps=1000", "tracking.media_every_steps=1000", *extra]
+            "tracking.eval_every_steps=1000", "tracking.media_every_steps=1000"]
 
 
-def _train(argv: list[str], nproc: int = 1) -> None:
-    launch = ([ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(nproc), "--num_machines", "1",
-               "--main_process_port", str(free_port())] if nproc > 1 else [sys.executable])
-    r = subprocess.run([*launch, "pipeline/train.py", *argv], cwd=ROOT, env=TEST_ENV, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+@pytest.fixture(scope="module")
+def finetuned(imported, tiny_shards, tmp_path_factory) -> Path:
+    """The uninterrupted 2-process finetune (shared by the tests below: the kill test's reference)."""
+    run_dir = tmp_path_factory.mktemp("ft") / "whole"
+    launch = Launch(_command(imported, tiny_shards, run_dir), TEST_ENV, ROOT)
+    assert launch.wait(300) == 0, launch.output()[-4000:]
+    return run_dir
+
+
+def _imported_state(recipe: Path) -> dict[str, torch.Tensor]:
+    """The imported weights in this pipeline's layout (what the finetune starts from)."""
+    cfg = load_config(recipe, check_paths=False)
+    return import_diffusers.init_state(cfg.model.init, cfg.model, 32)
 
 
 def _weights(run_dir: Path, step: int, name: str, prefix: str) -> dict[str, torch.Tensor]:
@@ -58,16 +71,20 @@ def _weights(run_dir: Path, step: int, name: str, prefix: str) -> dict[str, torc
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def _train_rows(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, filter(None, lines)) if "loss/total" in r]
+
+
 @pytest.mark.slow
-def test_frozen_parts_do_not_move_on_2_processes_the_rest_does_and_the_export_keeps_them(imported, tiny_shards,
+def test_frozen_parts_do_not_move_on_2_processes_the_rest_does_and_the_export_keeps_them(imported, finetuned,
                                                                                         tmp_path):
-    run_dir = tmp_path / "ft"
-    _train(_args(imported, tiny_shards, run_dir), nproc=2)
+    run_dir = finetuned
     assert json.loads((run_dir / "summary.json").read_text())["world_size"] == 2
     cfg = load_config(imported, check_paths=False)
-    start = import_diffusers.init_state(cfg.model.init, cfg.model, 32)
+    start = _imported_state(imported)
     for name, prefix in (("model.safetensors", "vae."), ("ema.safetensors", "module.")):
-        trained = _weights(run_dir, 4, name, prefix)
+        trained = _weights(run_dir, STEPS, name, prefix)
         assert sorted(trained) == sorted(start)
         frozen = [k for k in start if k.startswith(FROZEN)]
         assert frozen and all(torch.equal(trained[k], start[k]) for k in frozen), name
@@ -92,29 +109,70 @@ def test_frozen_parts_do_not_move_on_2_processes_the_rest_does_and_the_export_ke
 
 
 @pytest.mark.slow
-def test_a_frozen_run_resumed_from_its_checkpoint_repeats_the_uninterrupted_one(imported, tiny_shards, tmp_path):
-    whole = tmp_path / "whole"
-    _train(_args(imported, tiny_shards, whole))
-    resumed = tmp_path / "resumed"
-    shutil.copytree(whole, resumed)  # as if killed after the step-2 checkpoint
-    shutil.rmtree(resumed / "checkpoints" / "step-000004")
-    (resumed / "checkpoints" / "latest").write_text("step-000002")
-    (resumed / "summary.json").unlink()
-    _train(_args(imported, tiny_shards, resumed))
-    starts = [json.loads(line) for line in (resumed / "starts.jsonl").read_text().splitlines()]
-    assert starts[-1]["step"] == 2 and json.loads((resumed / "summary.json").read_text())["step"] == 4
+def test_a_frozen_run_killed_after_a_checkpoint_resumes_bitwise_on_2_processes_and_exports_the_same(
+        imported, tiny_shards, finetuned, tmp_path):
+    run_dir = tmp_path / "killed"
+    cmd = _command(imported, tiny_shards, run_dir)
+    # The main process SIGKILLs its launcher and itself right after step 2's checkpoint was committed; every
+    # other process (the other rank, in its own session under torch's elastic agent) must die with them.
+    first = Launch(cmd, {**TEST_ENV, "VAE_KILL_AT": f"after-checkpoint@{KILL_AT}"}, ROOT)
+    assert first.wait(180) == -9, first.output()[-3000:]  # the launcher, SIGKILLed by the main process
+    assert first.survivors() == [], "processes of the killed run are still alive"
+    first.kill_all()  # (a no-op when the assertion above holds)
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == f"step-{KILL_AT:06d}", first.output()[-3000:]
+    assert not (checkpoints / f"step-{STEPS:06d}").exists() and not (run_dir / "summary.json").exists()
+
+    second = Launch(cmd, TEST_ENV, ROOT)  # the same command
+    assert second.wait(300) == 0, second.output()[-4000:]
+    assert f"resumed from {checkpoints / f'step-{KILL_AT:06d}'} at step {KILL_AT}" in second.output()
+    # The restarted process started from the checkpoint and did the remaining steps (not a survivor of the first).
+    starts = [json.loads(line) for line in (run_dir / "starts.jsonl").read_text().splitlines()]
+    assert [s["segment"] for s in starts] == [1, 2] and starts[1]["step"] == KILL_AT
+    assert starts[1]["world_size"] == 2
+    assert starts[1]["pid"] in second.seen and starts[1]["pid"] not in first.seen
+    resumed = {r["step"]: r for r in _train_rows(run_dir) if r["segment"] == 2}
+    assert sorted(resumed) == list(range(KILL_AT + 1, STEPS + 1)), sorted(resumed)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["step"] == STEPS and summary["world_size"] == 2
+
+    # Bitwise the uninterrupted 2-process run: its losses, final weights, EMA and optimizer state.
+    ref = {r["step"]: r for r in _train_rows(finetuned)}
+    diffs = {(s, k): (ref[s][k], r[k]) for s, r in resumed.items() for k in ref[s]
+             if k.startswith("loss/") and ref[s][k] != r[k]}
+    assert not diffs, f"resumed losses differ from the uninterrupted run: {dict(list(diffs.items())[:8])}"
     for name in ("model.safetensors", "ema.safetensors", "optimizer.safetensors"):
-        a, b = _weights(whole, 4, name, ""), _weights(resumed, 4, name, "")
-        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), name
+        a, b = _weights(finetuned, STEPS, name, ""), _weights(run_dir, STEPS, name, "")
+        assert a and sorted(a) == sorted(b), name
+        assert [k for k in a if not torch.equal(a[k], b[k])] == [], name
+    final = checkpoints / f"step-{STEPS:06d}" / "optimizer.json"
+    assert json.loads(final.read_text()) == json.loads((finetuned / final.relative_to(run_dir)).read_text())
+    # The frozen parts are still the imported weights, raw and EMA.
+    start = _imported_state(imported)
+    frozen = [k for k in start if k.startswith(FROZEN)]
+    for name, prefix in (("model.safetensors", "vae."), ("ema.safetensors", "module.")):
+        after = _weights(run_dir, STEPS, name, prefix)
+        assert frozen and all(torch.equal(after[k], start[k]) for k in frozen), name
+
+    # Its export loads in diffusers, and is the uninterrupted run's export (the trained decoder included).
+    from diffusers import AutoencoderKL
+
+    export.main([str(finetuned), "--format", "diffusers", "--out", str(tmp_path / "whole-export")])
+    export.main([str(run_dir), "--format", "diffusers", "--out", str(tmp_path / "resumed-export")])
+    whole = AutoencoderKL.from_pretrained(str(tmp_path / "whole-export")).state_dict()
+    again = AutoencoderKL.from_pretrained(str(tmp_path / "resumed-export")).state_dict()
+    assert sorted(whole) == sorted(again) and any(k.startswith("decoder.") for k in whole)
+    assert [k for k in whole if not torch.equal(whole[k], again[k])] == []
+
+
+@pytest.mark.slow
+def test_a_run_folder_is_a_model_init_with_its_latest_ema_weights(imported, finetuned):
     cfg = load_config(imported, check_paths=False)
-    start = import_diffusers.init_state(cfg.model.init, cfg.model, 32)
-    after = _weights(resumed, 4, "model.safetensors", "vae.")
-    assert all(torch.equal(after[k], v) for k, v in start.items() if k.startswith(FROZEN))
-    # A run folder is a model.init too: its latest EMA weights.
-    cfg.model.init = str(whole)
+    cfg.model.init = str(finetuned)
     model = build_model(cfg.model, 32)
     import_diffusers.load_init(model, cfg.model)
-    ema = _weights(whole, 4, "ema.safetensors", "module.")
+    ema = _weights(finetuned, STEPS, "ema.safetensors", "module.")
+    assert sorted(model.state_dict()) == sorted(ema)
     assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
 
 
