@@ -256,8 +256,8 @@ def reference(cfg: Config, shards: str | Path, split: str, inception: torch.nn.M
             problems.append(f"{path} is {why}")
     world = accelerator.num_processes if accelerator is not None else 1
     if world > 1:  # every rank must agree, or some would wait in the computation's gather
-        have = accelerator.reduce(torch.tensor([float(found is not None)], device=device), "min")
-        found = found if have.item() == 1 else None
+        have = accelerator.reduce(torch.tensor([float(found is not None)], device=device), "sum")
+        found = found if have.item() == world else None
     if found is not None:
         say(f"{where}: {int(found.moments.n.item())} images, from {found.path}")
         return found
