@@ -224,3 +224,30 @@ def test_one_and_two_processes_write_the_same_file(shards, weights, tmp_path):  
     two = subprocess.run([*launcher, *args], cwd=ROOT, env=TEST_ENV, capture_output=True, text=True, timeout=240)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "computed and written" in two.stdout and path.read_bytes() == one_bytes
+
+
+@pytest.mark.slow
+def test_training_validation_reads_the_cached_reference(shards, weights, tmp_path):  # noqa: F811
+    """metrics.in_validation with an Inception file: the first run computes the val split's reference and caches
+    it beside the shards, a second run reads it; both log val/rfid."""
+    def train(name: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
+        args = ["recipes/demo.yaml", f"data.shards={shards}", f"run.dir={tmp_path / 'runs'}", f"run.name={name}",
+                "model.arch=conv", "model.channels=[8,16]", "model.latent_dim=8", "data.batch_size_per_device=8",
+                "data.num_workers=0", "train.max_steps=2", "train.checkpoint_every_steps=2",
+                "tracking.mode=disabled", "tracking.eval_every_steps=1000", "tracking.media_every_steps=1000",
+                "metrics.in_validation=true", f"metrics.inception_weights={weights['inception']}",
+                f"metrics.fid_features={FEATURES}"]
+        r = subprocess.run([sys.executable, "pipeline/train.py", *args], cwd=ROOT, env=TEST_ENV, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        logged = (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()
+        return r, [m for m in map(json.loads, logged) if "val/rfid" in m]
+
+    first, logged = train("first")
+    (cache,) = (shards / "fid_stats").iterdir()
+    before = cache.stat()
+    assert f"computed and written to {cache}" in first.stdout and len(logged) == 1 and logged[0]["val/rfid"] > 0
+    second, logged = train("second")
+    assert f"from {cache}" in second.stdout and "computed" not in second.stdout
+    assert (cache.stat().st_ino, cache.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert len(logged) == 1 and logged[0]["val/rfid"] > 0
