@@ -20,7 +20,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 LAUNCH_ENV := $(if $(HAS_GPU),,ACCELERATE_USE_CPU=1)
 LAUNCH_MULTI := $(if $(filter-out 1,$(NPROC)),--multi_gpu,)
 
-.PHONY: help install demo demo-data shards shards-slurm verify train eval export batchsize sweep test test-fast test-slurm bench-data bench-train bench-quality bench-encode encode sync clean demo-signals demo-volumes
+.PHONY: help install demo demo-data shards shards-slurm verify train eval fid-stats export batchsize sweep test test-fast test-slurm bench-data bench-train bench-quality bench-encode encode sync clean demo-signals demo-volumes
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -63,6 +63,11 @@ train: install  ## Train: make train RECIPE=recipes/flowers.yaml NPROC=8 ARGS="t
 
 eval: install  ## Evaluate a run (PSNR, SSIM, LPIPS, rFID, sharpness, -ELBO, bits/dim, IWAE): make eval RUN=runs/demo
 	$(BIN)/python -m pipeline.evaluate $(or $(RUN),runs/demo) $(ARGS)
+
+fid-stats: install  ## rFID reference statistics of a split, cached in shards/NAME/fid_stats: make fid-stats NAME=flowers INCEPTION=weights/weights-inception-2015-12-05-6726825d.pth NPROC=8
+	$(LAUNCH_ENV) $(BIN)/accelerate launch $(LAUNCH_MULTI) --num_processes $(NPROC) --num_machines 1 \
+		--mixed_precision no --dynamo_backend no -m pipeline.fid_stats shards/$(NAME) \
+		--inception-weights $(or $(INCEPTION),weights/weights-inception-2015-12-05-6726825d.pth) $(ARGS)
 
 export: install  ## Export a run's EMA weights: make export RUN=runs/ldm FORMAT=diffusers|safetensors OUT=exported/ldm
 	$(BIN)/python -m pipeline.export $(or $(RUN),runs/demo) --format $(or $(FORMAT),safetensors) \

@@ -40,7 +40,8 @@ What `evaluate()` reports (RUN_DIR/eval/metrics.json, and the run's W&B summary 
   inactive_dims, and a latent-usage plot (eval/latent_usage.png: KL and Var(mu) per dimension).
 - lpips, rfid (with local weights files: metrics.* / --lpips-weights, --inception-weights; otherwise null
   and one line says which file to fetch) and sharpness_ratio (no weights) of decode(mu) against the input:
-  pipeline.metrics says which implementation each number comes from.
+  pipeline.metrics says which implementation each number comes from. rFID's real-image statistics are the
+  split's cached reference (rfid_reference: its file; pipeline.fid_stats), computed on first use.
 - latent/probe_accuracy (a cross-validated ridge probe of the class from the pooled posterior means; with
   latent/probe_chance beside it), latent/hf_energy_ratio (the share of the latent's spatial energy above
   0.25 cycles per position; null for a vector latent), and per channel the mean and std of mu and of one
@@ -63,7 +64,7 @@ import torch
 
 from accelerate import Accelerator
 
-from pipeline import durable, faults, media
+from pipeline import durable, faults, fid_stats, media
 from pipeline.config import ConfigError, exit_on_config_error
 from pipeline.inference import check_shards, key_noise, load_run, split_batches
 from pipeline.metrics import ReconstructionMetrics
@@ -235,7 +236,8 @@ def evaluate(run, batches: Callable[[], Iterable], accelerator, iwae_k: int = 64
         raise ConfigError("the evaluated split holds no readable samples; check --shards and --split")
     name, comparable, description = LIKELIHOODS[kind]
     if field_metrics is None:
-        m.update({"lpips": None, "lpips_net": None, "rfid": None, "rfid_features": None, "sharpness_ratio": None})
+        m.update({"lpips": None, "lpips_net": None, "rfid": None, "rfid_features": None, "rfid_reference": None,
+                  "sharpness_ratio": None})
     m.setdefault("perceptual", None)
     m.update({"pixel_dims": run.pixel_dims, "psnr_cap_db": PSNR_CAP_DB})
     if quantized:
@@ -371,8 +373,7 @@ def main(argv: list[str] | None = None) -> dict:
         run.cfg.metrics.lpips_backbone_weights = args.lpips_weights
     if args.inception_weights:
         run.cfg.metrics.inception_weights = args.inception_weights
-    field_metrics = ReconstructionMetrics.build(run.cfg.metrics, run.device,
-                                                accelerator.print if accelerator.is_main_process else None)
+    field_metrics = fid_stats.field_metrics(run.cfg, shards, args.split, accelerator)  # rFID's cached reference
     rank, world = accelerator.process_index, accelerator.num_processes
     metrics = evaluate(run, lambda: split_batches(run.cfg, shards, args.split, rank, world), accelerator,
                        args.iwae_k, args.seed, args.log_scale, perceptual, args.decode_batch, field_metrics)

@@ -11,7 +11,9 @@ numbers computed the same way, on the same number of images):
   metrics.lpips_net (alex by default, as that package recommends for evaluation), images in [-1, 1],
   spatially averaged, then averaged over images. Needs images of at least 32 px (alex).
 - rfid: the Frechet distance between InceptionV3 pool features (2048-d) of the reconstructions and of
-  their own inputs, over the evaluated split. Features: torch-fidelity's FeatureExtractorInceptionV3 (the
+  their own inputs, over the evaluated split; the inputs' statistics come from the split's cached reference
+  (pipeline.fid_stats: computed once per shards, split and weights file) when one is attached, and the
+  evaluation checks it scored exactly those images (count and uint8 pixel sum). Features: torch-fidelity's FeatureExtractorInceptionV3 (the
   TensorFlow FID network and weights, with TF 1.x's bilinear resize to 299 px) on uint8 images, as
   torch-fidelity, pytorch-fid and the original TF code compute FID. Statistics: mean and unbiased
   covariance (numpy.cov's), accumulated as float64 sums (n, sum f, sum f f^T) on every rank and
@@ -275,11 +277,14 @@ class ReconstructionMetrics:
     """Accumulates LPIPS (when its weights are given), rFID moments (likewise) and the sharpness sums per rank."""
 
     def __init__(self, lpips_model: torch.nn.Module | None, inception: torch.nn.Module | None,
-                 device: torch.device | str, lpips_net: str = "alex", fid_features: int = 2048):
+                 device: torch.device | str, lpips_net: str = "alex", fid_features: int = 2048, reference=None):
         self.lpips_model, self.inception, self.device, self.lpips_net = lpips_model, inception, device, lpips_net
         self.fid_features = fid_features
-        self.sums = torch.zeros(4, dtype=torch.float64, device=device)  # n, lpips, hf(recon), hf(input)
-        self.fid = ([FeatureMoments(fid_features, device), FeatureMoments(fid_features, device)]
+        # The real images' moments of the whole split (pipeline.fid_stats.Reference), or None: computed here.
+        self.reference = reference
+        # n, lpips, hf(recon), hf(input), the inputs' uint8 values summed (checked against the reference's)
+        self.sums = torch.zeros(5, dtype=torch.float64, device=device)
+        self.fid = ([FeatureMoments(fid_features, device) for _ in range(1 if reference is not None else 2)]
                     if inception is not None else None)
 
     @classmethod
@@ -304,7 +309,8 @@ class ReconstructionMetrics:
 
     def fresh(self) -> "ReconstructionMetrics":
         """An empty accumulator sharing the loaded networks (one per validation pass)."""
-        return ReconstructionMetrics(self.lpips_model, self.inception, self.device, self.lpips_net, self.fid_features)
+        return ReconstructionMetrics(self.lpips_model, self.inception, self.device, self.lpips_net, self.fid_features,
+                                     self.reference)
 
     @torch.no_grad()
     def update(self, recon01: Tensor, target01: Tensor) -> None:
@@ -323,26 +329,43 @@ class ReconstructionMetrics:
                                   f"({str(e).splitlines()[0][:120]}); it needs at least 32 px, so leave "
                                   f"metrics.lpips_backbone_weights empty for these images") from None
         if self.fid is not None:
+            # The inputs' features only without a reference; zip stops at the reconstructions otherwise.
             for moments, images in zip(self.fid, (recon01, target01)):
                 uint8 = (images * 255).round().to(torch.uint8)  # what a PNG of the image holds
                 moments.add(self.inception(uint8)[0])  # [B, fid_features] float32
+            # Integers below 2**53: exact in float64 whatever the order, so comparable with the reference's sum.
+            self.sums[4] += (target01 * 255).round().double().sum()
 
     def results(self, accelerator=None) -> dict:
         """lpips, rfid (None when skipped) and sharpness_ratio over every rank's images: one all-reduce."""
         flat = torch.cat([self.sums] + ([m.flat() for m in self.fid] if self.fid else []))
         if accelerator is not None and accelerator.num_processes > 1:
             flat = accelerator.reduce(flat, "sum")
-        n, lpips_sum, hf_recon, hf_input = flat[:4].tolist()
+        n, lpips_sum, hf_recon, hf_input, pixel_sum = flat[:5].tolist()
         rfid = None
         if self.fid is not None and n >= 2:
             d = self.fid_features
             size = 1 + d + d * d
-            a, b = (FeatureMoments.from_flat(flat[4 + i * size:4 + (i + 1) * size], d) for i in (0, 1))
-            rfid = frechet_distance(a, b)
+            recon = FeatureMoments.from_flat(flat[5:5 + size], d)
+            real = (FeatureMoments.from_flat(flat[5 + size:5 + 2 * size], d) if self.reference is None
+                    else self._real(n, pixel_sum))
+            rfid = frechet_distance(recon, real)
         return {
             "lpips": lpips_sum / n if self.lpips_model is not None and n else None,
             "lpips_net": self.lpips_net if self.lpips_model is not None else None,
             "rfid": rfid,
             "rfid_features": self.fid_features if self.fid is not None else None,
+            "rfid_reference": (str(self.reference.path) if self.reference is not None and self.reference.path
+                               else None),
             "sharpness_ratio": hf_recon / hf_input if hf_input > 0 else math.nan,
         }
+
+    def _real(self, n: float, pixel_sum: float) -> FeatureMoments:
+        """The reference's moments, once the evaluated inputs are known to be its images (count and pixel sum)."""
+        ref = self.reference
+        if int(n) != int(ref.moments.n.item()) or int(pixel_sum) != ref.pixel_sum:
+            where = ref.path or "computed at the start of this run"
+            raise ConfigError(f"rFID: the {int(n)} evaluated images are not the {int(ref.moments.n.item())} images of "
+                              f"the reference statistics ({where}): count or pixel sum differs, so a shard changed "
+                              f"since; check the shards (`make verify`) and delete that file to recompute it")
+        return ref.moments

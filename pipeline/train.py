@@ -31,14 +31,13 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from pipeline import durable, faults
+from pipeline import durable, faults, fid_stats
 from pipeline.checkpoint import BestWeights, Checkpointer, preserved_rng, restore_rng, seed_rng, trainer_state
 from pipeline.config import Config, cli_config, save_config, to_dict
 from pipeline.errors import UserError, exit_on_user_error
 from pipeline.data import TrainStream, check_fits, data_range, read_manifest, val_batches
 from pipeline.evaluate import validate
 from pipeline.flops import peak_flops, step_flops_per_image
-from pipeline.metrics import ReconstructionMetrics
 from pipeline.meters import IntervalMeter
 from pipeline.models.quantize import window_health
 from pipeline.optim import lr_at, set_lr
@@ -121,9 +120,10 @@ def main(cfg: Config) -> int:
     tracker.log_model_info(t.vae, flops_per_image, loss_terms)
     tracker.use_dataset(cfg.data.shards)  # lineage: the shard set (manifest, sha256s) is this run's input
     best = BestWeights(run_dir, cfg.tracking.best_metric, cfg.tracking.best_mode) if main_process else None
-    # LPIPS / rFID / sharpness in validation only when asked (metrics.in_validation): weights load once here.
-    field_metrics = (ReconstructionMetrics.build(cfg.metrics, device, accelerator.print if main_process else None)
-                     if cfg.metrics.in_validation else None)
+    # LPIPS / rFID / sharpness in validation only when asked (metrics.in_validation): weights load once here,
+    # and rFID's reference statistics of the val split are read from their cache (computed on first use).
+    field_metrics = fid_stats.field_metrics(cfg, cfg.data.shards, "val", accelerator) if cfg.metrics.in_validation \
+        else None
     stop = StopFlag(compile_workers=cfg.train.compile)
     if manifest["splits"]["val"]["count"] == 0:  # decided from the manifest, identically on every rank
         raise UserError(f"data.shards {cfg.data.shards} has no validation images; rebuild it with "

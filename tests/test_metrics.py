@@ -5,6 +5,7 @@ is 0 and symmetric; bad weights files are one sentence; 1 and 2 processes give t
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -234,13 +235,19 @@ def test_a_bad_weights_file_is_one_sentence(tmp_path, content, message):
 
 
 @pytest.mark.slow
-def test_evaluate_reports_lpips_rfid_sharpness_and_two_processes_agree_with_one(tiny_shards, weights):
+def test_evaluate_reports_lpips_rfid_sharpness_and_two_processes_agree_with_one(tiny_shards, weights, tmp_path):
+    """Also: the first evaluation computes rFID's reference statistics of the val split and caches them beside
+    the shards; the second (on 2 processes) reads that file instead of recomputing it."""
     trained = train_tiny_run(tiny_shards)
-    args = [str(trained), "--iwae-k", "1", "--lpips-weights", str(weights["alex"]),
+    shards = Path(shutil.copytree(tiny_shards, tmp_path / "tiny"))  # the cache is written into the shards folder
+    args = [str(trained), "--iwae-k", "1", "--lpips-weights", str(weights["alex"]), "--shards", str(shards),
             "--inception-weights", str(weights["inception"]), "metrics.fid_features=64", "tracking.mode=disabled"]
     one_out, two_out = trained / "eval" / "metrics-one.json", trained / "eval" / "metrics-two.json"
     r = run_cli("pipeline.evaluate", *args, "--out", str(one_out))
     assert r.returncode == 0, r.stderr[-3000:]
+    (cache,) = (shards / "fid_stats").iterdir()
+    assert f"computed and written to {cache}" in r.stdout
+    before = cache.stat()
     launcher = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                 "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no"]
     r2 = run_cli("pipeline.evaluate", *args, "--out", str(two_out), launcher=launcher)
@@ -252,3 +259,6 @@ def test_evaluate_reports_lpips_rfid_sharpness_and_two_processes_agree_with_one(
     for key in ("rfid", "lpips", "sharpness_ratio"):
         assert two[key] == pytest.approx(one[key], rel=1e-6), key
     assert "rfid" in r.stdout and "lpips" in r.stdout
+    assert f"from {cache}" in r2.stdout and "computed" not in r2.stdout
+    assert (cache.stat().st_ino, cache.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert one["rfid_reference"] == two["rfid_reference"] == str(cache)
