@@ -49,6 +49,7 @@ import torch
 
 from pipeline import durable
 from pipeline.config import Config, ConfigError, exit_on_config_error
+from pipeline.errors import UserError
 from pipeline.metrics import FID_FEATURE_LAYERS, FeatureMoments, ReconstructionMetrics, load_inception
 
 FORMAT = 1
@@ -283,11 +284,11 @@ def _store(ref: Reference, ident: dict, shards: str | Path, say: Callable[[str],
         write(primary, ref, ident)
         say(f"{where}: {int(ref.moments.n.item())} images, computed and written to {primary}")
         return primary
-    except (OSError, ConfigError) as e:
+    except (OSError, UserError) as e:  # durable writes fail with a UserError sentence
         reason = str(e).split(";")[0]
     try:
         write(fallback, ref, ident)
-    except (OSError, ConfigError) as e:
+    except (OSError, UserError) as e:  # durable writes fail with a UserError sentence
         say(f"{where}: computed, but neither {primary.parent} ({reason}) nor {fallback.parent} "
             f"({str(e).split(';')[0]}) could be written; the statistics are used for this run only")
         return None
