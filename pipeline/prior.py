@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import sys
@@ -320,7 +321,9 @@ def fit_model_prior(model: torch.nn.Module, cfg, to_model_range: Callable[[Tenso
     p: PriorConfig = cfg.prior
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
-    batches = val_batches(cfg, rank=0, world_size=1, num_workers=0, split="train")
+    local = copy.deepcopy(cfg)
+    local.data.verify_shards = "size"  # not a sha256 of every train shard at every media step
+    batches = val_batches(local, rank=0, world_size=1, num_workers=0, split="train")
     try:
         keys, mu = posterior_means(model, batches, p.train_samples, to_model_range, rank, world,
                                    (lambda t: accelerator.reduce(t, "sum")) if accelerator is not None else None)
@@ -328,7 +331,8 @@ def fit_model_prior(model: torch.nn.Module, cfg, to_model_range: Callable[[Tenso
         batches.close()
     if rank != 0:
         return None
-    prior = fit_gmm(mu.flatten(1), p.components, p.covariance, p.max_iterations, p.tolerance, p.ridge,
+    # a train split smaller than prior.components (tiny test sets) gets one Gaussian per image rather than none
+    prior = fit_gmm(mu.flatten(1), min(p.components, len(mu)), p.covariance, p.max_iterations, p.tolerance, p.ridge,
                     cfg.train.seed, tuple(mu.shape[1:]))
     prior.meta.update({"first_key": keys[0], "last_key": keys[-1], **(meta or {})})
     return prior
@@ -370,7 +374,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from pipeline.config import exit_on_config_error
 
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)  # overrides may follow the options
 
     @exit_on_config_error
     def run() -> int:
@@ -401,7 +405,7 @@ def describe(prior: ExpostPrior) -> str:
     return (f"ex-post prior: {prior.components} {prior.covariance}-covariance Gaussians over "
             f"{math.prod(prior.latent_shape)} latent dims from {m.get('samples')} train images "
             f"({m.get('iterations')} EM iterations, {'converged' if m.get('converged') else 'not converged'}, "
-            f"{m.get('log_likelihood_per_sample', float('nan')):.1f} nats per latent)")
+            f"{m.get('log_likelihood_per_sample', float('nan')):.1f} nats per image)")
 
 
 if __name__ == "__main__":

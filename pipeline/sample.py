@@ -323,7 +323,7 @@ def prior(run: LoadedRun, args, out: Outputs) -> list[Path]:
     if args.n < 1:
         raise ConfigError(f"--n must be at least 1, got {args.n}")
     expost = expost_prior(run, args.prior)
-    print(f"sampling the {'ex-post prior: ' + prior_module.describe(expost) if expost else 'N(0, I) prior'}")
+    print(f"sampling the {prior_module.describe(expost) if expost else 'N(0, I) prior'}")
     if run.data_range is not None:
         return _prior_arrays(run, args, out, expost)
     grid_path = out.file(Path(args.out) if args.out else run.run_dir / "samples" / "prior.png")
