@@ -463,6 +463,25 @@ class MetricsConfig:
 
 
 @dataclass
+class PriorConfig:
+    """The ex-post prior (pipeline/prior.py): a Gaussian mixture fitted to the posterior means of training
+    images at every media step, sampled beside N(0, I) in the media panels and by `pipeline.sample prior`."""
+
+    components: int = 10
+    """Gaussians in the mixture; 0 fits none (no ex-post panel, no file)."""
+    covariance: str = "full"
+    """full | diag: each component's covariance (full: k x D x D float64, 80 MB for k=10, D=1024)."""
+    train_samples: int = 2048
+    """Posterior means fitted: the first this many train images in shard order (the same on any world size)."""
+    max_iterations: int = 100
+    """EM iterations at most."""
+    tolerance: float = 0.001
+    """EM stops when the mean log-likelihood per image improves by less than this many nats."""
+    ridge: float = 0.001
+    """Added to every covariance's diagonal, as a fraction of the data's mean per-dimension variance."""
+
+
+@dataclass
 class Config:
     name: str = ""
     """The recipe's name (file name without .yaml); set by load_config."""
@@ -474,6 +493,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
 
 
 # Fields whose value must be one of a fixed set: dotted key -> allowed values.
@@ -500,6 +520,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "tracking.mode": ("offline", "online", "disabled"),
     "tracking.best_mode": ("min", "max"),
     "metrics.lpips_net": ("alex", "vgg", "squeeze"),
+    "prior.covariance": ("full", "diag"),
 }
 # Fields where a YAML boolean stands for a word: YAML 1.1 reads `no` and `false` as False, and "no" is
 # accelerate's own word for "no mixed precision".
@@ -646,6 +667,10 @@ def validate(cfg: Config, source: str = "recipe", check_paths: bool = True) -> N
                 "model.samples_per_input", "train.max_nonfinite_steps", "optim.gamma_every_steps"):
         if flat[key] < 1:
             raise ConfigError(f"{source}: {key} must be at least 1, got {flat[key]}")
+    if cfg.prior.components > cfg.prior.train_samples:
+        raise ConfigError(f"{source}: prior.components ({cfg.prior.components}) is more than prior.train_samples "
+                          f"({cfg.prior.train_samples}): every Gaussian needs images to fit; lower it or raise "
+                          f"prior.train_samples")
     if not cfg.tracking.best_metric.startswith("val/"):
         raise ConfigError(f"{source}: tracking.best_metric must be a validation metric such as val/neg_elbo_nats "
                           f"or val/psnr, got {cfg.tracking.best_metric!r}")
@@ -706,6 +731,9 @@ RANGES: dict[str, tuple[Any, str]] = {
     "loss.equivariance.rotations_degrees": (lambda v: all(r % 90 == 0 for r in v), "a list of multiples of 90"),
     "loss.latent_noise.warmup_steps": _STEPS,
     "loss.kl.warmup_steps": _STEPS, "data.rotation_degrees": _NON_NEGATIVE,
+    "prior.components": (lambda v: v >= 0, "0 (no ex-post prior) or more"),
+    "prior.train_samples": (lambda v: v >= 1, "at least 1"), "prior.max_iterations": (lambda v: v >= 1, "at least 1"),
+    "prior.tolerance": _POSITIVE, "prior.ridge": _POSITIVE,
 }
 
 

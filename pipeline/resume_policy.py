@@ -54,6 +54,7 @@ RULES: dict[str, str | None] = {
     "tracking.best_metric": BEST,
     "tracking.best_mode": BEST,
     "metrics": APPLIES,
+    "prior": APPLIES,  # refitted at every media step from the weights of that step
 }
 NOT_COMPARED = ("name", "run.name", "run.dir", "train.resume", "model.init")
 """Where the run is and how it was started: not settings of the training (model.init is read only by a fresh

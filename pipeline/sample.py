@@ -1,6 +1,7 @@
 """What you can do with a trained VAE: sample, reconstruct, interpolate, traverse, encode, decode, score anomalies.
 
-    python -m pipeline.sample RUN_DIR prior [--n 64] [--temperature 1.0] [--separate]
+    python -m pipeline.sample RUN_DIR prior [--n 64] [--temperature 1.0] [--separate] [--prior expost|normal]
+                                            [--score CLASSIFIER.safetensors]
     python -m pipeline.sample RUN_DIR reconstruct IMAGE_OR_FOLDER [...]
     python -m pipeline.sample RUN_DIR interpolate IMAGE_A IMAGE_B [--steps 10]
     python -m pipeline.sample RUN_DIR traverse [--dims 4] [--images IMAGE_OR_FOLDER ...]
@@ -12,7 +13,11 @@ Options every mode takes: --out PATH, --force (replace an existing output; witho
 overwritten), --checkpoint step-000500 (default: the latest), --weights ema|raw, --seed N, --device cpu|cuda,
 --batch-size N, --image-size N (only when the run's shards are gone). Outputs default to RUN_DIR/samples/.
 
-- prior: a grid of decode(z), z ~ N(0, temperature^2 I) (PNG; --separate also writes one PNG per sample).
+- prior: a grid of decode(z) (PNG; --separate also writes one PNG per sample), z from the run's ex-post prior
+  (pipeline.prior: a Gaussian mixture fitted to the posterior means of train images, its covariances scaled by
+  temperature^2) when it has one for the loaded weights, else z ~ N(0, temperature^2 I); --prior picks.
+  --score CLASSIFIER adds the classifier score and class histograms of N(0, I) samples, ex-post samples and
+  val images (pipeline.sample_score) as OUT-score.json.
 - reconstruct: each image beside decode(mu) of it (PNG), the posterior mean: no sampling noise. With
   --native-size (spatial-latent models) images keep their own size (centre-cropped to a multiple of the
   model's downsampling factor) and go through overlapping tiles of --tile-size px (default: the training
@@ -62,6 +67,7 @@ import torch
 from PIL import Image
 
 from pipeline import arrays, durable, media, tiling
+from pipeline import prior as prior_module
 from pipeline.config import load_config
 from pipeline.errors import UserError, exit_on_user_error
 from pipeline.data import Batch
@@ -72,6 +78,8 @@ from pipeline.inference import (LoadedRun, check_shards, folder_batches, image_f
                                 load_images, load_run, split_batches)
 from pipeline.objective.kl import kl_per_dim
 from pipeline.objective.likelihood import LN2, fixed_log_scale
+from pipeline.prior import ExpostPrior
+from pipeline.sample_score import format_scores, score_prior_samples
 
 GIF_FRAME_MS = 100
 
@@ -269,28 +277,76 @@ def load_native(path: Path, multiple: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+def expost_prior(run: LoadedRun, choice: str | None) -> ExpostPrior | None:
+    """The run's ex-post prior (RUN_DIR/expost_prior.safetensors) when `choice` is expost, or None (default)
+    and the run has one fitted to the loaded weights; None for normal. An explicit expost without a
+    matching file is one sentence saying how to fit it; the default falls back to N(0, I) with a note."""
+    if choice == "normal":
+        return None
+    path = run.run_dir / prior_module.FILE_NAME
+    fit = f"`python -m pipeline.prior {run.run_dir} --checkpoint {run.checkpoint.name} --weights {run.weights}`"
+    problem = None
+    if run.model.quantizer is not None:
+        problem = "a quantized model has no Gaussian latent for an ex-post prior"
+    elif not path.is_file():
+        problem = f"{run.run_dir} has no ex-post prior ({path.name}; training writes it when prior.components > 0)"
+    else:
+        found = ExpostPrior.load(path)
+        made_for = (found.meta.get("step"), found.meta.get("weights"))
+        if tuple(found.latent_shape) != tuple(run.model.latent_shape):
+            problem = f"{path} is for latents of shape {list(found.latent_shape)}, not {list(run.model.latent_shape)}"
+        elif made_for != (run.step, run.weights):
+            problem = (f"{path} was fitted to the {made_for[1]} weights of step {made_for[0]}, not the {run.weights} "
+                       f"weights of {run.checkpoint.name}")
+        else:
+            return found
+    if choice == "expost":
+        raise UserError(f"{problem}; fit one with {fit}" if "quantized" not in problem else problem)
+    print(f"note: sampling N(0, I): {problem}" + ("" if "quantized" in problem else f"; fit one with {fit}"))
+    return None
+
+
+def prior_latents(run: LoadedRun, n: int, temperature: float, seed: int, expost: ExpostPrior | None) -> torch.Tensor:
+    """decode()d samples [n, ...] in the model's output range: of the ex-post prior when given, else the model's
+    own prior (N(0, t^2 I); a quantized model's codes)."""
+    g = torch.Generator().manual_seed(seed)
+    if expost is None:
+        return run.model.sample(n, temperature, generator=g)
+    return run.model.decode(expost.sample(n, g, temperature).to(run.device))
+
+
 @torch.no_grad()
 def prior(run: LoadedRun, args, out: Outputs) -> list[Path]:
     if args.n < 1:
         raise UserError(f"--n must be at least 1, got {args.n}")
+    expost = expost_prior(run, args.prior)
+    print(f"sampling the {prior_module.describe(expost) if expost else 'N(0, I) prior'}")
     if run.data_range is not None:
-        return _prior_arrays(run, args, out)
+        return _prior_arrays(run, args, out, expost)
     grid_path = out.file(Path(args.out) if args.out else run.run_dir / "samples" / "prior.png")
     folder = out.folder(grid_path.with_suffix(""), ["[0-9]*.png"]) if args.separate else None
-    g = torch.Generator().manual_seed(args.seed)
-    images = media.to_uint8(run.model.sample(args.n, args.temperature, generator=g), run.model.output_range)
+    score_path = out.file(grid_path.with_name(grid_path.stem + "-score.json")) if args.score else None
+    images = media.to_uint8(prior_latents(run, args.n, args.temperature, args.seed, expost), run.model.output_range)
     written = [media.save_png(media.make_grid(images, nrow=math.ceil(math.sqrt(args.n))), grid_path)]
     if folder is not None:
         written += [media.save_png(img, folder / f"{i:04d}.png") for i, img in enumerate(images)]
+    if score_path is not None:
+        if args.score_samples < 1:
+            raise UserError(f"--score-samples must be at least 1, got {args.score_samples}")
+        scores = score_prior_samples(run, args.score, args.score_samples, args.seed, args.temperature,
+                                     args.batch_size, expost)
+        print(format_scores(scores))
+        written.append(save_json(scores, score_path))
     return written
 
 
-def _prior_arrays(run: LoadedRun, args, out: Outputs) -> list[Path]:
+def _prior_arrays(run: LoadedRun, args, out: Outputs, expost: ExpostPrior | None) -> list[Path]:
     """Signals/volumes: OUT.npy [N, C, *spatial] float32 in data units, and OUT.png (the tiles media draws)."""
+    if args.score:
+        raise UserError("--score classifies images; signals and volumes have no classifier")
     path = out.file(Path(args.out) if args.out else run.run_dir / "samples" / "prior.npy")
     png = out.file(path.with_suffix(".png"))
-    g = torch.Generator().manual_seed(args.seed)
-    x = run.model.sample(args.n, args.temperature, generator=g).float()
+    x = prior_latents(run, args.n, args.temperature, args.seed, expost).float()
     tiles = media.to_tiles(x, run.model.output_range)
     return [save_npy(run.to_data_units(x).cpu().numpy(), path),
             media.save_png(media.make_grid(tiles, nrow=math.ceil(math.sqrt(args.n))), png)]
@@ -667,6 +723,13 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--n", type=int, default=64)
     m.add_argument("--temperature", type=float, default=1.0, help="scale of z ~ N(0, t^2 I)")
     m.add_argument("--separate", action="store_true", help="also one PNG per sample, in a folder beside the grid")
+    m.add_argument("--prior", choices=("expost", "normal"),
+                   help="expost: the Gaussian mixture fitted to the train posterior means (RUN_DIR/"
+                        "expost_prior.safetensors); normal: N(0, I). Default: expost when the run has one for "
+                        "the loaded weights, else normal with a note")
+    m.add_argument("--score", metavar="CLASSIFIER", help="also score N(0, I) samples, ex-post samples and val images "
+                   "with this pipeline.classifier file (pipeline.sample_score); writes OUT-score.json")
+    m.add_argument("--score-samples", type=int, default=500, help="images per scored set (default 500)")
     tiles = argparse.ArgumentParser(add_help=False)
     tiles.add_argument("--tile-size", type=int, help="spatial latents: tile side in px for images larger than it "
                                                      "(default: the training size)")

@@ -40,7 +40,7 @@ from pipeline.runs import STARTS_FILE
 RUN_ID_FILE = "wandb_run_id"
 METRICS_FILE = "metrics.jsonl"
 MAX_INTERPOLATION_PAIRS = 4
-MEDIA_KINDS = ("recon", "samples", "interpolations", "traversals", "disc")
+MEDIA_KINDS = ("recon", "samples", "expost", "interpolations", "traversals", "disc")
 """The panels log_media draws (media/<kind>-<step>.png, W&B key media/<kind>); other PNGs in media/
 are log_eval's bar charts (W&B key val/<name>)."""
 
@@ -253,7 +253,8 @@ class Tracker:
         return getattr(model, "_orig_mod", getattr(model, "module", model))
 
     def log_media(self, step: int, model: nn.Module, val_images: Tensor, fixed_z: Tensor | None = None,
-                  pairs: Sequence[tuple[int, int]] | None = None, critic: nn.Module | None = None) -> dict[str, Path]:
+                  pairs: Sequence[tuple[int, int]] | None = None, critic: nn.Module | None = None,
+                  expost=None) -> dict[str, Path]:
         """Reconstruction grid, prior samples, interpolation strips and traversals of the highest-KL
         latent dims, all from the same fixed inputs every time so steps are comparable.
 
@@ -264,7 +265,9 @@ class Tracker:
         pairs: (i, j) index pairs into val_images for the interpolation strips; default (0, 1), (2, 3), ...
         critic: the adversarial stage's discriminator (bare), or None; adds the `disc` panel of its patch
           logits on the inputs and on their reconstructions.
-        Writes run_dir/media/{recon,samples,interpolations,traversals,disc}-<step:06d>.png; returns them.
+        expost: the ex-post prior fitted to this model (pipeline.prior.ExpostPrior), or None; adds the
+          `expost` panel of its samples (drawn from a generator seeded with train.seed) beside `samples`.
+        Writes run_dir/media/{recon,samples,expost,interpolations,traversals,disc}-<step:06d>.png; returns them.
         """
         if not self.active:
             return {}
@@ -286,8 +289,14 @@ class Tracker:
             "samples": (media.prior_samples(model, z),
                         "decoded uniformly random codes (a quantized model has no prior over its codes: train one "
                         "on `python -m pipeline.sample RUN encode ... --payload codes` to sample images)"
-                        if quantized else "decoded fixed prior noise"),
+                        if quantized else "N(0, I) prior: decoded fixed noise"),
         }
+        if expost is not None:
+            z_expost = expost.sample(len(z), torch.Generator().manual_seed(self.cfg.train.seed))
+            pictures["expost"] = (media.prior_samples(model, z_expost),
+                                  f"ex-post prior: decoded samples of {expost.components} "
+                                  f"{expost.covariance}-covariance Gaussians fitted to the posterior means of "
+                                  f"{expost.meta.get('samples')} train images at this step")
         if pairs:  # none when media_images is 1
             a, b = images[[i for i, _ in pairs]], images[[j for _, j in pairs]]
             pictures["interpolations"] = (media.interpolation_strips(model, a, b, max(2, t.interpolation_steps)),

@@ -42,6 +42,7 @@ from pipeline.meters import IntervalMeter
 from pipeline.models.quantize import window_health
 from pipeline.optim import lr_at, set_lr
 from pipeline.preemption import EXIT_PREEMPTED, StopFlag
+from pipeline.prior import fit_during_training
 from pipeline.resume_policy import check_changes, describe
 from pipeline.runs import die_with_parent, launched_by_torchrun, own_run_folder
 from pipeline.step import Training, build_training, discriminator_step, train_step
@@ -211,7 +212,10 @@ def main(cfg: Config) -> int:
         t_other = time.perf_counter()
         if tracker.is_due("media", step, final=last):
             with preserved_rng(device):
-                tracker.log_media(step, _eval_model(t), media_images,
+                # every rank encodes a share of the train images; the main process fits and saves the prior
+                expost = fit_during_training(cfg, _eval_model(t), t.augment, accelerator, step, run_dir,
+                                             "ema" if t.ema is not None else "raw")
+                tracker.log_media(step, _eval_model(t), media_images, expost=expost,
                                   critic=t.adversary.disc if t.adversary is not None else None)
         if tracker.is_due("eval", step, final=last):
             with preserved_rng(device):

@@ -62,7 +62,8 @@ def flower_files(tiny_shards, tmp_path_factory) -> list[Path]:
 
 def test_prior_grid_separate_files_and_no_overwrite_without_force(run, trained, tmp_path, capsys):
     out = tmp_path / "prior.png"
-    sample.main([str(trained), "prior", "--n", "6", "--separate", "--out", str(out), "--temperature", "0.7"])
+    sample.main([str(trained), "prior", "--n", "6", "--separate", "--out", str(out), "--temperature", "0.7",
+                 "--prior", "normal"])
     grid = png(out)
     assert grid.shape == (2 + 2 * (32 + 2), 2 + 3 * (32 + 2), 3)  # ceil(sqrt(6)) = 3 per row, 2 rows
     singles = sorted((tmp_path / "prior").glob("*.png"))
