@@ -180,6 +180,7 @@ def _changed(before, module):
     return sorted(k for k, v in module.state_dict().items() if not torch.equal(before[k], v))
 
 
+@pytest.mark.slow  # seconds: in make test, not in make test-fast
 @pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
 def test_generator_step_moves_only_the_vae_and_discriminator_step_only_the_discriminator(tiny_shards,
                                                                                           mixed_precision):
@@ -228,6 +229,7 @@ def test_a_nonfinite_discriminator_step_changes_nothing(tiny_shards):
     assert all(torch.equal(opt0[k][n], opt1[k][n]) for k in opt0 for n in opt0[k])  # moments and step counts
 
 
+@pytest.mark.slow  # seconds: in make test, not in make test-fast
 def test_before_disc_start_nothing_of_the_stage_runs(tiny_shards):
     from pipeline.step import train_step
 

@@ -28,6 +28,7 @@ def test_without_cuda_it_says_so_in_one_sentence(capsys):
     assert len(err) == 1 and err[0].startswith("error: make bench-gpu needs a CUDA GPU"), err
 
 
+@pytest.mark.slow  # seconds: in make test, not in make test-fast
 def test_cpu_quick_smoke_prints_the_table(tiny_shards, tmp_path, capsys):
     out = tmp_path / "rows.json"
     assert bench_gpu.main(["--device", "cpu", "--quick", "--shards", str(tiny_shards), "--out", str(out)]) == 0

@@ -775,6 +775,7 @@ batches.close()
 """
 
 
+@pytest.mark.slow  # seconds: in make test, not in make test-fast
 def test_handing_batches_over_runs_no_thread_pool_in_the_main_process(dataset):
     """On a CUDA machine the main process copies each batch out of its shared-memory slot into pinned
     memory. A torch copy_ of a batch runs on every intra-op thread (one per core: 16 on the GPU node),

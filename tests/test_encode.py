@@ -408,6 +408,7 @@ def test_encode_sbatch_on_two_nodes_requeues_on_usr1_and_finishes_identically(
     assert output_bytes(out) == output_bytes(reference)
 
 
+@pytest.mark.slow  # seconds: in make test, not in make test-fast
 def test_an_output_folder_held_by_a_live_encode_is_refused_with_one_sentence(spatial_run, tiny_shards, tmp_path):
     """Two launches never write one folder: while another process holds out/.lock, an encode into it exits 2
     with one sentence and writes nothing there."""

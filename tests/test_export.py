@@ -50,6 +50,7 @@ def _assert_same_model(ours, theirs, size: int) -> None:
     {"attention_levels": [0, 1], "blocks_per_level": 2},  # Attn{Down,Up}*Block2D at level 0
     {"attention_levels": []},                       # mid_block_add_attention=False
 ])
+@pytest.mark.slow  # seconds: in make test, not in make test-fast
 def test_an_ldm_layout_model_loads_in_diffusers_and_matches(variant, tmp_path):
     cfg = ModelConfig(**{**LDM, **variant})
     torch.manual_seed(0)

@@ -24,6 +24,8 @@ from test_metrics import weights  # noqa: F401 (the fixture: random-init AlexNet
 
 FEATURES = 64  # torch-fidelity's first feature layer: the cheapest, the protocol is the same
 
+pytestmark = pytest.mark.slow  # InceptionV3 at 299 px on CPU: seconds per test; in make test, not test-fast
+
 
 @pytest.fixture
 def shards(tiny_shards, tmp_path) -> Path:

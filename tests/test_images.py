@@ -130,6 +130,7 @@ print(torch.backends.cpu.get_cpu_capability(), h.hexdigest())
 """
 
 
+@pytest.mark.slow  # seconds: in make test, not in make test-fast
 def test_resize_gives_the_same_bytes_on_every_cpu_kernel():
     """Shards written by a SLURM array on mixed nodes are byte-identical to one process's only if the
     resize is: torch's uint8 antialiased kernel for this CPU (AVX2) and its generic one (used on

@@ -45,6 +45,7 @@ def _saved_vae(folder: Path, **config):
     return vae
 
 
+@pytest.mark.slow  # seconds: in make test, not in make test-fast
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_an_imported_autoencoderkl_computes_what_diffusers_computes_and_exports_back_unchanged(layout, tmp_path):
     theirs = _saved_vae(tmp_path / "vae", **LAYOUTS[layout])

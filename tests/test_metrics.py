@@ -166,6 +166,7 @@ def test_moments_summed_over_parts_equal_the_moments_of_the_whole(features):
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # seconds: in make test, not in make test-fast
 def test_lpips_of_identical_images_is_zero_symmetric_and_positive_otherwise(weights):
     model = metrics.load_lpips("alex", str(weights["alex"]))
     g = torch.Generator().manual_seed(0)

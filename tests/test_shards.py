@@ -410,6 +410,7 @@ def test_cli_missing_flowers_src_says_where_to_get_it(tmp_path):
     ("only-bad", "could be decoded"),
     ("a-file", "is not a folder"),
 ])
+@pytest.mark.slow  # seconds: in make test, not in make test-fast
 def test_cli_unusable_src(tmp_path, setup, expected):
     src = tmp_path / "src"
     if setup == "a-file":

@@ -146,6 +146,7 @@ def test_probe_is_skipped_without_classes_or_keys():
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # seconds: in make test, not in make test-fast
 def test_validation_logs_the_latent_diagnostics_from_the_shards_labels(tiny_shards, fresh_accelerator_state):
     from accelerate import Accelerator
 

@@ -65,6 +65,7 @@ def test_a_training_step_never_makes_the_host_wait_for_the_device(case):
     ("recipes/resnet_f8.yaml", ["model.channels=[4,4,4,4]", "model.latent_channels=4", "train.compile=false"],
      32),  # GroupNorm, attention
 ])
+@pytest.mark.slow  # seconds: in make test, not in make test-fast
 def test_the_step_dispatches_at_most_ten_percent_more_operators_than_a_bare_loop(recipe, overrides, size):
     from accelerate import Accelerator
 

@@ -62,6 +62,7 @@ def test_a_bad_sweep_file_is_one_sentence_naming_the_key(tmp_path, fields, messa
     assert str(e.value).startswith(f"sweep {tmp_path / 'sweep.yaml'}")
 
 
+@pytest.mark.slow  # seconds: in make test, not in make test-fast
 def test_the_cli_says_it_in_one_line_and_exits_2(tmp_path):
     path = write_sweep(tmp_path, parameters={"optim.lrr": {"range": [0.1, 0.2]}})
     r = subprocess.run([sys.executable, "-m", "pipeline.sweep", str(path)], cwd=ROOT, env=TEST_ENV,
@@ -197,6 +198,7 @@ def test_array_tasks_each_get_their_own_parameters(tmp_path):
     assert numbers == [0, 1, 2] and len(set(lrs)) == 3, lrs
 
 
+@pytest.mark.slow  # seconds: in make test, not in make test-fast
 def test_tpe_proposals_follow_the_finished_trials(tmp_path):
     """The same seed, the same random start-up trials, opposite results: TPE's next proposals go where the
     finished trials were best (a high learning rate in one study, a low one in the other)."""
