@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--out", default="bench/quality/runs")
     p.add_argument("--lpips-weights", help="torchvision AlexNet ImageNet weights file (LPIPS' backbone)")
     p.add_argument("--inception-weights", help="torch-fidelity's InceptionV3 weights file (rFID)")
+    p.add_argument("--reverse", action="store_true",
+                   help="run the arms in reverse order: a second pass with it alternates the order, so load that "
+                        "drifts during the benchmark falls on every arm alike")
     p.add_argument("--vf-backbone", default="resnet10t", help="--arms latent: the VF arm's timm backbone")
     p.add_argument("--vf-weights", default="none",
                    help="--arms latent: its weights (none = random init; a local .pth/.safetensors file)")
@@ -175,7 +178,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"shards {shards}; arms {args.arms}; {args.budget_seconds:g} s of training per arm; {ENV_NOTE}",
           flush=True)
     rows = []
-    for name, switches in arms(args).items():
+    order = list(arms(args).items())
+    for name, switches in (order[::-1] if args.reverse else order):
         calib = train(args.recipe, shards, out / f"{name}-calibration", args.calibration_steps,
                       switches(args.calibration_steps))
         steps_per_s = training_rate(out / f"{name}-calibration") / (calib["images_seen"] / calib["step"])
@@ -184,6 +188,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         summary = train(args.recipe, shards, out / name, steps, switches(steps))
         rows.append(result_row(name, steps, summary, evaluate(out / name, args.lpips_weights, args.inception_weights)))
 
+    rows = [r for name, _ in order for r in rows if r["variant"] == name]  # the table in the arms' order
     print("\n" + format_table(rows, args.arms))
     if args.arms == "adversarial":
         plain, gan = rows
