@@ -134,10 +134,11 @@ def format_table(rows: list[dict], which: str) -> str:
         return "skipped" if v is None else format(v, spec)
 
     if which == "latent":
-        lines = ["| arm | steps | train wall s | PSNR dB | SSIM | sharpness ratio | probe accuracy (chance) | "
-                 "latent HF energy ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines = ["| arm | steps | train wall s | images/s | PSNR dB | SSIM | sharpness ratio | probe accuracy (chance) | "
+                 "latent HF energy ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
-            lines.append(f"| {r['variant']} | {r['steps']} | {r['wall_s']:.0f} | {r['psnr']:.2f} | {r['ssim']:.4f} | "
+            lines.append(f"| {r['variant']} | {r['steps']} | {r['wall_s']:.0f} | {fmt(r.get('images_per_second'), '.0f')} | "
+                         f"{r['psnr']:.2f} | {r['ssim']:.4f} | "
                          f"{r['sharpness_ratio']:.3f} | {fmt(r['probe_accuracy'], '.3f')} "
                          f"({fmt(r['probe_chance'], '.3f')}) | {fmt(r['hf_energy_ratio'], '.4f')} |")
         return "\n".join(lines)
@@ -162,6 +163,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--out", default="bench/quality/runs")
     p.add_argument("--lpips-weights", help="torchvision AlexNet ImageNet weights file (LPIPS' backbone)")
     p.add_argument("--inception-weights", help="torch-fidelity's InceptionV3 weights file (rFID)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="equal steps instead of equal wall time: every arm trains this many steps, no calibration "
+                        "(on a machine whose load changes during the benchmark, the rates are not comparable)")
     p.add_argument("--reverse", action="store_true",
                    help="run the arms in reverse order: a second pass with it alternates the order, so load that "
                         "drifts during the benchmark falls on every arm alike")
@@ -175,18 +179,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     shards = ensure_shards(ROOT / args.shards if not Path(args.shards).is_absolute() else Path(args.shards),
                            args.count)
     out = ROOT / args.out if not Path(args.out).is_absolute() else Path(args.out)
-    print(f"shards {shards}; arms {args.arms}; {args.budget_seconds:g} s of training per arm; {ENV_NOTE}",
-          flush=True)
+    budget = f"{args.steps} steps" if args.steps else f"{args.budget_seconds:g} s of training"
+    print(f"shards {shards}; arms {args.arms}; {budget} per arm; {ENV_NOTE}", flush=True)
     rows = []
     order = list(arms(args).items())
     for name, switches in (order[::-1] if args.reverse else order):
-        calib = train(args.recipe, shards, out / f"{name}-calibration", args.calibration_steps,
-                      switches(args.calibration_steps))
-        steps_per_s = training_rate(out / f"{name}-calibration") / (calib["images_seen"] / calib["step"])
-        steps = max(args.calibration_steps, int(args.budget_seconds * steps_per_s))
-        print(f"{name}: {steps_per_s:.2f} steps/s in calibration -> train.max_steps={steps}", flush=True)
+        if args.steps is None:
+            calib = train(args.recipe, shards, out / f"{name}-calibration", args.calibration_steps,
+                          switches(args.calibration_steps))
+            steps_per_s = training_rate(out / f"{name}-calibration") / (calib["images_seen"] / calib["step"])
+            steps = max(args.calibration_steps, int(args.budget_seconds * steps_per_s))
+            print(f"{name}: {steps_per_s:.2f} steps/s in calibration -> train.max_steps={steps}", flush=True)
+        else:
+            steps = args.steps
         summary = train(args.recipe, shards, out / name, steps, switches(steps))
         rows.append(result_row(name, steps, summary, evaluate(out / name, args.lpips_weights, args.inception_weights)))
+        rows[-1]["images_per_second"] = training_rate(out / name)
 
     rows = [r for name, _ in order for r in rows if r["variant"] == name]  # the table in the arms' order
     print("\n" + format_table(rows, args.arms))

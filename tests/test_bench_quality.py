@@ -54,8 +54,9 @@ def test_latent_table_shows_the_probe_and_hf_energy_of_each_run():
     metrics = {"psnr": 25.0, "ssim": 0.8, "sharpness_ratio": 0.9, "latent/probe_accuracy": 0.625,
                "latent/probe_chance": 0.2, "latent/hf_energy_ratio": 0.125}
     row = bench_quality.result_row("vf", 40, {"wall_seconds": 61.0}, metrics)
+    row["images_per_second"] = 52.4
     table = bench_quality.format_table([row], "latent")
-    assert "| vf | 40 | 61 | 25.00 | 0.8000 | 0.900 | 0.625 (0.200) | 0.1250 |" in table
+    assert "| vf | 40 | 61 | 52 | 25.00 | 0.8000 | 0.900 | 0.625 (0.200) | 0.1250 |" in table
     assert "skipped" in bench_quality.format_table([bench_quality.result_row("plain", 40, {"wall_seconds": 1},
                                                                               {**metrics, "latent/hf_energy_ratio": None})],
                                                    "latent")
