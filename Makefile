@@ -94,7 +94,7 @@ bench-train: install  ## Training step vs a bare PyTorch loop: ATen ops per step
 		--image-size 32 --ops-only
 	$(BIN)/python benchmarks/bench_train.py $(ARGS)
 
-bench-quality: install  ## Same wall time with and without the adversarial stage: PSNR, SSIM, sharpness (LPIPS/rFID with weights)
+bench-quality: install  ## Same wall time with and without the adversarial stage (ARGS="--arms latent": plain/+VF/+equivariance/+latent noise): PSNR, SSIM, sharpness, latent probe/HF
 	$(BIN)/python benchmarks/bench_quality.py $(ARGS)
 
 encode: install  ## Encode shards into latent shards (resumable): make encode RUN=runs/demo SHARDS=shards/demo OUT=latents/demo NPROC=2

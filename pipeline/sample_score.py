@@ -3,13 +3,15 @@ on the shards' class labels) as the Inception network of an Inception Score.
 
     probs = class_probabilities(classifier, images_uint8)         # p(y | x) [N, classes]
     inception_like_score(probs)                                   # exp(E_x KL(p(y|x) || p(y))), in [1, classes]
-    score_prior_samples(run, "runs/demo-classifier.safetensors")  # val images vs N(0, I) vs ex-post samples
+    score_prior_samples(run, "runs/demo-classifier.safetensors")  # val images, their reconstructions, N(0, I), ex-post
     python -m pipeline.sample runs/demo prior --score runs/demo-classifier.safetensors
 
 The score is 1 when every image gets the same class distribution (nothing recognisable, or one class only)
 and the number of classes when each image is confidently one class and the classes are equally frequent;
 the class histogram (fraction of images whose most likely class is each class) shows which. Val images give
-the ceiling for this classifier. Like the Inception Score it says nothing about closeness to the data
+the ceiling for this classifier; their reconstructions decode(mu) the ceiling for anything this decoder draws: a
+classifier trained on sharp images can read a blurred decode as one class, and then no prior's samples can score
+above the reconstructions, however good the prior. Like the Inception Score it says nothing about closeness to the data
 beyond the classifier's view, and it depends on the classifier: compare numbers made with the same file.
 """
 
@@ -88,9 +90,10 @@ def summarize(probs: Tensor, classes: list[str]) -> dict:
 def score_prior_samples(run, classifier_path: str | Path, n: int = 500, seed: int = 0, temperature: float = 1.0,
                         batch_size: int = 64, expost=None) -> dict:
     """The classifier's score and class histogram of n decoded N(0, I) samples, n ex-post prior samples
-    (`expost`: a pipeline.prior.ExpostPrior fitted to this run's weights, or None to leave them out) and the
-    first n val images of the run's shards (the ceiling), for a pipeline.inference.LoadedRun of an image run.
-    Returns {"classifier", "val", "normal", "expost"?} (see summarize)."""
+    (`expost`: a pipeline.prior.ExpostPrior fitted to this run's weights, or None to leave them out), the
+    first n val images of the run's shards (the classifier's ceiling) and their reconstructions decode(mu) (the
+    decoder's), for a pipeline.inference.LoadedRun of an image run.
+    Returns {"classifier", "val", "reconstructions", "normal", "expost"?} (see summarize)."""
     from pipeline import media
     from pipeline.inference import check_shards, split_batches
 
@@ -116,7 +119,12 @@ def score_prior_samples(run, classifier_path: str | Path, n: int = 500, seed: in
         val.append(batch.images)
         if sum(len(v) for v in val) >= n:
             break
-    result["val"] = summarize(class_probabilities(classifier, torch.cat(val)[:n]), classes)
+    val = torch.cat(val)[:n]
+    result["val"] = summarize(class_probabilities(classifier, val), classes)
+    recon = [torch.from_numpy(media.to_uint8(model.decode(model.encode(run.to_model_range(val[i:i + batch_size]))[0]),
+                                             model.output_range)).permute(0, 3, 1, 2)
+             for i in range(0, len(val), batch_size)]
+    result["reconstructions"] = summarize(class_probabilities(classifier, torch.cat(recon)), classes)
     g = torch.Generator().manual_seed(seed)
     normal = decoded(lambda m: torch.randn((m, *model.latent_shape), generator=g) * temperature)
     result["normal"] = summarize(class_probabilities(classifier, normal), classes)
@@ -130,7 +138,8 @@ def score_prior_samples(run, classifier_path: str | Path, n: int = 500, seed: in
 def format_scores(result: dict) -> str:
     """A few lines for the terminal: one per image set, score then histogram."""
     lines = [f"classifier score exp(E KL(p(y|x) || p(y))) (1 .. {len(result['classes'])}), class histogram:"]
-    for name, label in (("val", "val images"), ("normal", "N(0, I) samples"), ("expost", "ex-post samples")):
+    for name, label in (("val", "val images"), ("reconstructions", "val decode(mu)"), ("normal", "N(0, I) samples"),
+                        ("expost", "ex-post samples")):
         if name in result:
             r = result[name]
             hist = " ".join(f"{c} {v:.2f}" for c, v in r["histogram"].items())

@@ -242,3 +242,33 @@ def test_the_fit_is_the_same_file_on_one_and_two_processes(runs, tmp_path):
     assert files[1] == files[2]
     prior = ExpostPrior.load(tmp_path / "2.safetensors")
     assert prior.meta["samples"] == 50 and prior.meta["step"] == 12 and prior.components == 4
+
+
+@pytest.mark.slow
+def test_the_score_has_the_decoders_ceiling_beside_the_val_images(runs, tiny_shards, tmp_path, capsys):
+    """`--score` classifies the val images' reconstructions decode(mu) too: no prior's samples can look more like
+    the classes than what this decoder makes of the images themselves (a blurred decode can read as one class)."""
+    from pipeline.inference import split_batches
+    from pipeline.sample_score import class_probabilities, load_classifier
+
+    cls = tmp_path / "cls.safetensors"
+    r = subprocess.run([sys.executable, "-m", "pipeline.classifier", "recipes/demo.yaml", f"data.shards={tiny_shards}",
+                        "data.num_workers=0", "loss.perceptual.backbone=resnet10t", "--steps", "2", "--batch-size", "8",
+                        "--out", str(cls)], cwd=ROOT, env=TEST_ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sample.main([str(runs["with"]), "prior", "--n", "4", "--out", str(tmp_path / "p.png"), "--score", str(cls),
+                 "--score-samples", "6"])
+    assert "val decode(mu)" in capsys.readouterr().out
+    scores = json.loads((tmp_path / "p-score.json").read_text())
+    assert set(scores) >= {"val", "reconstructions", "normal", "expost"}
+
+    run = load_run(runs["with"], device="cpu")
+    classifier, classes = load_classifier(cls)
+    val = torch.cat([b.images for b in split_batches(run.cfg, run.cfg.data.shards, "val", num_workers=0)])[:6]
+    with torch.no_grad():
+        recon = media.to_uint8(run.model.decode(run.model.encode(run.to_model_range(val))[0]), run.model.output_range)
+    expected = summarize(class_probabilities(classifier, torch.from_numpy(recon).permute(0, 3, 1, 2)), classes)
+    assert scores["reconstructions"]["count"] == 6
+    assert scores["reconstructions"]["score"] == pytest.approx(expected["score"], rel=1e-9)
+    assert scores["reconstructions"]["mean_max_probability"] == pytest.approx(expected["mean_max_probability"], rel=1e-9)
+    assert scores["reconstructions"]["mean_max_probability"] != scores["val"]["mean_max_probability"]
