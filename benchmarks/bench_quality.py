@@ -2,6 +2,8 @@
 
     make bench-quality                                  # demo shards, 120 s of training per arm: plain vs adversarial
     make bench-quality ARGS="--arms latent"             # plain vs +VF vs +equivariance vs +latent noise
+    make bench-quality ARGS="--arms latent --reverse"   # the same in reverse order (alternate passes on a busy machine)
+    make bench-quality ARGS="--arms latent --steps 800" # equal steps instead of equal wall time (cost: the images/s)
     make bench-quality ARGS="--budget-seconds 600 --lpips-weights alexnet.pth --inception-weights incep.pth"
 
 Every arm trains through the real trainer (pipeline/train.py) and is scored by the real evaluator
