@@ -93,11 +93,16 @@ def pytest_collection_modifyitems(config, items):
     """How `make test` spreads the suite over pytest-xdist workers (`--dist loadgroup`): every test that
     submits Slurm jobs runs on one worker (they share the session's one local cluster, and mostly wait on
     it while the other worker computes); the tests of a module with module-scoped fixtures (a trained
-    run, an uninterrupted reference) stay together so each fixture is built once; the rest go one by
-    one to whichever worker is free. Without xdist the marks do nothing."""
+    run) stay together so each fixture is built once, or, where the module defines `xdist_group_of(item)`,
+    the tests that share one of its fixtures' values (test_resume: one reference run per configuration);
+    the rest go one by one to whichever worker is free. Without xdist the marks do nothing."""
     for item in items:
         if item.get_closest_marker("slurm"):
             item.add_marker(pytest.mark.xdist_group("slurm"))
+        elif hasattr(item.module, "xdist_group_of"):  # the module says which of its tests share a fixture
+            group = item.module.xdist_group_of(item)
+            if group is not None:
+                item.add_marker(pytest.mark.xdist_group(group))
         elif _has_module_fixtures(item.module):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 

@@ -1,9 +1,10 @@
 """Run by tests/test_split_metrics.py, alone or under `accelerate launch` (2 processes): a fixed set of SAMPLES
 synthetic samples (inputs, reconstructions, posteriors, labels, keys) fed to pipeline.split_metrics.SplitMetrics,
 rank 0 taking the first FIRST_RANK_SHARE of them and rank 1 the rest (uneven on purpose; 0 gives rank 0
-nothing at all). Writes OUT/figures.json on rank 0.
+nothing at all). Writes OUT/figures-<FIRST_RANK_SHARE>.json on rank 0 for each share given (one launch,
+several splits: a launch costs more than the figures).
 
-    accelerate launch ... tests/split_metrics_worker.py OUT [FIRST_RANK_SHARE]
+    accelerate launch ... tests/split_metrics_worker.py OUT [FIRST_RANK_SHARE[,FIRST_RANK_SHARE...]]
 """
 
 from __future__ import annotations
@@ -44,11 +45,20 @@ def dataset(latent_shape) -> dict[str, torch.Tensor | list[str]]:
             "neg_elbo": torch.rand(SAMPLES, generator=g) * 100}
 
 
-def main(out: Path, first_share: int) -> None:
+def main(out: Path, shares: list[int]) -> None:
     accelerator = Accelerator()
-    rank, world = accelerator.process_index, accelerator.num_processes
     vae = model()
     data = dataset(vae.latent_shape)
+    for first_share in shares:
+        figures = split_figures(accelerator, vae, data, first_share)
+        if accelerator.is_main_process:
+            (out / f"figures-{first_share}.json").write_text(json.dumps(figures))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+def split_figures(accelerator, vae, data, first_share: int) -> dict:
+    rank, world = accelerator.process_index, accelerator.num_processes
     part = slice(0, SAMPLES) if world == 1 else (slice(0, first_share) if rank == 0 else slice(first_share, SAMPLES))
     idx = list(range(SAMPLES))[part]
     acc = SplitMetrics(vae, accelerator.device)
@@ -59,11 +69,8 @@ def main(out: Path, first_share: int) -> None:
         acc.add("neg_elbo_nats", data["neg_elbo"][b])
     figures = acc.compute(accelerator)
     figures["world"] = world
-    if accelerator.is_main_process:
-        (out / "figures.json").write_text(json.dumps(figures))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    return figures
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 13)
+    main(Path(sys.argv[1]), [int(s) for s in (sys.argv[2] if len(sys.argv) > 2 else "13").split(",")])

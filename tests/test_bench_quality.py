@@ -65,7 +65,7 @@ def test_latent_table_shows_the_probe_and_hf_energy_of_each_run():
 @pytest.mark.slow
 def test_latent_arms_end_to_end(tiny_shards, tmp_path):
     rows = bench_quality.main(["--arms", "latent", "--shards", str(tiny_shards), "--out", str(tmp_path),
-                               "--budget-seconds", "0", "--calibration-steps", "2"])
+                               "--steps", "2"])  # equal steps: no calibration runs
     assert [r["variant"] for r in rows] == ["plain", "vf", "equivariance", "latent_noise"]
     for r in rows:
         assert r["steps"] == 2 and r["psnr"] > 0 and r["probe_accuracy"] is not None

@@ -126,6 +126,17 @@ def reference(request, tmp_path_factory):
     return get
 
 
+def xdist_group_of(item) -> str | None:
+    """For `make test`'s workers (tests/conftest.py): the tests that share one configuration's uninterrupted
+    reference run go to one worker; the configurations themselves spread over the workers."""
+    if "reference" not in item.fixturenames:
+        return None
+    callspec = getattr(item, "callspec", None)
+    arch, nproc, workers = (("gan", 2, 2) if callspec is None else
+                            (callspec.params["arch"], callspec.params["nproc"], callspec.params["workers"]))
+    return f"test_resume-{arch}-{nproc}p-w{workers}"
+
+
 CASES = [
     # arch, processes, workers, kill point, step. Every architecture, both process counts and every
     # worker count appear (2 processes with 2 workers each too); the full product would take half an hour

@@ -177,17 +177,17 @@ def test_validation_logs_the_latent_diagnostics_from_the_shards_labels(tiny_shar
 # ------------------------------------------------------------------------------------------------
 
 
-def _worker(tmp_path: Path, processes: int, first_share: int = 13) -> dict:
-    out = tmp_path / f"p{processes}-{first_share}"
+def _worker(tmp_path: Path, processes: int, shares: tuple[int, ...] = (13,)) -> list[dict]:
+    out = tmp_path / f"p{processes}"
     out.mkdir()
     launch = ([sys.executable] if processes == 1 else
               [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
                "--dynamo_backend", "no"])
-    done = subprocess.run([*launch, "tests/split_metrics_worker.py", str(out), str(first_share)], cwd=ROOT,
-                          env=TEST_ENV, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([*launch, "tests/split_metrics_worker.py", str(out), ",".join(map(str, shares))],
+                          cwd=ROOT, env=TEST_ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads((out / "figures.json").read_text())
+    return [json.loads((out / f"figures-{share}.json").read_text()) for share in shares]
 
 
 @pytest.mark.slow
@@ -195,11 +195,10 @@ def test_two_processes_with_uneven_shares_give_one_process_figures(tmp_path):
     """tests/split_metrics_worker.py: the same 60 samples on 1 process, and on 2 gloo processes split 13 / 47
     and 0 / 60. Every figure, the probe's included, is the one-process figure (sums, not means of means; the
     probe's folds follow the sample keys, not the ranks)."""
-    one = _worker(tmp_path, 1)
+    [one] = _worker(tmp_path, 1)
     assert one["world"] == 1 and one["count"] == 60
     assert 0.3 < one["latent/probe_accuracy"] < 1  # the class is partly in the latents: a real fit is compared
-    for share in (13, 0):
-        two = _worker(tmp_path, 2, share)
+    for share, two in zip((13, 0), _worker(tmp_path, 2, (13, 0))):  # both splits in one 2-process launch
         assert two.pop("world") == 2
         assert set(two) == set(one) - {"world"}
         for key, value in two.items():
